@@ -1,0 +1,250 @@
+"""The main job: discover -> ingest new/changed series in batches -> tables -> summary.
+
+Flows only orchestrate: choose work, fan it out in batches, collect small outcomes and write
+tables. Re-running is always safe: what is done is read from the output root, not from Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.context import get_run_context
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from storage.layout import OutputRoot
+from storage.tables import CATALOG_SCHEMA, read_table, utcnow
+from tasks.discover import discover
+from tasks.ingest import (
+    HeaderScan,
+    Outcome,
+    SeriesJob,
+    ingest_batch,
+    plan_jobs,
+    rejected_outcome,
+    scan_headers,
+)
+from tasks.tables import commit_outcomes, commit_sources_only, commit_touched
+
+__all__ = ["IngestSummary", "default_workers", "ingest_archive", "nightly", "run_ingest"]
+
+T = TypeVar("T")
+Progress = Callable[[str, int, int], None]
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def batched(items: Sequence[T], size: int) -> Iterator[list[T]]:
+    if size < 1:
+        raise ValueError(f"Expected batch size >= 1, got {size} instead.")
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+@dataclass(slots=True)
+class IngestSummary:
+    """What a run did, in counts and pseudonymous keys (no paths: it goes to Prefect)."""
+
+    run_id: str
+    discovered: dict[str, int] = field(default_factory=dict)
+    series_planned: int = 0
+    series_skipped: int = 0
+    status: dict[str, int] = field(default_factory=dict)
+    modality: dict[str, int] = field(default_factory=dict)
+    quarantined: list[dict[str, str]] = field(default_factory=list)  # series_key, reason
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run_id() -> str:
+    try:
+        ctx = get_run_context()
+        return str(ctx.flow_run.id)  # type: ignore[union-attr]
+    except Exception:
+        return uuid.uuid4().hex
+
+
+def _clear_staging(root: OutputRoot) -> None:
+    # staging holds only images of runs that died; one nightly writes at a time
+    if root.is_local:
+        shutil.rmtree(root.join("images", ".staging"), ignore_errors=True)
+
+
+def _current_fingerprints(root: OutputRoot) -> dict[str, tuple[str, str]]:
+    t = read_table(
+        root.table_dir("catalog"),
+        CATALOG_SCHEMA,
+        columns=["series_key", "stage", "status", "source_fingerprint", "created_at"],
+    )
+    out: dict[str, tuple[str, str]] = {}
+    if t.num_rows == 0:
+        return out
+    t = t.sort_by([("created_at", "ascending")])
+    for key, stage, status, fp in zip(
+        t["series_key"].to_pylist(),
+        t["stage"].to_pylist(),
+        t["status"].to_pylist(),
+        t["source_fingerprint"].to_pylist(),
+        strict=True,
+    ):
+        if stage == "ingest":
+            out[key] = (fp, status)
+    return out
+
+
+def run_ingest(
+    archive: str,
+    root: str,
+    *,
+    batch_size: int = 16,
+    header_batch: int = 512,
+    progress: Progress | None = None,
+) -> IngestSummary:
+    """Discover, plan, ingest in batches, and write tables. Call from inside a flow."""
+    import time
+
+    t0 = time.perf_counter()
+    logger = get_run_logger()
+    out = OutputRoot(root)
+    out.ensure()
+    keys = out.pseudonymizer()
+    run_id = _run_id()
+    summary = IngestSummary(run_id=run_id)
+    _clear_staging(out)
+
+    disc, known = discover(archive, out.url)
+    summary.discovered = disc.counts()
+    logger.info("discovered %s", summary.discovered)
+
+    dicom = [f.relpath for f in disc.pending if f.kind == "dicom"]
+    scans: list[HeaderScan] = []
+    scan_futures = [scan_headers.submit(archive, out.url, b) for b in batched(dicom, header_batch)]
+    for fut in as_completed(scan_futures):
+        scans.extend(fut.result())
+
+    jobs, rejected = plan_jobs(disc, known, scans, keys)
+    done = _current_fingerprints(out)
+    todo: list[SeriesJob] = []
+    for job in jobs:
+        prev = done.get(job.series_key)
+        if prev is not None and prev[0] == job.fingerprint:
+            summary.series_skipped += 1  # recorded by a run that died before its sources part
+        else:
+            todo.append(job)
+    summary.series_planned = len(todo)
+
+    def record(outcomes: Sequence[Outcome], committed: list[Outcome]) -> None:
+        commit_outcomes(out, outcomes, disc, known, keys, run_id)
+        committed.extend(outcomes)
+
+    committed: list[Outcome] = []
+    if rejected:
+        record([rejected_outcome(s, keys, run_id) for s in rejected], committed)
+    if skipped := [j for j in jobs if j not in todo]:
+        commit_sources_only(out, skipped, disc, known, keys, run_id, done)
+
+    batches = list(batched(todo, batch_size))
+    futures = [ingest_batch.submit(archive, out.url, b, run_id) for b in batches]
+    n_done = 0
+    if progress:
+        progress("ingest", 0, len(todo))
+    for fut in as_completed(futures):
+        outcomes = fut.result()
+        record(outcomes, committed)
+        n_done += len(outcomes)
+        if progress:
+            progress("ingest", n_done, len(todo))
+    commit_touched(out, disc, known, keys, run_id)
+
+    status = Counter(o.catalog["status"] for o in committed)
+    modality = Counter(
+        o.catalog.get("modality") or "?" for o in committed if o.catalog["status"] == "ingested"
+    )
+    summary.status = dict(status)
+    summary.modality = dict(modality)
+    summary.quarantined = [
+        {"series_key": o.catalog["series_key"], "status": o.catalog["status"],
+         "reason": o.catalog["error"] or ""}
+        for o in committed
+        if o.catalog["status"] != "ingested"
+    ]
+    summary.seconds = time.perf_counter() - t0
+    logger.info("ingest: %s in %.1f s", summary.status, summary.seconds)
+    return summary
+
+
+def record_run(root: str, flow_name: str, summary: IngestSummary, started_at: Any) -> None:
+    """One row in the runs table: when a run started and ended, and what it counted."""
+    import json
+
+    from storage.tables import RUNS_SCHEMA, utcnow, write_part
+    from tasks.ingest import medflow_version
+
+    out = OutputRoot(root)
+    row = {
+        "run_id": summary.run_id,
+        "flow": flow_name,
+        "started_at": started_at,
+        "finished_at": utcnow(),
+        "seconds": summary.seconds,
+        "summary_json": json.dumps(summary.to_dict(), sort_keys=True),
+        "medflow_version": medflow_version(),
+    }
+    write_part(out.table_dir("runs"), [row], RUNS_SCHEMA, summary.run_id)
+
+
+def publish_summary(summary: IngestSummary) -> None:
+    """A Prefect table artifact with the run's counts and quarantined series (keys only)."""
+    rows: list[dict[str, Any]] = [
+        {"what": f"discovered {k}", "count": v} for k, v in summary.discovered.items()
+    ]
+    rows += [{"what": f"series {k}", "count": v} for k, v in sorted(summary.status.items())]
+    rows += [{"what": f"ingested {k}", "count": v} for k, v in sorted(summary.modality.items())]
+    rows += [{"what": "series already recorded", "count": summary.series_skipped}]
+    create_table_artifact(
+        key="nightly-summary",
+        table=rows,
+        description=f"medflow run {summary.run_id}: {summary.seconds:.1f} s",
+    )
+    if summary.quarantined:
+        create_table_artifact(
+            key="nightly-quarantined",
+            table=summary.quarantined,
+            description="Series quarantined or failed in this run, with reasons",
+        )
+
+
+@flow(name="ingest-archive", task_runner=ThreadPoolTaskRunner(max_workers=default_workers()))
+def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
+    """Ingest every new or changed series of ``archive`` into OME-Zarr under ``root``."""
+    started = utcnow()
+    summary = run_ingest(archive, root, batch_size=batch_size)
+    publish_summary(summary)
+    record_run(root, "ingest-archive", summary, started)
+    return summary.to_dict()
+
+
+@flow(name="nightly", task_runner=ThreadPoolTaskRunner(max_workers=default_workers()))
+def nightly(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
+    """The nightly job: ingest what is new, then the encode and findings stages."""
+    started = utcnow()
+    summary = run_ingest(archive, root, batch_size=batch_size, progress=_PROGRESS.get("cb"))
+    publish_summary(summary)
+    record_run(root, "nightly", summary, started)
+    return summary.to_dict()
+
+
+# the CLI installs a progress callback here; flows take only serialisable parameters
+_PROGRESS: dict[str, Progress] = {}

@@ -1,0 +1,151 @@
+"""Every path under an output root, and the pseudonymous keys that name what lives there.
+
+```
+<root>/images/<series_key>.zarr                                  OME-Zarr 0.5 images
+<root>/tables/catalog/part-*.parquet                             one row per series and outcome
+<root>/tables/embeddings/encoder=<name>/version=<v>/part-*.parquet
+<root>/tables/findings/encoder=<name>/version=<v>/part-*.parquet
+<root>/restricted/sources/part-*.parquet                         source paths (restricted)
+<root>/restricted/key_secret                                     HMAC secret, when not in env
+<root>/models/                                                   registered encoder versions
+```
+
+The root is a local folder or any fsspec URL (``s3://bucket/prefix``). Keys are HMAC-SHA256
+pseudonyms: a DICOM series is keyed by its Study/Series Instance UIDs, any other source by its
+path relative to the archive root. The secret comes from ``MEDFLOW_KEY_SECRET`` when set, else
+from ``<root>/restricted/key_secret``, created on first use, so keys stay stable for a root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+__all__ = ["KEY_SECRET_ENV", "OutputRoot", "Pseudonymizer", "parse_root"]
+
+KEY_SECRET_ENV = "MEDFLOW_KEY_SECRET"
+_KEY_HEX = 24  # 96 bits: collisions are negligible even for 10^9 series
+TABLES = ("catalog", "embeddings", "findings", "text_embeddings", "runs")
+
+
+def parse_root(root: str | os.PathLike[str]) -> str:
+    """Normalise an output root: absolute local path, or an fsspec URL without a trailing /."""
+    s = os.fspath(root)
+    if not s:
+        raise ValueError("Expected an output root (a folder or fsspec URL), got '' instead.")
+    if "://" in s and not s.startswith("file://"):
+        return s.rstrip("/")
+    if s.startswith("file://"):
+        s = s[len("file://") :]
+    return os.path.abspath(os.path.expanduser(s))
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRoot:
+    """The one place that builds paths under an output root."""
+
+    url: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", parse_root(self.url))
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        fs, _ = fsspec.core.url_to_fs(self.url)
+        return fs
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    def image_path(self, series_key: str, *, derived: str | None = None) -> str:
+        name = series_key if derived is None else f"{series_key}.{derived}"
+        return self.join("images", f"{name}.zarr")
+
+    def image_relpath(self, series_key: str, *, derived: str | None = None) -> str:
+        name = series_key if derived is None else f"{series_key}.{derived}"
+        return f"images/{name}.zarr"
+
+    def table_dir(self, table: str, **partitions: str) -> str:
+        if table not in TABLES:
+            raise ValueError(f"Expected a table in {TABLES}, got {table!r} instead.")
+        return self.join("tables", table, *(f"{k}={v}" for k, v in partitions.items()))
+
+    def sources_dir(self) -> str:
+        return self.join("restricted", "sources")
+
+    def models_dir(self) -> str:
+        return self.join("models")
+
+    def reports_dir(self) -> str:
+        return self.join("reports")
+
+    def secret_path(self) -> str:
+        return self.join("restricted", "key_secret")
+
+    def ensure(self) -> None:
+        """Create the folders a run writes into (no-op on object stores)."""
+        if self.is_local:
+            for sub in ("images", "tables", "restricted", "models"):
+                os.makedirs(self.join(sub), exist_ok=True)
+            os.chmod(self.join("restricted"), 0o700)
+
+    def pseudonymizer(self) -> Pseudonymizer:
+        return Pseudonymizer(self._secret())
+
+    def _secret(self) -> bytes:
+        env = os.environ.get(KEY_SECRET_ENV)
+        if env:
+            return env.encode()
+        fs = self.fs
+        path = self.secret_path()
+        if fs.exists(path):
+            with fs.open(path, "rb") as f:
+                data: bytes = f.read().strip()
+            if not data:
+                raise ValueError(f"{path}: the key secret file is empty; restore it or set "
+                                 f"{KEY_SECRET_ENV}.")
+            return data
+        fs.makedirs(self.join("restricted"), exist_ok=True)
+        data = secrets.token_hex(32).encode()
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        if self.is_local:
+            os.chmod(path, 0o600)
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Pseudonymizer:
+    """Keyed hashes (HMAC-SHA256) turning identifiers into stable pseudonyms."""
+
+    secret: bytes
+
+    def _key(self, *parts: Any) -> str:
+        msg = "\x1f".join(str(p) for p in parts).encode()
+        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:_KEY_HEX]
+
+    def dicom_series_key(self, study_uid: str, series_uid: str) -> str:
+        return self._key("dicom-series", study_uid, series_uid)
+
+    def dicom_study_key(self, study_uid: str) -> str:
+        return self._key("dicom-study", study_uid)
+
+    def file_series_key(self, relpath: str) -> str:
+        return self._key("file", relpath)
+
+    def folder_study_key(self, relpath: str) -> str:
+        parent = relpath.rsplit("/", 1)[0] if "/" in relpath else ""
+        return self._key("folder", parent)
+
+    def source_key(self, relpath: str) -> str:
+        return self._key("source", relpath)

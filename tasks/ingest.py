@@ -1,0 +1,315 @@
+"""Ingest: plan series from discovered files, decode them, and write OME-Zarr images.
+
+The plain functions here do the work; the ``@task`` wrappers run them per batch of series. A
+series that fails is quarantined with its reason and costs nothing else: the batch goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import fsspec
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.images import DecodedImage, write_image
+from storage.layout import OutputRoot, Pseudonymizer
+from storage.tables import utcnow
+from tasks import SourceError
+from tasks.discover import ArchiveFile, Discovery, KnownSource
+
+__all__ = [
+    "HeaderScan",
+    "SeriesJob",
+    "ingest_batch",
+    "ingest_series",
+    "medflow_version",
+    "plan_jobs",
+    "scan_headers",
+]
+
+
+def medflow_version() -> str:
+    try:
+        return version("medflow")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesJob:
+    """One series to ingest: its key, its member files and their combined fingerprint."""
+
+    series_key: str
+    study_key: str
+    kind: str
+    relpaths: tuple[str, ...]
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderScan:
+    """A DICOM file's grouping, pseudonymised: identifiers never leave the scanning task."""
+
+    relpath: str
+    series_key: str | None
+    study_key: str | None
+    error: str | None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What ingesting one series (or failing one file) produced: a catalog row and source rows."""
+
+    catalog: dict[str, Any]
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def local_files(archive: str, relpaths: Sequence[str]) -> Iterator[list[str]]:
+    """Local paths for ``relpaths``: the files themselves, or temporary copies for URLs."""
+    if "://" not in archive:
+        yield [os.path.join(archive, r) for r in relpaths]
+        return
+    tmp = tempfile.mkdtemp(prefix="medflow-src-")
+    try:
+        fs, base = fsspec.core.url_to_fs(archive)
+        out = []
+        for i, rel in enumerate(relpaths):
+            dst = os.path.join(tmp, f"{i:06d}-{os.path.basename(rel)}")
+            fs.get(f"{base.rstrip('/')}/{rel}", dst, recursive=rel.endswith(".zarr"))
+            out.append(dst)
+        yield out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def scan_header_files(archive: str, relpaths: Sequence[str], keys: Pseudonymizer) -> list[HeaderScan]:
+    """Read DICOM headers (no pixels) and key each file by its Study/Series Instance UIDs."""
+    from tasks.ingest_dicom import read_dicom_header
+
+    out: list[HeaderScan] = []
+    with local_files(archive, relpaths) as paths:
+        for rel, path in zip(relpaths, paths, strict=True):
+            try:
+                if os.path.getsize(path) == 0:
+                    raise SourceError(rel, "empty file (0 bytes)")
+                h = read_dicom_header(path)
+                out.append(
+                    HeaderScan(
+                        rel,
+                        keys.dicom_series_key(h.study_uid, h.series_uid),
+                        keys.dicom_study_key(h.study_uid),
+                        None,
+                    )
+                )
+            except SourceError as e:
+                out.append(HeaderScan(rel, None, None, e.reason))
+            except Exception as e:  # a parser bug must not stop the scan of the others
+                out.append(HeaderScan(rel, None, None, f"unreadable DICOM header: {e}"))
+    return out
+
+
+def _fingerprint(parts: Sequence[tuple[str, str]]) -> str:
+    h = hashlib.sha256()
+    for key, fp in sorted(parts):
+        h.update(f"{key}\x1f{fp}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _file_fp(size: int, content: str) -> str:
+    return f"{size}:{content}"
+
+
+def plan_jobs(
+    disc: Discovery,
+    known: Mapping[str, KnownSource],
+    scans: Sequence[HeaderScan],
+    keys: Pseudonymizer,
+) -> tuple[list[SeriesJob], list[HeaderScan]]:
+    """Series jobs for the pending files, and the DICOM files already rejected by their header.
+
+    A DICOM series with any new or changed file is re-ingested whole, with its unchanged members.
+    """
+    pending = {f.relpath: f for f in disc.pending}
+    fp: dict[str, str] = {
+        rel: _file_fp(f.size, disc.hashes[rel]) for rel, f in pending.items()
+    }
+    jobs: list[SeriesJob] = []
+    for f in disc.pending:
+        if f.kind == "dicom":
+            continue
+        key = keys.file_series_key(f.relpath)
+        jobs.append(
+            SeriesJob(
+                series_key=key,
+                study_key=keys.folder_study_key(f.relpath),
+                kind=f.kind,
+                relpaths=(f.relpath,),
+                fingerprint=_fingerprint([(keys.source_key(f.relpath), fp[f.relpath])]),
+            )
+        )
+    members: dict[str, list[str]] = {}
+    study: dict[str, str] = {}
+    rejected: list[HeaderScan] = []
+    for s in scans:
+        if s.series_key is None or s.study_key is None:
+            rejected.append(s)
+            continue
+        members.setdefault(s.series_key, []).append(s.relpath)
+        study[s.series_key] = s.study_key
+    if members:
+        for rel, k in known.items():
+            if k.series_key in members and rel not in pending and k.kind == "dicom":
+                members[k.series_key].append(rel)
+                fp[rel] = _file_fp(k.size, k.content_hash)
+    for series_key, rels in sorted(members.items()):
+        rels = sorted(set(rels))
+        jobs.append(
+            SeriesJob(
+                series_key=series_key,
+                study_key=study[series_key],
+                kind="dicom",
+                relpaths=tuple(rels),
+                fingerprint=_fingerprint([(keys.source_key(r), fp[r]) for r in rels]),
+            )
+        )
+    return jobs, rejected
+
+
+def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
+    if kind == "dicom":
+        from tasks.ingest_dicom import read_dicom_series
+
+        return read_dicom_series
+    if kind == "nifti":
+        from tasks.ingest_nifti import read_nifti
+
+        return lambda paths: read_nifti(paths[0])
+    if kind == "image":
+        from tasks.ingest_image import read_image
+
+        return lambda paths: read_image(paths[0])
+    if kind == "video":
+        from tasks.ingest_video import read_video
+
+        return lambda paths: read_video(paths[0])
+    raise ValueError(f"Expected a source kind in dicom, nifti, image, video, got {kind!r} instead.")
+
+
+def _base_row(job: SeriesJob, run_id: str) -> dict[str, Any]:
+    return {
+        "series_key": job.series_key,
+        "study_key": job.study_key,
+        "stage": "ingest",
+        "source_kind": job.kind,
+        "source_fingerprint": job.fingerprint,
+        "n_sources": len(job.relpaths),
+        "medflow_version": medflow_version(),
+        "run_id": run_id,
+    }
+
+
+def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -> Outcome:
+    """Decode one series and write its image; a bad source becomes a quarantined row."""
+    t0 = time.perf_counter()
+    row = _base_row(job, run_id)
+    bad_file: str | None = None
+    try:
+        with local_files(archive, job.relpaths) as paths:
+            image = _reader(job.kind)(paths)
+            stored = write_image(
+                image,
+                root.image_path(job.series_key),
+                name=job.series_key,
+                medflow_attrs={
+                    "series_key": job.series_key,
+                    "study_key": job.study_key,
+                    "source_fingerprint": job.fingerprint,
+                    "medflow_version": medflow_version(),
+                },
+            )
+        meta = image.meta
+        row.update(
+            status="ingested",
+            error=None,
+            modality=meta.modality,
+            axes="".join(meta.axes),
+            shape=list(stored.shape),
+            dtype=stored.dtype,
+            spacing=list(meta.spacing),
+            zarr_path=root.image_relpath(job.series_key),
+            nbytes_stored=stored.nbytes_stored,
+            attrs_json=json.dumps(dict(meta.attrs), sort_keys=True, default=str),
+        )
+    except SourceError as e:
+        bad_file = _relative(e.path, archive, job.relpaths)
+        row.update(status="quarantined", error=e.reason)
+    except Exception as e:  # an unexpected failure is isolated to its series, never the batch
+        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+    row["seconds"] = time.perf_counter() - t0
+    row["created_at"] = utcnow()
+    sources = [
+        {
+            "relpath": rel,
+            "series_key": job.series_key,
+            "status": row["status"],
+            "error": (row["error"] if bad_file in (None, rel) else None),
+        }
+        for rel in job.relpaths
+    ]
+    return Outcome(catalog=row, sources=sources)
+
+
+def _relative(path: str, archive: str, relpaths: Sequence[str]) -> str:
+    if path in relpaths:
+        return path
+    for rel in relpaths:
+        if path.endswith(rel) or os.path.basename(path).endswith(os.path.basename(rel)):
+            return rel
+    return os.path.relpath(path, archive) if "://" not in archive else path
+
+
+def rejected_outcome(scan: HeaderScan, keys: Pseudonymizer, run_id: str) -> Outcome:
+    """A catalog row for a file that failed before it could be grouped into a series."""
+    job = SeriesJob(
+        series_key=keys.file_series_key(scan.relpath),
+        study_key=keys.folder_study_key(scan.relpath),
+        kind="dicom",
+        relpaths=(scan.relpath,),
+        fingerprint="",
+    )
+    row = _base_row(job, run_id)
+    row.update(status="quarantined", error=scan.error, seconds=0.0, created_at=utcnow())
+    return Outcome(
+        catalog=row,
+        sources=[
+            {"relpath": scan.relpath, "series_key": job.series_key, "status": "quarantined",
+             "error": scan.error}
+        ],
+    )
+
+
+@task(name="scan-dicom-headers", retries=1, retry_delay_seconds=[5],
+      cache_policy=NO_CACHE, persist_result=False)
+def scan_headers(archive: str, root: str, relpaths: list[str]) -> list[HeaderScan]:
+    """Key a batch of DICOM files by series, from their headers."""
+    return scan_header_files(archive, relpaths, OutputRoot(root).pseudonymizer())
+
+
+@task(name="ingest-batch", retries=1, retry_delay_seconds=[5],
+      cache_policy=NO_CACHE, persist_result=False)
+def ingest_batch(archive: str, root: str, jobs: list[SeriesJob], run_id: str) -> list[Outcome]:
+    """Ingest a batch of series into OME-Zarr images."""
+    out = OutputRoot(root)
+    return [ingest_series(archive, out, job, run_id) for job in jobs]
