@@ -21,8 +21,6 @@ RootOpt = Annotated[str, typer.Option("--root", "-r", help="Output root (folder 
 
 
 def _run_nightly(archive: str, root: str, batch_size: int, workers: int) -> dict[str, Any]:
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     from flows import nightly as nightly_mod
 
     with Progress(
@@ -42,9 +40,7 @@ def _run_nightly(archive: str, root: str, batch_size: int, workers: int) -> dict
 
         nightly_mod._PROGRESS["cb"] = progress
         try:
-            flow = nightly_mod.nightly.with_options(
-                task_runner=ThreadPoolTaskRunner(max_workers=workers)
-            )
+            flow = nightly_mod.nightly.with_options(task_runner=nightly_mod._runner(workers))
             result: dict[str, Any] = flow(archive=archive, root=root, batch_size=batch_size)
         finally:
             nightly_mod._PROGRESS.pop("cb", None)
@@ -116,8 +112,9 @@ def demo(
     workers: Annotated[int, typer.Option(help="Concurrent tasks.")] = 0,
 ) -> None:
     """Generate a demo archive (synthetic, no real patients) and run the nightly job on it."""
-    from flows.nightly import default_workers
     from tasks.demo_archive import make_demo_archive
+
+    from flows.nightly import default_workers
 
     archive = out / "archive"
     root = out / "out"
@@ -196,8 +193,10 @@ def status(root: RootOpt = "medflow-out") -> None:
         else None
     )
     if last:
-        console.print(f"last run: {last[0]} {last[1]} finished {last[2]:%Y-%m-%d %H:%M:%S %Z} "
-                      f"in {last[3]:.1f} s")
+        console.print(
+            f"last run: {last[0]} {last[1]} finished {last[2]:%Y-%m-%d %H:%M:%S %Z} "
+            f"in {last[3]:.1f} s"
+        )
     else:
         console.print("no run recorded yet")
     _print_quarantined(root)

@@ -131,8 +131,8 @@ def run_ingest(
     dicom = [f.relpath for f in disc.pending if f.kind == "dicom"]
     scans: list[HeaderScan] = []
     scan_futures = [scan_headers.submit(archive, out.url, b) for b in batched(dicom, header_batch)]
-    for fut in as_completed(scan_futures):
-        scans.extend(fut.result())
+    for scan_fut in as_completed(scan_futures):
+        scans.extend(scan_fut.result())
 
     jobs, rejected = plan_jobs(disc, known, scans, keys)
     done = _current_fingerprints(out)
@@ -175,8 +175,11 @@ def run_ingest(
     summary.status = dict(status)
     summary.modality = dict(modality)
     summary.quarantined = [
-        {"series_key": o.catalog["series_key"], "status": o.catalog["status"],
-         "reason": o.catalog["error"] or ""}
+        {
+            "series_key": o.catalog["series_key"],
+            "status": o.catalog["status"],
+            "reason": o.catalog["error"] or "",
+        }
         for o in committed
         if o.catalog["status"] != "ingested"
     ]
@@ -226,7 +229,12 @@ def publish_summary(summary: IngestSummary) -> None:
         )
 
 
-@flow(name="ingest-archive", task_runner=ThreadPoolTaskRunner(max_workers=default_workers()))
+def _runner(workers: int | None = None) -> Any:
+    """A bounded thread pool: unbounded, Prefect may start a thread per mapped item."""
+    return ThreadPoolTaskRunner(max_workers=workers or default_workers())
+
+
+@flow(name="ingest-archive", task_runner=_runner())
 def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
     """Ingest every new or changed series of ``archive`` into OME-Zarr under ``root``."""
     started = utcnow()
@@ -236,7 +244,7 @@ def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, A
     return summary.to_dict()
 
 
-@flow(name="nightly", task_runner=ThreadPoolTaskRunner(max_workers=default_workers()))
+@flow(name="nightly", task_runner=_runner())
 def nightly(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
     """The nightly job: ingest what is new, then the encode and findings stages."""
     started = utcnow()

@@ -235,9 +235,7 @@ def _downsample_slabwise(a: np.ndarray, factors: tuple[int, ...], slab: int = 32
     return np.concatenate(out, axis=0)
 
 
-def _ome_attrs(
-    meta: ImageMeta, level_scales: list[list[float]], name: str
-) -> dict[str, Any]:
+def _ome_attrs(meta: ImageMeta, level_scales: list[list[float]], name: str) -> dict[str, Any]:
     axes = [
         {"name": a, "type": _AXIS_TYPE[a], **({"unit": _AXIS_UNIT[a]} if a in _AXIS_UNIT else {})}
         for a in meta.axes
@@ -343,8 +341,8 @@ def _write_group(
                 name=str(i),
                 shape=shp,
                 dtype=dtype,
-                chunks=chunks,
-                shards=shards,
+                chunks=tuple(chunks),
+                shards=tuple(shards),
                 compressors=_compressor(),
                 dimension_names=list(meta.axes),
                 fill_value=0,
@@ -463,7 +461,7 @@ class OpenedImage:
 def open_image(path: str) -> OpenedImage:
     """Open a medflow OME-Zarr image group for reading."""
     group = zarr.open_group(store=_open_store(path, "r"), mode="r", zarr_format=3)
-    attrs = dict(group.attrs)
+    attrs: dict[str, Any] = dict(group.attrs)
     if "medflow" not in attrs or "ome" not in attrs:
         raise ValueError(f"{path}: not a medflow OME-Zarr image (no 'medflow'/'ome' attributes).")
     meta = ImageMeta.from_dict(attrs["medflow"])

@@ -112,8 +112,9 @@ class OutputRoot:
             with fs.open(path, "rb") as f:
                 data: bytes = f.read().strip()
             if not data:
-                raise ValueError(f"{path}: the key secret file is empty; restore it or set "
-                                 f"{KEY_SECRET_ENV}.")
+                raise ValueError(
+                    f"{path}: the key secret file is empty; restore it or set {KEY_SECRET_ENV}."
+                )
             return data
         fs.makedirs(self.join("restricted"), exist_ok=True)
         data = secrets.token_hex(32).encode()

@@ -26,11 +26,14 @@ from storage.layout import OutputRoot
 
 __all__ = [
     "CATALOG_SCHEMA",
+    "FINDINGS_SCHEMA",
     "RUNS_SCHEMA",
     "SOURCES_SCHEMA",
     "connect",
+    "embeddings_schema",
     "part_id",
     "read_table",
+    "text_embeddings_schema",
     "utcnow",
     "write_part",
 ]
@@ -93,6 +96,65 @@ RUNS_SCHEMA = pa.schema(
 )
 
 
+_PROVENANCE = [
+    ("encoder", pa.string()),
+    ("version", pa.string()),
+    ("weights_sha256", pa.string()),
+    ("config_hash", pa.string()),
+    ("source_fingerprint", pa.string()),
+    ("medflow_version", pa.string()),
+    ("run_id", pa.string()),
+    ("created_at", _TS),
+]
+
+
+def embeddings_schema(primary_dim: int, extra_dims: Mapping[str, int] | None = None) -> pa.Schema:
+    """One row per (series, encoder version): ``embedding`` (the encoder's retrieval and
+    findings space, ``FixedSizeList<float32>[primary_dim]``) and ``emb_<name>`` extras."""
+    fields = [
+        ("series_key", pa.string()),
+        ("study_key", pa.string()),
+        ("modality", pa.string()),
+        ("image_kind", pa.string()),  # original | denoised
+        ("embedding", pa.list_(pa.float32(), primary_dim)),
+    ]
+    for name, dim in sorted((extra_dims or {}).items()):
+        fields.append((f"emb_{name}", pa.list_(pa.float32(), dim)))
+    return pa.schema(fields + _PROVENANCE)
+
+
+FINDINGS_SCHEMA = pa.schema(
+    [
+        ("series_key", pa.string()),
+        ("study_key", pa.string()),
+        ("modality", pa.string()),
+        ("finding", pa.string()),
+        ("score", pa.float32()),  # probability the finding is present (see encoders.findings)
+        ("cos_positive", pa.float32()),
+        ("cos_negative", pa.float32()),
+        ("bank", pa.string()),
+        ("bank_version", pa.string()),
+        *_PROVENANCE,
+    ]
+)
+
+
+def text_embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("bank", pa.string()),
+            ("bank_version", pa.string()),
+            ("finding", pa.string()),
+            ("polarity", pa.string()),  # positive | negative
+            ("prompt", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+            ("encoder", pa.string()),
+            ("version", pa.string()),
+            ("created_at", _TS),
+        ]
+    )
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -152,8 +214,7 @@ def read_table(directory: str, schema: pa.Schema, columns: Iterable[str] | None 
         return empty.select(cols) if cols else empty
     fs, _ = _fs(directory)
     tables = [
-        pq.read_table(_fs(p)[1], filesystem=fs, columns=cols, partitioning="hive")
-        for p in parts
+        pq.read_table(_fs(p)[1], filesystem=fs, columns=cols, partitioning="hive") for p in parts
     ]
     return pa.concat_tables(tables, promote_options="default")
 

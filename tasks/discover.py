@@ -224,10 +224,15 @@ def diff_sources(
     return d
 
 
-@task(name="discover", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="discover",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def discover(archive: str, root: str) -> tuple[Discovery, dict[str, KnownSource]]:
     """List the archive and diff it against the sources already known under ``root``."""
     out = OutputRoot(root)
     known = known_sources(out)
     return diff_sources(archive, list_archive(archive), known), known
-

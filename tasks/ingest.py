@@ -26,7 +26,7 @@ from storage.images import DecodedImage, write_image
 from storage.layout import OutputRoot, Pseudonymizer
 from storage.tables import utcnow
 from tasks import SourceError
-from tasks.discover import ArchiveFile, Discovery, KnownSource
+from tasks.discover import Discovery, KnownSource
 
 __all__ = [
     "HeaderScan",
@@ -94,7 +94,9 @@ def local_files(archive: str, relpaths: Sequence[str]) -> Iterator[list[str]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def scan_header_files(archive: str, relpaths: Sequence[str], keys: Pseudonymizer) -> list[HeaderScan]:
+def scan_header_files(
+    archive: str, relpaths: Sequence[str], keys: Pseudonymizer
+) -> list[HeaderScan]:
     """Read DICOM headers (no pixels) and key each file by its Study/Series Instance UIDs."""
     from tasks.ingest_dicom import read_dicom_header
 
@@ -142,9 +144,7 @@ def plan_jobs(
     A DICOM series with any new or changed file is re-ingested whole, with its unchanged members.
     """
     pending = {f.relpath: f for f in disc.pending}
-    fp: dict[str, str] = {
-        rel: _file_fp(f.size, disc.hashes[rel]) for rel, f in pending.items()
-    }
+    fp: dict[str, str] = {rel: _file_fp(f.size, disc.hashes[rel]) for rel, f in pending.items()}
     jobs: list[SeriesJob] = []
     for f in disc.pending:
         if f.kind == "dicom":
@@ -294,21 +294,35 @@ def rejected_outcome(scan: HeaderScan, keys: Pseudonymizer, run_id: str) -> Outc
     return Outcome(
         catalog=row,
         sources=[
-            {"relpath": scan.relpath, "series_key": job.series_key, "status": "quarantined",
-             "error": scan.error}
+            {
+                "relpath": scan.relpath,
+                "series_key": job.series_key,
+                "status": "quarantined",
+                "error": scan.error,
+            }
         ],
     )
 
 
-@task(name="scan-dicom-headers", retries=1, retry_delay_seconds=[5],
-      cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="scan-dicom-headers",
+    retries=1,
+    retry_delay_seconds=[5],
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def scan_headers(archive: str, root: str, relpaths: list[str]) -> list[HeaderScan]:
     """Key a batch of DICOM files by series, from their headers."""
     return scan_header_files(archive, relpaths, OutputRoot(root).pseudonymizer())
 
 
-@task(name="ingest-batch", retries=1, retry_delay_seconds=[5],
-      cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="ingest-batch",
+    retries=1,
+    retry_delay_seconds=[5],
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def ingest_batch(archive: str, root: str, jobs: list[SeriesJob], run_id: str) -> list[Outcome]:
     """Ingest a batch of series into OME-Zarr images."""
     out = OutputRoot(root)

@@ -47,8 +47,9 @@ def commit_outcomes(
         sorted((r["series_key"], r["source_fingerprint"], r["status"]) for r in catalog_rows),
     )
     cat = write_part(root.table_dir("catalog"), catalog_rows, CATALOG_SCHEMA, name)
-    src = _write_sources(root, [s for o in outcomes for s in o.sources], disc, known, keys,
-                         run_id, name)
+    src = _write_sources(
+        root, [s for o in outcomes for s in o.sources], disc, known, keys, run_id, name
+    )
     return cat, src
 
 
@@ -95,8 +96,12 @@ def commit_sources_only(
 ) -> str | None:
     """Sources rows for series whose catalog row a killed run wrote before its sources part."""
     entries = [
-        {"relpath": rel, "series_key": j.series_key, "status": recorded[j.series_key][1],
-         "error": None}
+        {
+            "relpath": rel,
+            "series_key": j.series_key,
+            "status": recorded[j.series_key][1],
+            "error": None,
+        }
         for j in jobs
         for rel in j.relpaths
     ]

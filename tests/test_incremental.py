@@ -93,10 +93,22 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
     root = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
-    cmd = [sys.executable, "-m", "flows.cli", "nightly", str(archive), "--root", str(root),
-           "--batch-size", "2", "--workers", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "nightly",
+        str(archive),
+        "--root",
+        str(root),
+        "--batch-size",
+        "2",
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     catalog_dir = root / "tables" / "catalog"
     deadline = time.monotonic() + 180
     try:

@@ -68,7 +68,9 @@ def test_image_round_trip_validates_as_ome_zarr_05(
 def test_pyramid_level_is_block_mean(tmp_path: Path) -> None:
     pixels = np.arange(4 * 8 * 8, dtype=np.float32).reshape(4, 8, 8)
     path = str(tmp_path / "a.zarr")
-    write_image(DecodedImage(_meta(("z", "y", "x"), (1.0, 1.0, 1.0)), pixels=pixels), path, name="a")
+    write_image(
+        DecodedImage(_meta(("z", "y", "x"), (1.0, 1.0, 1.0)), pixels=pixels), path, name="a"
+    )
     lvl1 = open_image(path).read(1)
     expected = pixels.reshape(2, 2, 4, 2, 4, 2).mean(axis=(1, 3, 5))
     np.testing.assert_allclose(lvl1, expected)
@@ -182,8 +184,12 @@ def test_catalog_view_is_newest_row_per_series(tmp_path: Path) -> None:
     root = OutputRoot(str(tmp_path))
     d = root.table_dir("catalog")
     write_part(d, [_catalog_row("a", "quarantined", 0)], CATALOG_SCHEMA, "p1")
-    write_part(d, [_catalog_row("a", "ingested", 5), _catalog_row("b", "ingested", 1)],
-               CATALOG_SCHEMA, "p2")
+    write_part(
+        d,
+        [_catalog_row("a", "ingested", 5), _catalog_row("b", "ingested", 1)],
+        CATALOG_SCHEMA,
+        "p2",
+    )
     con = connect(root)
     got = con.execute("SELECT series_key, status FROM catalog ORDER BY 1").fetchall()
     assert got == [("a", "ingested"), ("b", "ingested")]
