@@ -107,10 +107,11 @@ def scan_header_files(
                 if os.path.getsize(path) == 0:
                     raise SourceError(rel, "empty file (0 bytes)")
                 h = read_dicom_header(path)
+                # a non-stackable object (multi-frame, 2D) is a series of its own
                 out.append(
                     HeaderScan(
                         rel,
-                        keys.dicom_series_key(h.study_uid, h.series_uid),
+                        keys.dicom_series_key(*h.grouping_uids()),
                         keys.dicom_study_key(h.study_uid),
                         None,
                     )

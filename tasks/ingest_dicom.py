@@ -1,0 +1,1367 @@
+"""Read DICOM files: headers for grouping, and whole series into a
+:class:`~storage.images.DecodedImage`.
+
+Recognising DICOM: a file is DICOM when it has the 128-byte preamble and ``DICM``, or, without
+them, when its first bytes are a plausible data element of group 0002 or 0008 and the parsed
+data set then has a valid SOP Class UID. Everything wrong with a file raises
+:class:`~tasks.SourceError` with the path as given and a reason a user can act on.
+
+Identifiers (patient name and ID, birth date, accession number, institution, descriptions and
+all UIDs) never reach the output: :class:`DicomHeader` keeps the Study/Series/SOP Instance UIDs
+in memory for grouping only (and out of its ``repr``); ``ImageMeta.attrs`` holds only the
+technical facts listed in :func:`read_dicom_series`; messages quoted from pydicom or its decoder
+plugins are scrubbed of the file's identifying values, and pydicom's own log warnings (which
+can quote element values) are silenced.
+
+What comes out of :func:`read_dicom_series`:
+
+* a series of single-frame slices, or an enhanced multi-frame object whose frames carry
+  positions: a volume ``("z", "y", "x")`` = (slice, row, column), slices sorted by the
+  projection of ImagePositionPatient on the slice normal (row cosines x column cosines);
+* one single-frame object: a 2-D image ``("y", "x")``, or ``("c", "y", "x")`` for colour;
+* a multi-frame object without per-frame positions (US/XA cine, multi-frame SC):
+  ``("t", "y", "x")`` or ``("t", "c", "y", "x")`` with the frame interval in seconds.
+
+Values: grey data is the stored value times RescaleSlope plus RescaleIntercept (HU for CT),
+as int16 when every slope and intercept is a whole number and every value fits int16, else as
+float32; 8-bit unsigned grey data without a rescale stays uint8. MONOCHROME1 is inverted to
+MONOCHROME2 (``stored -> min + max - stored`` over the BitsStored range) before the rescale,
+and ``attrs["monochrome1_inverted"]`` says so. Colour (RGB, YBR_* and PALETTE COLOR) comes out
+as RGB in its stored sample type (uint8 mostly).
+
+Geometry: the affine maps voxel index (column, row, slice) to RAS+ mm: DICOM's LPS affine built
+from ImageOrientationPatient, ImagePositionPatient and the spacing, with its first two rows
+negated; its slice column is the measured step from one slice position to the next, so a tilted
+gantry shears it (``attrs["gantry_tilt_deg"]``). Spacing is ``PixelSpacing`` (row spacing,
+column spacing) in-plane and the measured distance between consecutive slice positions along
+the normal -- never SliceThickness, except for a lone slice, which has nothing to measure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import struct
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from storage.images import DecodedImage, ImageMeta
+from tasks import SourceError
+
+__all__ = [
+    "ORIENTATION_TOLERANCE",
+    "SLICE_TOLERANCE_MM",
+    "SLICE_TOLERANCE_REL",
+    "DicomHeader",
+    "group_by_series",
+    "is_dicom",
+    "read_dicom_header",
+    "read_dicom_series",
+]
+
+SLICE_TOLERANCE_MM = 0.01
+"""Absolute floor of the slice position tolerance, mm."""
+SLICE_TOLERANCE_REL = 0.01
+"""Slice position tolerance as a fraction of the slice spacing: a step may differ from the
+expected one by ``max(SLICE_TOLERANCE_MM, SLICE_TOLERANCE_REL * spacing)``."""
+ORIENTATION_TOLERANCE = 1e-3
+"""Largest difference of any direction cosine between slices of one volume (about 0.06 deg)."""
+
+_DEFER_BYTES = 16 * 1024  # values above this (pixel data) are read only when decoded
+_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float
+_UNDEFINED = 0xFFFFFFFF
+_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+# objects with pixels that are not pictures: kept out with a reason rather than mis-read
+_NOT_PICTURES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation labels",
+    "1.2.840.10008.5.1.4.1.1.66.7": "segmentation labels",
+    "1.2.840.10008.5.1.4.1.1.481.2": "a radiotherapy dose grid",
+}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
+# elements whose values identify a person or place: scrubbed from any quoted message
+_IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "PatientAddress",
+    "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "NameOfPhysiciansReadingStudy",
+    "StationName",
+    "StudyDescription",
+    "SeriesDescription",
+    "StudyID",
+    "DeviceSerialNumber",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+)
+# transfer syntaxes that always lose information (JPEG DCT, MPEG); for the others, whose
+# streams may be lossless or not (JPEG 2000, JPEG-LS near-lossless), LossyImageCompression says
+_ALWAYS_LOSSY = frozenset(
+    f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 100, 101, 102, 103, 104, 105, 106)
+)
+
+# pydicom's warnings quote element values, which may be identifiers: keep them out of logs
+logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# headers
+
+
+@dataclass(frozen=True, slots=True)
+class DicomHeader:
+    """What grouping and the catalog need from one DICOM file, read without its pixel data.
+
+    The three instance UIDs are identifiers: they are for grouping in memory only, are left out
+    of ``repr`` and must not be logged or stored. ``stackable`` objects (single-frame with a
+    patient position) are stacked with the other files of their series; the rest are each an
+    image of their own (see :func:`group_by_series`).
+    """
+
+    path: str
+    study_uid: str = field(repr=False)
+    series_uid: str = field(repr=False)
+    sop_instance_uid: str = field(repr=False)
+    sop_class_uid: str
+    modality: str
+    has_image: bool
+    has_position: bool
+    number_of_frames: int
+    rows: int
+    columns: int
+    transfer_syntax: str
+    body_part: str | None = None
+    ctdivol_mGy: float | None = None
+    manufacturer_model: str | None = None
+
+    @property
+    def sop_class_name(self) -> str:
+        """The SOP class in words, e.g. ``"CT Image Storage"``."""
+        return _uid_name(self.sop_class_uid)
+
+    @property
+    def stackable(self) -> bool:
+        """A single-frame image with ImagePositionPatient/ImageOrientationPatient."""
+        return self.has_image and self.number_of_frames == 1 and self.has_position
+
+    def grouping_uids(self) -> tuple[str, str]:
+        """``(study, series)`` keys to group by: a non-stackable object gets a series of its own.
+
+        The second item is then the Series and SOP Instance UIDs joined by ``"/"`` (a key, not a
+        UID). Both are identifiers: pseudonymise before they leave memory.
+        """
+        if self.stackable:
+            return self.study_uid, self.series_uid
+        return self.study_uid, f"{self.series_uid}/{self.sop_instance_uid}"
+
+
+def is_dicom(path: str) -> bool:
+    """Whether ``path`` looks like DICOM from its first 132 bytes (a cheap sniff, no parse).
+
+    True for the ``DICM`` marker after the preamble, or for a preamble-less file starting with a
+    plausible group 0002/0008 element; :func:`read_dicom_header` makes the final call.
+    """
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(132)
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    return _has_preamble(head) or _looks_like_data_set(head, size)
+
+
+def read_dicom_header(path: str, *, require_image: bool = True) -> DicomHeader:
+    """Read the header of the local file ``path`` (pixel data is not read) for grouping.
+
+    Raises :class:`SourceError` for a file that is not DICOM, is truncated or unreadable, lacks
+    the UIDs needed to group it, or (with ``require_image``) holds no image: e.g. a Structured
+    Report, a Key Object Selection, a presentation state, an RT plan, a segmentation.
+    """
+    with _quiet(), _as_source_error(path):
+        parsed = _open(path, pixels=False)
+        return _header(parsed, path, require_image=require_image)
+
+
+def group_by_series(headers: Iterable[DicomHeader]) -> list[tuple[DicomHeader, ...]]:
+    """Group headers into the file sets :func:`read_dicom_series` takes, in a stable order.
+
+    Stackable files are grouped by Study and Series Instance UID; every other object (a
+    multi-frame object, an image without patient position, a non-image) is a group of its own.
+    Groups are ordered by their first path, members by path.
+    """
+    groups: dict[tuple[str, str], list[DicomHeader]] = {}
+    for h in headers:
+        groups.setdefault(h.grouping_uids(), []).append(h)
+    out = [tuple(sorted(g, key=lambda h: h.path)) for g in groups.values()]
+    return sorted(out, key=lambda g: g[0].path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a series
+
+
+def read_dicom_series(paths: Sequence[str]) -> DecodedImage:
+    """Decode the local files of one series (one object, or single-frame slices) into an image.
+
+    Each file is parsed once (pixel data deferred until decoded, straight into one
+    preallocated array). A SOP instance found in several files counts once. A volume's slices
+    must share orientation (within :data:`ORIENTATION_TOLERANCE`), rows, columns and pixel
+    spacing, and their steps along the normal must be equal within ``max(SLICE_TOLERANCE_MM,
+    SLICE_TOLERANCE_REL * spacing)``: a gap or an irregular step is a :class:`SourceError`
+    naming the file before it, with the numbers.
+
+    ``ImageMeta.attrs`` holds only: sop_class, transfer_syntax, lossy_compression,
+    photometric_interpretation, converted_to_rgb, monochrome1_inverted, palette_applied,
+    bits_stored, n_slices or n_frames, slice_spacing_mm, slice_spacing_source, gantry_tilt_deg,
+    pixel_spacing_source, frame_time_s, frame_time_known, rescale_slope, rescale_intercept,
+    rescale_type, rescale_per_slice, body_part, ctdivol_mGy, manufacturer, manufacturer_model,
+    duplicate_files, geometry.
+    """
+    if not paths:
+        raise ValueError("Expected at least one DICOM file path, got none.")
+    with _quiet(), _as_source_error(paths[0]):
+        instances = _open_series(list(paths))
+        first = instances[0]
+        if len(instances) == 1:
+            if first.frames > 1:
+                planes = _enhanced_planes(first)
+                if planes is not None:
+                    return _read_volume(instances, planes)
+                return _read_cine(first)
+            return _read_single(first)
+        for inst in instances:
+            if inst.frames > 1:
+                raise SourceError(
+                    inst.path,
+                    f"a multi-frame object ({inst.frames} frames) cannot be stacked with the "
+                    f"{len(instances) - 1} other file(s) of its series: read it on its own",
+                )
+        planes = [_classic_plane(inst, i) for i, inst in enumerate(instances)]
+        for p, inst in zip(planes, instances, strict=True):
+            if p.position is None or p.orientation is None:
+                raise SourceError(
+                    inst.path,
+                    f"no ImagePositionPatient/ImageOrientationPatient: the {len(instances)} "
+                    "images of this series cannot be stacked into a volume; read them one by one",
+                )
+        return _read_volume(instances, planes)
+
+
+# ---------------------------------------------------------------------------------------------
+# opening files
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Drop pydicom's warnings: they may quote element values (identifiers)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def _as_source_error(path: str) -> Iterator[None]:
+    """Turn a conversion error that slipped past the checks into a SourceError for ``path``.
+
+    Only the exception type is kept: its text may quote an element value.
+    """
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:
+        raise SourceError(
+            path, f"unreadable DICOM data ({type(e).__name__} while interpreting the header)"
+        ) from e
+
+
+def _has_preamble(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def _looks_like_data_set(head: bytes, size: int) -> bool:
+    """A preamble-less data set starts with a group 0002/0008 element, explicit or implicit VR."""
+    if len(head) < 8:
+        return False
+    group, elem = struct.unpack("<HH", head[:4])
+    if group in (0x0002, 0x0008) and elem < 0x0100:
+        if _looks_like_vr(head[4:6]):
+            return True
+        (length,) = struct.unpack("<I", head[4:8])
+        return length < size
+    group_be, elem_be = struct.unpack(">HH", head[:4])
+    return group_be == 0x0008 and elem_be < 0x0100 and _looks_like_vr(head[4:6])
+
+
+def _looks_like_vr(two: bytes) -> bool:
+    """An explicit VR is two upper-case ASCII letters."""
+    return len(two) == 2 and two.isalpha() and two.isupper()
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A parsed file: its data set (pixel data absent or deferred), size and whether it has pixels."""
+
+    ds: Dataset
+    size: int
+    has_pixels: bool
+    deferred: bool  # parsed with pixel data deferred (not header-only)
+
+
+def _open(path: str, *, pixels: bool) -> _Parsed:
+    """Parse ``path``: headers only, or with pixel data deferred (read when first accessed)."""
+    follows = False
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fp:
+            head = fp.read(132)
+            if size == 0:
+                raise SourceError(path, "empty file (0 bytes): not DICOM")
+            preamble = _has_preamble(head)
+            if not preamble and not _looks_like_data_set(head, size):
+                raise SourceError(
+                    path, "not DICOM: no 'DICM' marker and no DICOM data set at the start"
+                )
+            fp.seek(0)
+            if pixels:
+                ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=not preamble)
+            else:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not preamble)
+                if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+                    # file offsets mean nothing in a deflated stream: parse it all (rare)
+                    ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=not preamble)
+                else:
+                    follows = _check_pixel_element(ds, path, size, fp)
+    except SourceError:
+        raise
+    except OSError as e:
+        raise SourceError(path, f"cannot read the file: {e.strerror or e}") from None
+    except (EOFError, struct.error) as e:
+        raise SourceError(path, f"truncated: the file ends inside its header ({e})") from None
+    except InvalidDicomError as e:
+        raise SourceError(path, f"unreadable DICOM header: {_clip(str(e))}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        # the text of these may quote an element value: keep only the type
+        raise SourceError(path, f"unreadable DICOM header ({type(e).__name__})") from None
+    if not preamble and not _valid_uid(_text(ds, "SOPClassUID")):
+        raise SourceError(path, "not DICOM: no 'DICM' marker and no SOP Class UID in the data")
+    _check_elements(ds, path, size)
+    return _Parsed(ds, size, follows or any(t in ds for t in _PIXEL_TAGS), deferred=pixels)
+
+
+def _check_elements(ds: Dataset, path: str, size: int) -> None:
+    """Raise when the last element read (the pixel data, if deferred) runs past the file's end."""
+    if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+        return  # positions are in the inflated stream: nothing to compare with the file size
+    keys = list(ds.keys())
+    if not keys:
+        return
+    raw = ds.get_item(keys[-1], keep_deferred=True)
+    if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED:
+        return
+    have = max((size - raw.value_tell) if raw.value is None else len(raw.value), 0)
+    if have < raw.length:
+        what = "its pixel data" if int(keys[-1]) in _PIXEL_TAGS else f"element {keys[-1]}"
+        raise SourceError(
+            path, f"truncated: {what} needs {raw.length} bytes but the file holds {have}"
+        )
+
+
+def _check_pixel_element(ds: Dataset, path: str, size: int, fp: Any) -> bool:
+    """Whether a header-only parse stopped at pixel data (``fp`` is there); raise if truncated.
+
+    A defined length must fit in the file; encapsulated (compressed) pixel data must reach its
+    sequence delimiter: its item headers are walked, the fragments themselves are skipped.
+    """
+    at = fp.tell()
+    tail = fp.read(12)
+    if len(tail) < 8:
+        return False
+    implicit, little = ds.original_encoding
+    order = ">" if little is False else "<"
+    group, elem = struct.unpack(order + "HH", tail[:4])
+    if (group << 16 | elem) not in _PIXEL_TAGS:
+        return False
+    if implicit:
+        (length,) = struct.unpack(order + "I", tail[4:8])
+        header = 8
+    elif tail[4:6] in _LONG_VRS and len(tail) == 12:
+        (length,) = struct.unpack(order + "I", tail[8:12])
+        header = 12
+    else:
+        return True
+    if length == _UNDEFINED:
+        _check_fragments(path, size, fp, at + header)
+    elif at + header + length > size:
+        have = max(size - at - header, 0)
+        raise SourceError(
+            path, f"truncated: its pixel data needs {length} bytes but the file holds {have}"
+        )
+    return True
+
+
+def _check_fragments(path: str, size: int, fp: Any, pos: int) -> None:
+    """Walk encapsulated pixel data items from ``pos`` to the sequence delimiter."""
+    items = 0
+    while True:
+        fp.seek(pos)
+        head = fp.read(8)
+        if len(head) < 8:
+            raise SourceError(
+                path,
+                f"truncated: the compressed pixel data stops after {items} item(s) at byte "
+                f"{size}, before its end marker",
+            )
+        group, elem, length = struct.unpack("<HHI", head)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return
+        if (group, elem) != (0xFFFE, 0xE000) or length == _UNDEFINED:
+            raise SourceError(
+                path,
+                f"corrupt compressed pixel data: item {items + 1} has tag "
+                f"({group:04X},{elem:04X}) where (FFFE,E000) was expected",
+            )
+        pos += 8 + length
+        items += 1
+        if pos > size:
+            raise SourceError(
+                path,
+                f"truncated: compressed pixel data item {items} needs {length} bytes but the "
+                f"file holds {max(size - (pos - length), 0)}",
+            )
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The transfer syntax: from the file meta, else from how the data set was encoded."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts:
+        return UID(str(ts))
+    implicit, little = ds.original_encoding
+    if little is False:
+        return ExplicitVRBigEndian
+    return ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def _header(parsed: _Parsed, path: str, *, require_image: bool) -> DicomHeader:
+    ds, size, has_pixels = parsed.ds, parsed.size, parsed.has_pixels
+    meta = getattr(ds, "file_meta", None)
+    media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    sop_class = _text(ds, "SOPClassUID") or media_class
+    if media_class == _MEDIA_DIRECTORY or (not sop_class and "DirectoryRecordSequence" in ds):
+        raise SourceError(path, "not an image object: a DICOMDIR (media directory index)")
+    if not _valid_uid(sop_class):
+        raise SourceError(path, "no valid SOP Class UID: not a storable DICOM object")
+    name = _uid_name(sop_class)
+    if require_image:
+        if sop_class in _NOT_PICTURES:
+            raise SourceError(
+                path, f"not an image object: SOP class {name} holds {_NOT_PICTURES[sop_class]}"
+            )
+        if not has_pixels:
+            if "Image Storage" in name and parsed.deferred:
+                _open(path, pixels=False)  # the header-only parse says why, if truncated
+            if "Image Storage" in name:
+                raise SourceError(
+                    path,
+                    f"no pixel data in a {name} object (file of {size} bytes): truncated "
+                    "before its pixel data or stripped",
+                )
+            raise SourceError(path, f"not an image object: SOP class {name}")
+    study = _text(ds, "StudyInstanceUID")
+    series = _text(ds, "SeriesInstanceUID")
+    instance = _text(ds, "SOPInstanceUID") or (
+        str(meta.get("MediaStorageSOPInstanceUID", "")) if meta is not None else ""
+    )
+    for what, uid in (("Study", study), ("Series", series), ("SOP", instance)):
+        if not uid:
+            raise SourceError(path, f"no {what} Instance UID: the file cannot be grouped")
+    frames = _int(ds, "NumberOfFrames", path, default=1)
+    return DicomHeader(
+        path=path,
+        study_uid=str(study),
+        series_uid=str(series),
+        sop_instance_uid=str(instance),
+        sop_class_uid=sop_class,
+        modality=_text(ds, "Modality") or "OT",
+        has_image=has_pixels and sop_class not in _NOT_PICTURES,
+        has_position=_has_position(ds),
+        number_of_frames=max(frames, 1),
+        rows=_int(ds, "Rows", path, default=0),
+        columns=_int(ds, "Columns", path, default=0),
+        transfer_syntax=_transfer_syntax(ds).name,
+        body_part=_text(ds, "BodyPartExamined"),
+        ctdivol_mGy=_ctdivol(ds),
+        manufacturer_model=_text(ds, "ManufacturerModelName"),
+    )
+
+
+def _has_position(ds: Dataset) -> bool:
+    if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+        return True
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    if not frames:
+        return False
+    item = frames[0]
+    pos = _first_item(item, "PlanePositionSequence") or _first_item(shared, "PlanePositionSequence")
+    ori = _first_item(item, "PlaneOrientationSequence") or _first_item(
+        shared, "PlaneOrientationSequence"
+    )
+    return pos is not None and ori is not None
+
+
+def _ctdivol(ds: Dataset) -> float | None:
+    value = _float_or_none(ds.get("CTDIvol"))
+    if value is not None:
+        return value
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    exposure = _first_item(shared, "CTExposureSequence")
+    return _float_or_none(exposure.get("CTDIvol")) if exposure is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# small value parsers (values here are technical, never identifying)
+
+
+def _text(ds: Dataset | None, keyword: str) -> str | None:
+    if ds is None:
+        return None
+    try:
+        value = ds.get(keyword)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if value is None:
+        return None
+    text = str(value).strip().strip("\x00").strip()
+    return text or None
+
+
+def _valid_uid(value: str | None) -> bool:
+    if not value or len(value) > 64:
+        return False
+    return all(part.isdigit() for part in value.split("."))
+
+
+def _uid_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name != uid else f"unknown SOP class {uid}"
+
+
+def _int(ds: Dataset, keyword: str, path: str, *, default: int) -> int:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return default
+        return int(value)
+    except (ValueError, TypeError) as e:
+        raise SourceError(path, f"invalid {keyword}: {_clip(str(e))}") from None
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
+    if ds is None:
+        return None
+    try:
+        seq = ds.get(keyword)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return seq[0] if seq else None
+
+
+def parse_vector(value: Any, n: int, what: str) -> np.ndarray:
+    """``n`` finite numbers from a multi-valued DS element."""
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"Expected {what} as {n} numbers, got {value!r} instead.") from None
+    if out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise ValueError(f"Expected {what} as {n} finite numbers, got {value!r} instead.")
+    return out
+
+
+def parse_orientation(value: Any) -> np.ndarray:
+    """ImageOrientationPatient: row then column direction cosines, unit and orthogonal."""
+    iop = parse_vector(value, 6, "ImageOrientationPatient")
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01:
+        raise ValueError(f"Expected unit direction cosines, got {list(iop)} instead.")
+    if abs(float(row @ col)) > 0.01:
+        raise ValueError(f"Expected orthogonal row and column cosines, got {list(iop)} instead.")
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    return np.concatenate([row, col])
+
+
+def parse_spacing_pair(value: Any, what: str) -> tuple[float, float]:
+    """A (row, column) spacing pair in mm, both positive."""
+    pair = parse_vector(value, 2, what)
+    if not np.all(pair > 0):
+        raise ValueError(f"Expected positive {what}, got {list(pair)} instead.")
+    return float(pair[0]), float(pair[1])
+
+
+def parse_rescale(slope: Any, intercept: Any) -> tuple[float, float]:
+    """RescaleSlope (default 1, must be non-zero) and RescaleIntercept (default 0)."""
+    s = 1.0 if slope is None or slope == "" else float(slope)
+    b = 0.0 if intercept is None or intercept == "" else float(intercept)
+    if not (math.isfinite(s) and math.isfinite(b)) or s == 0:
+        raise ValueError(
+            f"Expected a finite non-zero RescaleSlope and finite RescaleIntercept, got "
+            f"{slope!r} and {intercept!r} instead."
+        )
+    return s, b
+
+
+def _clip(text: str, limit: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _scrub(text: str, ds: Dataset | None) -> str:
+    """``text`` (quoted from a library) with the file's identifying values replaced."""
+    out = _clip(text)
+    if ds is None:
+        return out
+    for keyword in _IDENTIFYING:
+        value = _text(ds, keyword)
+        if value and len(value) >= 3:
+            out = out.replace(value, "[redacted]")
+            out = out.replace(value.replace("^", " "), "[redacted]")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# instances and planes
+
+
+@dataclass(slots=True)
+class _Instance:
+    """One parsed file of a series (pixel data deferred) and the header read from it."""
+
+    path: str
+    ds: Dataset
+    header: DicomHeader
+    frames: int
+    duplicates: int = 0  # files of the series that repeated an instance already read
+
+
+@dataclass(frozen=True, slots=True)
+class _Plane:
+    """One 2-D frame's place: which file and frame, its LPS geometry and its rescale."""
+
+    path: str
+    inst: int
+    frame: int
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    pixel_spacing: tuple[float, float] | None
+    spacing_source: str
+    slope: float
+    intercept: float
+
+
+def _open_series(paths: list[str]) -> list[_Instance]:
+    out: list[_Instance] = []
+    seen: set[str] = set()
+    series: tuple[str, str] | None = None
+    duplicates = 0
+    for path in paths:
+        parsed = _open(path, pixels=True)
+        header = _header(parsed, path, require_image=True)
+        key = (header.study_uid, header.series_uid)
+        if series is None:
+            series = key
+        elif key != series:
+            raise SourceError(
+                path, f"belongs to another series than {paths[0]}: group files by series first"
+            )
+        if header.sop_instance_uid in seen:
+            duplicates += 1
+            continue
+        seen.add(header.sop_instance_uid)
+        out.append(_Instance(path, parsed.ds, header, header.number_of_frames))
+    for inst in out:
+        inst.duplicates = duplicates
+    return out
+
+
+def _spacing_of(ds: Dataset | None, path: str) -> tuple[tuple[float, float] | None, str]:
+    """In-plane (row, column) spacing in mm and where it came from."""
+    if ds is None:
+        return None, "none"
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value:
+            try:
+                return parse_spacing_pair(value, keyword), keyword
+            except ValueError as e:
+                raise SourceError(path, f"invalid {keyword}: {e}") from None
+    return None, "none"
+
+
+def _rescale_of(ds: Dataset | None, path: str) -> tuple[float, float] | None:
+    if ds is None or ("RescaleSlope" not in ds and "RescaleIntercept" not in ds):
+        return None
+    try:
+        return parse_rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+    except ValueError as e:
+        raise SourceError(path, f"invalid rescale: {e}") from None
+
+
+def _geometry_of(
+    position: Any, orientation: Any, path: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if position is None or orientation is None:
+        return None, None
+    try:
+        return parse_vector(position, 3, "ImagePositionPatient"), parse_orientation(orientation)
+    except ValueError as e:
+        raise SourceError(path, f"invalid patient geometry: {e}") from None
+
+
+def _classic_plane(inst: _Instance, index: int = 0) -> _Plane:
+    """The plane of a single-frame object, from its top-level elements (or functional groups)."""
+    enhanced = _enhanced_planes(inst, index)
+    if enhanced is not None:
+        return enhanced[0]
+    ds = inst.ds
+    pos, ori = _geometry_of(
+        ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), inst.path
+    )
+    spacing, source = _spacing_of(ds, inst.path)
+    if spacing is None:
+        spacing, source = _us_spacing(ds)
+    slope, intercept = _rescale_of(ds, inst.path) or (1.0, 0.0)
+    return _Plane(inst.path, index, 0, pos, ori, spacing, source, slope, intercept)
+
+
+def _us_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str]:
+    """Spacing from the first ultrasound region calibrated in cm (DICOM unit code 3)."""
+    for region in ds.get("SequenceOfUltrasoundRegions") or []:
+        try:
+            if (
+                int(region.PhysicalUnitsXDirection) == 3
+                and int(region.PhysicalUnitsYDirection) == 3
+            ):
+                dx, dy = abs(float(region.PhysicalDeltaX)), abs(float(region.PhysicalDeltaY))
+                if dx > 0 and dy > 0:
+                    return (dy * 10.0, dx * 10.0), "SequenceOfUltrasoundRegions"
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return None, "none"
+
+
+def _enhanced_planes(inst: _Instance, index: int = 0) -> list[_Plane] | None:
+    """Per-frame planes of an enhanced object from its functional groups, or None if it has none.
+
+    Each macro is looked up per frame first, then in the shared groups; an object whose frames
+    do not all have a position and an orientation gives None (it is not a volume).
+    """
+    ds = inst.ds
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        return None
+    if len(per_frame) != inst.frames:
+        raise SourceError(
+            inst.path,
+            f"{len(per_frame)} per-frame functional groups for {inst.frames} frames",
+        )
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+
+    def macro(item: Dataset, keyword: str) -> Dataset | None:
+        return _first_item(item, keyword) or _first_item(shared, keyword)
+
+    top_rescale = _rescale_of(ds, inst.path)
+    planes: list[_Plane] = []
+    for k, item in enumerate(per_frame):
+        pos_item = macro(item, "PlanePositionSequence")
+        ori_item = macro(item, "PlaneOrientationSequence")
+        if pos_item is None or ori_item is None:
+            return None
+        pos, ori = _geometry_of(
+            pos_item.get("ImagePositionPatient"), ori_item.get("ImageOrientationPatient"), inst.path
+        )
+        if pos is None or ori is None:
+            return None
+        spacing, source = _spacing_of(macro(item, "PixelMeasuresSequence"), inst.path)
+        if spacing is None:
+            spacing, source = _spacing_of(ds, inst.path)
+        rescale = _rescale_of(macro(item, "PixelValueTransformationSequence"), inst.path)
+        slope, intercept = rescale or top_rescale or (1.0, 0.0)
+        planes.append(_Plane(inst.path, index, k, pos, ori, spacing, source, slope, intercept))
+    return planes
+
+
+# ---------------------------------------------------------------------------------------------
+# stacking
+
+
+@dataclass(frozen=True, slots=True)
+class _Stack:
+    order: list[int]  # plane indices in position order
+    slice_spacing: float
+    step: np.ndarray  # LPS mm from one slice to the next
+    tilt_deg: float
+
+
+def _placed(plane: _Plane) -> tuple[np.ndarray, np.ndarray]:
+    """The plane's position and orientation (LPS), which a volume's planes must have."""
+    if plane.position is None or plane.orientation is None:
+        raise SourceError(
+            plane.path, "no ImagePositionPatient/ImageOrientationPatient: cannot place the slice"
+        )
+    return plane.position, plane.orientation
+
+
+def _stack(planes: list[_Plane]) -> _Stack:
+    """Sort planes along the slice normal and check that they form one regular volume."""
+    placed = [_placed(p) for p in planes]
+    ref = planes[0]
+    ref_orientation = placed[0][1]
+    for p, (_, orientation) in zip(planes[1:], placed[1:], strict=True):
+        diff = float(np.max(np.abs(orientation - ref_orientation)))
+        if diff > ORIENTATION_TOLERANCE:
+            raise SourceError(
+                p.path,
+                f"inconsistent orientation in the series: direction cosines differ by {diff:.4f} "
+                f"from the first slice (tolerance {ORIENTATION_TOLERANCE})",
+            )
+        if (p.pixel_spacing is None) != (ref.pixel_spacing is None) or (
+            p.pixel_spacing is not None
+            and ref.pixel_spacing is not None
+            and max(abs(a - b) for a, b in zip(p.pixel_spacing, ref.pixel_spacing, strict=True))
+            > 1e-3 * max(ref.pixel_spacing)
+        ):
+            raise SourceError(
+                p.path,
+                f"inconsistent pixel spacing in the series: {p.pixel_spacing} mm here, "
+                f"{ref.pixel_spacing} mm in the first slice",
+            )
+    normal = np.cross(ref_orientation[:3], ref_orientation[3:])
+    where = np.array([float(position @ normal) for position, _ in placed])
+    order = [int(i) for i in np.argsort(where, kind="stable")]
+    s = where[order]
+    diffs = np.diff(s)
+    paths = [planes[i].path for i in order]
+    frames = [planes[i].frame for i in order]
+
+    def name(k: int) -> str:
+        return paths[k] if len(set(paths)) > 1 else f"{paths[k]} (frame {frames[k] + 1})"
+
+    dup = np.flatnonzero(diffs <= SLICE_TOLERANCE_MM)
+    if dup.size:
+        k = int(dup[0])
+        raise SourceError(
+            paths[k + 1],
+            f"{'two slices' if len(set(paths)) > 1 else 'two frames'} at the same position "
+            f"({s[k]:.3f} mm along the slice normal, also {name(k)}): the series holds several "
+            "stacks (e.g. echoes, phases or time points), which is not supported",
+        )
+    base = float(diffs.min())
+    expected = float(np.median(diffs[diffs <= 1.5 * base]))
+    tol = max(SLICE_TOLERANCE_MM, SLICE_TOLERANCE_REL * expected)
+    for k, d in enumerate(diffs):
+        if abs(d - expected) <= tol:
+            continue
+        missing = round(d / expected) - 1
+        at = f"after slice at {s[k]:.3f} mm (next at {s[k + 1]:.3f} mm)"
+        if missing >= 1 and abs(d - (missing + 1) * expected) <= tol * (missing + 1):
+            raise SourceError(
+                paths[k],
+                f"missing slice(s): gap of {d:.3f} mm {at}, expected {expected:.3f} mm "
+                f"(about {missing} slice(s) missing; tolerance {tol:.3f} mm)",
+            )
+        raise SourceError(
+            paths[k],
+            f"irregular slice spacing: step of {d:.3f} mm {at}, expected {expected:.3f} mm "
+            f"(tolerance {tol:.3f} mm)",
+        )
+    n = len(planes)
+    first = placed[order[0]][0]
+    step = (placed[order[-1]][0] - first) / (n - 1)
+    for k, i in enumerate(order):
+        off = placed[i][0] - (first + k * step)
+        if float(np.linalg.norm(off)) > tol:
+            raise SourceError(
+                paths[k],
+                f"slice positions are not on one line: slice at {s[k]:.3f} mm is "
+                f"{float(np.linalg.norm(off)):.3f} mm off (tolerance {tol:.3f} mm)",
+            )
+    spacing = float((s[-1] - s[0]) / (n - 1))
+    cos = float(np.clip(step @ normal / np.linalg.norm(step), -1.0, 1.0))
+    tilt = math.degrees(math.acos(cos))
+    return _Stack(order=order, slice_spacing=spacing, step=step, tilt_deg=tilt)
+
+
+def _lps_to_ras(lps: np.ndarray) -> np.ndarray:
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _affine(
+    position: np.ndarray, orientation: np.ndarray, pixel: tuple[float, float], step: np.ndarray
+) -> np.ndarray:
+    """RAS affine for voxel (column, row, slice) from LPS position, cosines, spacing and step."""
+    row_spacing, col_spacing = pixel
+    lps = np.eye(4)
+    lps[:3, 0] = orientation[:3] * col_spacing  # along a row: next column
+    lps[:3, 1] = orientation[3:] * row_spacing  # down a column: next row
+    lps[:3, 2] = step
+    lps[:3, 3] = position
+    return _lps_to_ras(lps)
+
+
+def _origin(affine: np.ndarray, axes: tuple[str, ...]) -> tuple[float, ...]:
+    """Per array axis: RAS coordinate of voxel 0 on the world axis the array axis runs closest to."""
+    column = {"x": 0, "y": 1, "z": 2}
+    out = []
+    for a in axes:
+        if a in column:
+            world = int(np.argmax(np.abs(affine[:3, column[a]])))
+            out.append(float(affine[world, 3]))
+        else:
+            out.append(0.0)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+@dataclass(frozen=True, slots=True)
+class _PixelFormat:
+    """How one object's pixels are stored (all technical, from group 0028)."""
+
+    samples: int
+    photometric: str
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    is_float: bool
+    rows: int
+    columns: int
+
+    @property
+    def stored_range(self) -> tuple[int, int]:
+        if self.signed:
+            return -(1 << (self.bits_stored - 1)), (1 << (self.bits_stored - 1)) - 1
+        return 0, (1 << self.bits_stored) - 1
+
+
+def _pixel_format(inst: _Instance) -> _PixelFormat:
+    ds, path = inst.ds, inst.path
+    samples = _int(ds, "SamplesPerPixel", path, default=1)
+    allocated = _int(ds, "BitsAllocated", path, default=0)
+    stored = _int(ds, "BitsStored", path, default=allocated)
+    rows = _int(ds, "Rows", path, default=0)
+    columns = _int(ds, "Columns", path, default=0)
+    photometric = (_text(ds, "PhotometricInterpretation") or "").upper()
+    is_float = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+    if rows <= 0 or columns <= 0:
+        raise SourceError(path, f"invalid image size: {rows} rows x {columns} columns")
+    if samples not in (1, 3):
+        raise SourceError(path, f"unsupported SamplesPerPixel {samples} (expected 1 or 3)")
+    if not is_float and (allocated not in (1, 8, 16, 32) or not 1 <= stored <= allocated):
+        raise SourceError(
+            path, f"invalid bit depth: BitsAllocated {allocated}, BitsStored {stored}"
+        )
+    if not photometric:
+        photometric = "MONOCHROME2" if samples == 1 else "RGB"
+    return _PixelFormat(
+        samples=samples,
+        photometric=photometric,
+        bits_allocated=allocated,
+        bits_stored=stored,
+        signed=_int(ds, "PixelRepresentation", path, default=0) == 1,
+        is_float=is_float,
+        rows=rows,
+        columns=columns,
+    )
+
+
+def _decoder(inst: _Instance) -> Any:
+    """pydicom's decoder for the object's transfer syntax, or a SourceError saying what lacks."""
+    from pydicom.pixels import get_decoder
+
+    ts = _transfer_syntax(inst.ds)
+    meta = getattr(inst.ds, "file_meta", None)
+    if meta is None:
+        inst.ds.file_meta = meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = ts  # preamble-less or meta-less files: as it was parsed
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise SourceError(
+            inst.path, f"no pixel decoder exists for transfer syntax {ts.name}"
+        ) from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        raise SourceError(
+            inst.path, f"no decoder installed for transfer syntax {ts.name} (needs {needs})"
+        )
+    return decoder
+
+
+def _frames(inst: _Instance, fmt: _PixelFormat) -> Iterator[np.ndarray]:
+    """Decode the object's frames in stored order; colour as (rows, columns, 3) RGB."""
+    from pydicom.pixels import apply_color_lut
+
+    decoder = _decoder(inst)
+    ts = _transfer_syntax(inst.ds)
+    try:
+        for arr in _decoded(decoder, inst.ds, inst.frames):
+            if fmt.photometric == "PALETTE COLOR":
+                arr = apply_color_lut(arr, inst.ds)
+            expected = (fmt.rows, fmt.columns) + ((3,) if arr.ndim == 3 else ())
+            if arr.shape != expected:
+                raise SourceError(
+                    inst.path,
+                    f"decoded frame of shape {arr.shape}, expected {expected} from Rows/Columns",
+                )
+            yield arr
+    except SourceError:
+        raise
+    except (EOFError, struct.error) as e:
+        raise SourceError(
+            inst.path, f"truncated pixel data ({ts.name}): {_scrub(str(e), inst.ds)}"
+        ) from None
+    except Exception as e:  # decoder plugins raise anything (RuntimeError, ValueError, ...)
+        raise SourceError(
+            inst.path, f"cannot decode pixel data ({ts.name}): {_scrub(str(e), inst.ds)}"
+        ) from None
+    finally:
+        with contextlib.suppress(KeyError, AttributeError):
+            del inst.ds[0x7FE00010]  # free the (possibly large) encoded bytes
+
+
+def _decoded(decoder: Any, ds: Dataset, n_frames: int) -> Iterator[np.ndarray]:
+    """Frames in stored order: all at once for one frame, else streamed.
+
+    Should streaming fail part-way (pydicom 3.0's streamed sign correction writes into a
+    read-only buffer), the remaining frames are decoded one by one.
+    """
+    if n_frames == 1:
+        yield decoder.as_array(ds, as_rgb=True)[0]
+        return
+    done = 0
+    try:
+        for arr, _info in decoder.iter_array(ds, as_rgb=True):
+            yield arr
+            done += 1
+    except Exception:  # retried frame by frame below; a real fault raises again there
+        for index in range(done, n_frames):
+            yield decoder.as_array(ds, index=index, as_rgb=True)[0]
+
+
+def _grey_dtype(planes: Sequence[_Plane], fmt: _PixelFormat) -> np.dtype:
+    """uint8 for 8-bit unsigned data without rescale, int16 for whole-number rescales, else
+    float32 (int16 turns into float32 later if a value does not fit)."""
+    if fmt.is_float:
+        return np.dtype(np.float32)
+    if not all(float(p.slope).is_integer() and float(p.intercept).is_integer() for p in planes):
+        return np.dtype(np.float32)
+    identity = all(p.slope == 1 and p.intercept == 0 for p in planes)
+    if identity and fmt.bits_allocated <= 8 and not fmt.signed:
+        return np.dtype(np.uint8)
+    return np.dtype(np.int16)
+
+
+class _Grey:
+    """Fills a preallocated grey array frame by frame: invert, rescale, store."""
+
+    def __init__(self, shape: tuple[int, ...], fmt: _PixelFormat, planes: Sequence[_Plane]):
+        self.array = np.empty(shape, dtype=_grey_dtype(planes, fmt))
+        self.fmt = fmt
+        self.invert = fmt.photometric == "MONOCHROME1"
+
+    def put(self, index: int, raw: np.ndarray, plane: _Plane) -> None:
+        slope, intercept = plane.slope, plane.intercept
+        if self.invert:
+            lo, hi = self.fmt.stored_range
+            raw = (lo + hi) - raw.astype(np.int64)
+        if self.array.dtype == np.float32:
+            slot = self.array[index]
+            if slope == 1:
+                slot[...] = raw
+            else:
+                np.multiply(raw, np.float32(slope), out=slot, casting="unsafe")
+            if intercept:
+                slot += np.float32(intercept)
+            return
+        if self.array.dtype == np.uint8 or (raw.dtype == np.int16 and (slope, intercept) == (1, 0)):
+            self.array[index] = raw
+            return
+        wide: np.ndarray = raw.astype(np.int64 if raw.dtype.itemsize >= 4 else np.int32)
+        if slope != 1:
+            wide = wide * int(slope)
+        if intercept:
+            wide += int(intercept)
+        if int(wide.min()) < -32768 or int(wide.max()) > 32767:
+            # a value beyond int16: the whole image goes to float32 (exact below 2**24)
+            self.array = self.array.astype(np.float32)
+        self.array[index] = wide
+
+
+class _Colour:
+    """Fills a colour array (frames, 3, rows, columns) from (rows, columns, 3) RGB frames.
+
+    The array is made at the first frame, whose sample type (after a palette) it takes.
+    """
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+        self.array = np.empty((0,), dtype=np.uint8)
+
+    def put(self, index: int, rgb: np.ndarray, plane: _Plane) -> None:
+        if self.array.shape != self.shape:
+            self.array = np.empty(self.shape, dtype=rgb.dtype.newbyteorder("="))
+        self.array[index] = np.moveaxis(rgb, -1, 0)
+
+
+def _is_colour(fmt: _PixelFormat) -> bool:
+    return fmt.samples == 3 or fmt.photometric == "PALETTE COLOR"
+
+
+def _fill(
+    insts: Sequence[_Instance], planes: Sequence[_Plane], slots: Sequence[int], n: int
+) -> tuple[np.ndarray, _PixelFormat]:
+    """Decode every plane into slot ``slots[i]`` of an ``n``-long first axis."""
+    formats = {p.inst: _pixel_format(insts[p.inst]) for p in planes}
+    fmt = formats[planes[0].inst]
+    for inst_index, other in formats.items():
+        path = insts[inst_index].path
+        if (other.rows, other.columns) != (fmt.rows, fmt.columns):
+            raise SourceError(
+                path,
+                f"inconsistent image size in the series: {other.rows}x{other.columns} here, "
+                f"{fmt.rows}x{fmt.columns} in the first file",
+            )
+        if _is_colour(other) != _is_colour(fmt):
+            raise SourceError(path, "colour and grey images mixed in one series")
+    sink: _Colour | _Grey = (
+        _Colour((n, 3, fmt.rows, fmt.columns))
+        if _is_colour(fmt)
+        else _Grey((n, fmt.rows, fmt.columns), fmt, planes)
+    )
+    by_inst: dict[int, dict[int, int]] = {}  # instance -> frame -> plane
+    for i, p in enumerate(planes):
+        by_inst.setdefault(p.inst, {})[p.frame] = i
+    for inst_index, frame_to_plane in by_inst.items():
+        inst = insts[inst_index]
+        got = 0
+        for f, arr in enumerate(_frames(inst, formats[inst_index])):
+            plane_index = frame_to_plane.get(f)
+            if plane_index is None:
+                continue
+            got += 1
+            sink.put(slots[plane_index], arr, planes[plane_index])
+        if got != len(frame_to_plane):
+            raise SourceError(
+                inst.path, f"pixel data holds {got} frame(s), the header promises {inst.frames}"
+            )
+    return sink.array, fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# the three shapes of output
+
+
+def _common_attrs(inst: _Instance, fmt: _PixelFormat, planes: Sequence[_Plane]) -> dict[str, Any]:
+    ds, header = inst.ds, inst.header
+    ts = _transfer_syntax(ds)
+    attrs: dict[str, Any] = {
+        "sop_class": header.sop_class_name,
+        "transfer_syntax": ts.name,
+        "lossy_compression": _is_lossy(ds, ts),
+        "photometric_interpretation": fmt.photometric,
+        "bits_stored": fmt.bits_stored,
+    }
+    if _is_colour(fmt):
+        attrs["converted_to_rgb"] = fmt.photometric != "RGB"
+        if fmt.photometric == "PALETTE COLOR":
+            attrs["palette_applied"] = True
+    else:
+        attrs["monochrome1_inverted"] = fmt.photometric == "MONOCHROME1"
+        rescales = {(p.slope, p.intercept) for p in planes}
+        if len(rescales) == 1:
+            slope, intercept = next(iter(rescales))
+            attrs["rescale_slope"] = slope
+            attrs["rescale_intercept"] = intercept
+        else:
+            attrs["rescale_per_slice"] = True
+        rescale_type = _text(ds, "RescaleType") or ("HU" if header.modality == "CT" else None)
+        if rescale_type:
+            attrs["rescale_type"] = rescale_type
+    for key, value in (
+        ("body_part", header.body_part),
+        ("ctdivol_mGy", header.ctdivol_mGy),
+        ("manufacturer", _text(ds, "Manufacturer")),
+        ("manufacturer_model", header.manufacturer_model),
+    ):
+        if value is not None:
+            attrs[key] = value
+    if inst.duplicates:
+        attrs["duplicate_files"] = inst.duplicates
+    return attrs
+
+
+def _is_lossy(ds: Dataset, ts: UID) -> bool:
+    if _text(ds, "LossyImageCompression") == "01":
+        return True
+    return str(ts) in _ALWAYS_LOSSY
+
+
+def _read_volume(insts: list[_Instance], planes: list[_Plane]) -> DecodedImage:
+    if _is_colour(_pixel_format(insts[0])):
+        raise SourceError(insts[0].path, "colour volumes are not supported")
+    stack = _stack(planes)
+    slots = [0] * len(planes)
+    for k, i in enumerate(stack.order):
+        slots[i] = k
+    pixels, fmt = _fill(insts, planes, slots, len(planes))
+    first = planes[stack.order[0]]
+    position, orientation = _placed(first)
+    pixel = first.pixel_spacing or (1.0, 1.0)
+    affine = _affine(position, orientation, pixel, stack.step)
+    attrs = _common_attrs(insts[0], fmt, planes)
+    attrs.update(
+        n_slices=len(planes),
+        slice_spacing_mm=stack.slice_spacing,
+        slice_spacing_source="measured",
+        pixel_spacing_source=first.spacing_source,
+        geometry="patient",
+    )
+    if stack.tilt_deg > 0.01:
+        attrs["gantry_tilt_deg"] = round(stack.tilt_deg, 3)
+    axes = ("z", "y", "x")
+    meta = ImageMeta(
+        modality=insts[0].header.modality,
+        source_kind="dicom",
+        axes=axes,
+        spacing=(stack.slice_spacing, pixel[0], pixel[1]),
+        origin=_origin(affine, axes),
+        affine=tuple(tuple(float(v) for v in r) for r in affine),
+        attrs=attrs,
+    )
+    return DecodedImage(meta=meta, pixels=pixels)
+
+
+def _lone_slice_spacing(ds: Dataset) -> tuple[float, str]:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = _float_or_none(ds.get(keyword))
+        if value is not None and value > 0:
+            return value, keyword
+    return 1.0, "none"
+
+
+def _read_single(inst: _Instance) -> DecodedImage:
+    plane = _classic_plane(inst)
+    pixels, fmt = _fill([inst], [plane], [0], 1)
+    pixels = pixels[0]
+    colour = pixels.ndim == 3
+    attrs = _common_attrs(inst, fmt, [plane])
+    attrs["n_slices"] = 1
+    pixel = plane.pixel_spacing
+    attrs["pixel_spacing_source"] = plane.spacing_source
+    if pixel is None:
+        pixel = (1.0, 1.0)
+    if plane.position is not None and plane.orientation is not None:
+        thickness, source = _lone_slice_spacing(inst.ds)
+        normal = np.cross(plane.orientation[:3], plane.orientation[3:])
+        affine = _affine(plane.position, plane.orientation, pixel, normal * thickness)
+        attrs.update(geometry="patient", slice_spacing_mm=thickness, slice_spacing_source=source)
+    else:
+        # no patient geometry: rows run to patient left, columns down (LPS), as a viewer shows it
+        affine = _affine(np.zeros(3), np.array([1.0, 0, 0, 0, 1, 0]), pixel, np.array([0, 0, 1.0]))
+        attrs["geometry"] = "none (pixel grid only)"
+    axes = ("c", "y", "x") if colour else ("y", "x")
+    meta = ImageMeta(
+        modality=inst.header.modality,
+        source_kind="dicom",
+        axes=axes,
+        spacing=((1.0,) if colour else ()) + pixel,
+        origin=_origin(affine, axes),
+        affine=tuple(tuple(float(v) for v in r) for r in affine),
+        attrs=attrs,
+    )
+    return DecodedImage(meta=meta, pixels=pixels)
+
+
+def _frame_time(ds: Dataset) -> tuple[float, bool]:
+    """Seconds between frames: FrameTime, FrameTimeVector, CineRate or the display rate."""
+    ms = _float_or_none(ds.get("FrameTime"))
+    if ms is not None and ms > 0:
+        return ms / 1000.0, True
+    vector = ds.get("FrameTimeVector")
+    if vector is not None:
+        try:
+            steps = [float(v) for v in list(vector)[1:]]
+        except (TypeError, ValueError):
+            steps = []
+        if steps and min(steps) > 0:
+            return float(np.mean(steps)) / 1000.0, True
+    for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
+        rate = _float_or_none(ds.get(keyword))
+        if rate is not None and rate > 0:
+            return 1.0 / rate, True
+    return 1.0, False
+
+
+def _read_cine(inst: _Instance) -> DecodedImage:
+    plane = _classic_plane(inst)
+    planes = [dataclasses.replace(plane, frame=f) for f in range(inst.frames)]
+    pixels, fmt = _fill([inst], planes, list(range(inst.frames)), inst.frames)
+    colour = pixels.ndim == 4
+    step, known = _frame_time(inst.ds)
+    attrs = _common_attrs(inst, fmt, planes)
+    pixel = plane.pixel_spacing or (1.0, 1.0)
+    attrs.update(
+        n_frames=inst.frames,
+        frame_time_s=step,
+        frame_time_known=known,
+        pixel_spacing_source=plane.spacing_source,
+        geometry="none (pixel grid only)",
+    )
+    affine = _affine(np.zeros(3), np.array([1.0, 0, 0, 0, 1, 0]), pixel, np.array([0, 0, 1.0]))
+    axes = ("t", "c", "y", "x") if colour else ("t", "y", "x")
+    meta = ImageMeta(
+        modality=inst.header.modality,
+        source_kind="dicom",
+        axes=axes,
+        spacing=(step, *((1.0,) if colour else ()), *pixel),
+        origin=_origin(affine, axes),
+        affine=tuple(tuple(float(v) for v in r) for r in affine),
+        attrs=attrs,
+    )
+    return DecodedImage(meta=meta, pixels=pixels)
