@@ -20,7 +20,14 @@ console = Console()
 RootOpt = Annotated[str, typer.Option("--root", "-r", help="Output root (folder or fsspec URL).")]
 
 
-def _run_nightly(archive: str, root: str, batch_size: int, workers: int) -> dict[str, Any]:
+def _run_nightly(
+    archive: str,
+    root: str,
+    batch_size: int,
+    workers: int,
+    encoders: list[dict[str, Any]] | None = None,
+    encoder_config: str | None = None,
+) -> dict[str, Any]:
     from flows import nightly as nightly_mod
 
     with Progress(
@@ -41,7 +48,13 @@ def _run_nightly(archive: str, root: str, batch_size: int, workers: int) -> dict
         nightly_mod._PROGRESS["cb"] = progress
         try:
             flow = nightly_mod.nightly.with_options(task_runner=nightly_mod._runner(workers))
-            result: dict[str, Any] = flow(archive=archive, root=root, batch_size=batch_size)
+            result: dict[str, Any] = flow(
+                archive=archive,
+                root=root,
+                batch_size=batch_size,
+                encoders=encoders,
+                encoder_config=encoder_config,
+            )
         finally:
             nightly_mod._PROGRESS.pop("cb", None)
     return result
@@ -57,6 +70,10 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
         t.add_row(f"series {k}", str(v))
     for k, v in sorted(summary["modality"].items()):
         t.add_row(f"  ingested {k}", str(v))
+    for k, v in sorted(summary.get("encoded", {}).items()):
+        t.add_row(f"series embedded by {k}", str(v))
+    for k, v in sorted(summary.get("findings", {}).items()):
+        t.add_row(f"finding scores by {k}", str(v))
     console.print(t)
     console.print(f"{summary['seconds']:.1f} s; outputs under {root}")
     if summary["quarantined"]:
@@ -64,29 +81,36 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
 
 
 def _print_quarantined(root: str, run_id: str | None = None) -> None:
+    """Quarantined files with reasons, one line per series (from the restricted table)."""
     from storage.layout import OutputRoot
     from storage.tables import SOURCES_SCHEMA, read_table
 
     t = read_table(OutputRoot(root).sources_dir(), SOURCES_SCHEMA).sort_by("observed_at")
-    rows: dict[str, tuple[str, str]] = {}
-    for rel, status, error, rid in zip(
+    latest: dict[str, tuple[str, str, str | None, str | None]] = {}
+    for rel, key, status, error, rid in zip(
         t["relpath"].to_pylist(),
+        t["series_key"].to_pylist(),
         t["status"].to_pylist(),
         t["error"].to_pylist(),
         t["run_id"].to_pylist(),
         strict=True,
     ):
-        if run_id is None or rid == run_id:
-            rows[rel] = (status, error or "")
-    bad = {k: v for k, v in rows.items() if v[0] != "ingested"}
-    if not bad:
+        latest[rel] = (rid, status, error, key)
+    by_series: dict[str, list[tuple[str, str, str | None]]] = {}
+    for rel, (rid, status, error, key) in latest.items():
+        if status != "ingested" and (run_id is None or rid == run_id):
+            by_series.setdefault(key or rel, []).append((rel, status, error))
+    if not by_series:
         return
-    q = Table(title="quarantined files (restricted: paths shown to you only)")
-    q.add_column("file")
+    q = Table(title="quarantined (restricted: file paths are shown to you only)")
+    q.add_column("file", overflow="fold")
     q.add_column("status")
     q.add_column("reason")
-    for rel, (status, error) in sorted(bad.items()):
-        q.add_row(rel, status, error or "(same series as a file at fault)")
+    for files in sorted(by_series.values()):
+        at_fault = [f for f in files if f[2]] or files
+        rel, status, error = at_fault[0]
+        more = f" (+{len(files) - 1} files of the same series)" if len(files) > 1 else ""
+        q.add_row(rel + more, status, error or "")
     console.print(q)
 
 
@@ -96,11 +120,16 @@ def nightly(
     root: RootOpt = "medflow-out",
     batch_size: Annotated[int, typer.Option(help="Series per ingest task.")] = 16,
     workers: Annotated[int, typer.Option(help="Concurrent tasks.")] = 0,
+    config: Annotated[
+        str | None, typer.Option(help="Encoder config (TOML/JSON): which encoders run.")
+    ] = None,
 ) -> None:
-    """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT."""
+    """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT, then encode."""
     from flows.nightly import default_workers
 
-    summary = _run_nightly(archive, root, batch_size, workers or default_workers())
+    summary = _run_nightly(
+        archive, root, batch_size, workers or default_workers(), encoder_config=config
+    )
     _print_summary(summary, root)
 
 
@@ -112,9 +141,8 @@ def demo(
     workers: Annotated[int, typer.Option(help="Concurrent tasks.")] = 0,
 ) -> None:
     """Generate a demo archive (synthetic, no real patients) and run the nightly job on it."""
-    from tasks.demo_archive import make_demo_archive
-
     from flows.nightly import default_workers
+    from tasks.demo_archive import make_demo_archive
 
     archive = out / "archive"
     root = out / "out"
@@ -200,6 +228,134 @@ def status(root: RootOpt = "medflow-out") -> None:
     else:
         console.print("no run recorded yet")
     _print_quarantined(root)
+
+
+@app.command("encoders")
+def encoders_cmd(
+    config: Annotated[str | None, typer.Option(help="Encoder config (TOML/JSON).")] = None,
+) -> None:
+    """Registered encoders, and the configured ones with their versions and checkpoint status."""
+    from encoders import list_encoders
+    from encoders._registry import get_entry
+
+    t = Table("encoder", "config", title="registered encoders")
+    for name in list_encoders():
+        entry = get_entry(name)
+        t.add_row(name, json.dumps(entry_summary(entry.config))[:90])
+    console.print(t)
+    if not config:
+        return
+    from tasks.encode import get_encoder, load_encoder_specs, version_tag
+
+    c = Table(
+        "label", "encoder", "checkpoint", "status", "version", title=f"configured in {config}"
+    )
+    for spec in load_encoder_specs(config):
+        ck = spec.checkpoint or "(random weights)"
+        try:
+            enc = get_encoder(spec, device="cpu")
+            c.add_row(spec.output_name, spec.name, ck, "[green]loads[/green]", version_tag(enc))
+        except Exception as e:  # show every spec's state, not just the first failure
+            c.add_row(spec.output_name, spec.name, ck, f"[red]{e}[/red]", "")
+    console.print(c)
+
+
+def entry_summary(config: Any) -> dict[str, Any]:
+    keep = ("modalities", "kinds", "embedding_dims", "input_size", "spacing_mm", "arch")
+    return {k: v for k, v in dict(config).items() if k in keep}
+
+
+@app.command()
+def findings(
+    series_key: Annotated[str, typer.Argument(help="A series key from the catalog.")],
+    root: RootOpt = "medflow-out",
+    encoder: Annotated[str | None, typer.Option(help="Only this encoder.")] = None,
+) -> None:
+    """Zero-shot findings of one series, newest per encoder and finding, highest first."""
+    from storage.layout import OutputRoot
+    from storage.tables import connect
+
+    con = connect(OutputRoot(root))
+    if "findings" not in _views(con):
+        console.print("no findings written yet")
+        raise typer.Exit(1)
+    rows = con.execute(
+        """
+        SELECT encoder, finding, score, bank, bank_version FROM findings
+        WHERE series_key = ? AND (? IS NULL OR encoder = ?)
+        QUALIFY row_number() OVER (PARTITION BY encoder, finding ORDER BY created_at DESC) = 1
+        ORDER BY encoder, score DESC
+        """,
+        [series_key, encoder, encoder],
+    ).fetchall()
+    if not rows:
+        console.print(f"no findings for series {series_key}")
+        raise typer.Exit(1)
+    t = Table("encoder", "finding", "score", "bank", title=f"findings of {series_key}")
+    for enc, name, score, bank, bank_version in rows:
+        t.add_row(enc, name, f"{score:.3f}", f"{bank} {bank_version}")
+    console.print(t)
+
+
+@app.command()
+def similar(
+    series_key: Annotated[str, typer.Argument(help="A series key from the catalog.")],
+    root: RootOpt = "medflow-out",
+    encoder: Annotated[str | None, typer.Option(help="Encoder whose embeddings to use.")] = None,
+    k: Annotated[int, typer.Option("--k", help="How many neighbours.")] = 10,
+) -> None:
+    """Nearest series by cosine similarity of one encoder's embeddings (DuckDB)."""
+    from storage.layout import OutputRoot
+    from storage.tables import connect
+
+    con = connect(OutputRoot(root))
+    if "embeddings" not in _views(con):
+        console.print("no embeddings written yet")
+        raise typer.Exit(1)
+    try:
+        rows = nearest_series(con, series_key, encoder, k)
+    except LookupError as e:
+        console.print(str(e))
+        raise typer.Exit(1) from e
+    t = Table("rank", "series_key", "modality", "cosine", title=f"nearest to {series_key}")
+    for i, (key, modality, sim) in enumerate(rows, 1):
+        t.add_row(str(i), key, modality or "", f"{sim:.4f}")
+    console.print(t)
+
+
+def nearest_series(con: Any, series_key: str, encoder: str | None, k: int) -> list[tuple]:
+    """The k series nearest to ``series_key`` (newest embedding per series, same version)."""
+    q = con.execute(
+        """
+        SELECT encoder, version, len(embedding) FROM embeddings
+        WHERE series_key = ? AND (? IS NULL OR encoder = ?)
+        ORDER BY created_at DESC LIMIT 1
+        """,
+        [series_key, encoder, encoder],
+    ).fetchone()
+    if q is None:
+        raise LookupError(
+            f"no embedding for series {series_key}" + (f" by {encoder}" if encoder else "")
+        )
+    enc, version, dim = q
+    result: list[tuple] = con.execute(
+        f"""
+        WITH latest AS (
+            SELECT series_key, modality, embedding::FLOAT[{int(dim)}] AS e FROM embeddings
+            WHERE encoder = ? AND version = ?
+            QUALIFY row_number() OVER (PARTITION BY series_key ORDER BY created_at DESC) = 1
+        ), probe AS (SELECT e FROM latest WHERE series_key = ?)
+        SELECT l.series_key, l.modality, array_cosine_similarity(l.e, probe.e) AS cosine
+        FROM latest l, probe WHERE l.series_key <> ?
+        ORDER BY cosine DESC, l.series_key LIMIT ?
+        """,
+        [enc, version, series_key, series_key, k],
+    ).fetchall()
+    return result
+
+
+def _views(con: Any) -> set[str]:
+    return {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
 
 
 def main() -> None:

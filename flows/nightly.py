@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -21,8 +21,17 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.layout import OutputRoot
-from storage.tables import CATALOG_SCHEMA, read_table, utcnow
+from storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
 from tasks.discover import discover
+from tasks.encode import (
+    EncoderSpec,
+    encode_batch,
+    get_encoder,
+    load_encoder_specs,
+    pending_items,
+    recompute_findings,
+    version_tag,
+)
 from tasks.ingest import (
     HeaderScan,
     Outcome,
@@ -62,6 +71,9 @@ class IngestSummary:
     status: dict[str, int] = field(default_factory=dict)
     modality: dict[str, int] = field(default_factory=dict)
     quarantined: list[dict[str, str]] = field(default_factory=list)  # series_key, reason
+    encoded: dict[str, int] = field(default_factory=dict)  # encoder -> series embedded
+    findings: dict[str, int] = field(default_factory=dict)  # encoder -> finding scores written
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -216,6 +228,8 @@ def publish_summary(summary: IngestSummary) -> None:
     rows += [{"what": f"series {k}", "count": v} for k, v in sorted(summary.status.items())]
     rows += [{"what": f"ingested {k}", "count": v} for k, v in sorted(summary.modality.items())]
     rows += [{"what": "series already recorded", "count": summary.series_skipped}]
+    rows += [{"what": f"embedded by {k}", "count": v} for k, v in sorted(summary.encoded.items())]
+    rows += [{"what": f"finding scores by {k}", "count": v} for k, v in summary.findings.items()]
     create_table_artifact(
         key="nightly-summary",
         table=rows,
@@ -234,6 +248,97 @@ def _runner(workers: int | None = None) -> Any:
     return ThreadPoolTaskRunner(max_workers=workers or default_workers())
 
 
+def resolve_specs(
+    encoders: Sequence[Mapping[str, Any]] | None, encoder_config: str | None
+) -> list[EncoderSpec]:
+    """Encoder specs from the flow parameters: a list of dicts, and/or a config file."""
+    specs = [EncoderSpec.from_dict(e) for e in encoders or []]
+    if encoder_config:
+        specs += load_encoder_specs(encoder_config)
+    labels = [s.output_name for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"Expected distinct encoder labels, got {labels} instead.")
+    return specs
+
+
+def run_encode(
+    root: str,
+    specs: Sequence[EncoderSpec],
+    summary: IngestSummary,
+    *,
+    progress: Progress | None = None,
+) -> None:
+    """Embed what is pending for each encoder and score findings; failures go to the catalog."""
+    import json
+    import time
+
+    from storage.tables import write_part
+    from tasks.ingest import medflow_version
+
+    logger = get_run_logger()
+    out = OutputRoot(root)
+    for spec in specs:
+        t0 = time.perf_counter()
+        encoder = get_encoder(spec)
+        tag = version_tag(encoder)
+        items = pending_items(out, encoder, spec)
+        logger.info("encoder %s (%s): %d series pending", spec.output_name, tag, len(items))
+        futures = [
+            encode_batch.submit(out.url, spec, b, summary.run_id)
+            for b in batched(items, spec.series_per_task)
+        ]
+        done = 0
+        label = f"encode {spec.output_name}"
+        if progress:
+            progress(label, 0, len(items))
+        failures: list[tuple[str, str]] = []
+        for fut in as_completed(futures):
+            m = fut.result()
+            summary.encoded[spec.output_name] = (
+                summary.encoded.get(spec.output_name, 0) + m.embedded
+            )
+            summary.findings[spec.output_name] = (
+                summary.findings.get(spec.output_name, 0) + m.findings
+            )
+            failures.extend(m.failures)
+            done += m.embedded + len(m.failures)
+            if progress:
+                progress(label, done, len(items))
+        if spec.bank is not None and getattr(encoder, "has_text", True):
+            # series embedded earlier but not yet scored with this bank version
+            n = recompute_findings(out, spec, summary.run_id)
+            summary.findings[spec.output_name] = summary.findings.get(spec.output_name, 0) + n
+        if failures:
+            by_key = {i.series_key: i for i in items}
+            rows = [
+                {
+                    "series_key": key,
+                    "study_key": by_key[key].study_key,
+                    "stage": "encode",
+                    "status": "failed",
+                    "error": reason,
+                    "modality": by_key[key].modality,
+                    "source_fingerprint": by_key[key].source_fingerprint,
+                    "attrs_json": json.dumps({"encoder": spec.output_name, "version": tag}),
+                    "medflow_version": medflow_version(),
+                    "run_id": summary.run_id,
+                    "created_at": utcnow(),
+                }
+                for key, reason in failures
+            ]
+            write_part(
+                out.table_dir("catalog"),
+                rows,
+                CATALOG_SCHEMA,
+                part_id("encode", spec.output_name, tag, sorted(k for k, _ in failures)),
+            )
+            summary.quarantined += [
+                {"series_key": k, "status": f"encode failed ({spec.output_name})", "reason": r}
+                for k, r in failures
+            ]
+        summary.stage_seconds[label] = time.perf_counter() - t0
+
+
 @flow(name="ingest-archive", task_runner=_runner())
 def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
     """Ingest every new or changed series of ``archive`` into OME-Zarr under ``root``."""
@@ -245,10 +350,27 @@ def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, A
 
 
 @flow(name="nightly", task_runner=_runner())
-def nightly(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
-    """The nightly job: ingest what is new, then the encode and findings stages."""
+def nightly(
+    archive: str,
+    root: str,
+    batch_size: int = 16,
+    encoders: list[dict[str, Any]] | None = None,
+    encoder_config: str | None = None,
+) -> dict[str, Any]:
+    """The nightly job: ingest what is new, then embed it and score findings.
+
+    ``encoders``: encoder specs (see tasks.encode.EncoderSpec); ``encoder_config``: a TOML or
+    JSON file of more. With neither, the run ingests only.
+    """
+    import time
+
     started = utcnow()
+    specs = resolve_specs(encoders, encoder_config)  # a bad config fails before any work
+    t0 = time.perf_counter()
     summary = run_ingest(archive, root, batch_size=batch_size, progress=_PROGRESS.get("cb"))
+    summary.stage_seconds["ingest"] = time.perf_counter() - t0
+    run_encode(root, specs, summary, progress=_PROGRESS.get("cb"))
+    summary.seconds = time.perf_counter() - t0
     publish_summary(summary)
     record_run(root, "nightly", summary, started)
     return summary.to_dict()

@@ -220,7 +220,11 @@ def read_table(directory: str, schema: pa.Schema, columns: Iterable[str] | None 
 
 
 def connect(root: OutputRoot, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a view per table: catalog (current), catalog_history, ..."""
+    """A DuckDB connection with a view per table.
+
+    ``catalog``: the newest ingest row per series; ``catalog_history``: every row; ``outcomes``:
+    the newest row per series and stage; ``runs``, ``embeddings``, ``findings`` as written.
+    """
     con = duckdb.connect(database)
     if not root.is_local:
         from fsspec import filesystem
@@ -251,7 +255,17 @@ def register_views(con: duckdb.DuckDBPyConnection, root: OutputRoot) -> list[str
         ) WHERE _rn = 1
         """
     )
-    names += ["catalog_history", "catalog"]
+    con.execute(
+        """
+        CREATE OR REPLACE VIEW outcomes AS
+        SELECT * EXCLUDE (_rn) FROM (
+            SELECT *, row_number() OVER (
+                PARTITION BY series_key, stage ORDER BY created_at DESC, run_id DESC) AS _rn
+            FROM catalog_history
+        ) WHERE _rn = 1
+        """
+    )
+    names += ["catalog_history", "catalog", "outcomes"]
     for table in ("runs", "embeddings", "findings"):
         parts = _parts(root.table_dir(table))
         if parts:

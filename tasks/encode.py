@@ -1,0 +1,450 @@
+"""Encode and findings: embed ingested series with each configured encoder, score findings.
+
+Which encoders run is configuration: a list of :class:`EncoderSpec` (flow parameter, or a TOML
+or JSON file, see :func:`load_encoder_specs`). A series is pending for an encoder when it has no
+embedding at the encoder's current version for its current sources (and its current image: a
+denoised one replaces the original once it exists). Each batch task writes its own embeddings
+and findings parts (content-named, atomic: a retried batch overwrites) and returns a small
+manifest; failures go to the catalog through the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.layout import OutputRoot
+from storage.tables import (
+    FINDINGS_SCHEMA,
+    connect,
+    embeddings_schema,
+    part_id,
+    text_embeddings_schema,
+    utcnow,
+    write_part,
+)
+
+__all__ = [
+    "EncodeItem",
+    "EncodeManifest",
+    "EncoderSpec",
+    "encode_batch",
+    "encode_items",
+    "get_encoder",
+    "load_encoder_specs",
+    "pending_items",
+    "recompute_findings",
+    "version_tag",
+]
+
+_KIND_AXES = {
+    "volume": ("zyx",),
+    "image": ("yx", "cyx"),
+    "video": ("tyx", "tcyx"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderSpec:
+    """One configured encoder: registry name, local checkpoint, options, prompt bank."""
+
+    name: str
+    checkpoint: str | None = None
+    label: str | None = None  # the output name (``encoder=`` partition); default: ``name``
+    bank: str | None = None  # prompt bank name (encoders/prompts) or path
+    options: Mapping[str, Any] = field(default_factory=dict)  # builder kwargs
+    batch_size: int = 4
+    series_per_task: int = 32
+    num_workers: int | None = None  # loader processes; default 0 on CPU, 4 on cuda
+    random_weights: bool = False  # demo and tests only: no checkpoint
+
+    @property
+    def output_name(self) -> str:
+        return self.label or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["options"] = dict(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EncoderSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"Unknown encoder setting(s) {sorted(unknown)}; expected some of {sorted(known)}."
+            )
+        if "name" not in d:
+            raise ValueError(f"Expected an encoder 'name', got {dict(d)} instead.")
+        return cls(**{**d, "options": dict(d.get("options", {}))})
+
+
+def load_encoder_specs(path: str | os.PathLike[str]) -> list[EncoderSpec]:
+    """Encoder specs from a TOML (``[[encoders]]`` tables) or JSON (``{"encoders": [...]}``) file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such encoder config file.")
+    try:
+        data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from e
+    items = data.get("encoders")
+    if not isinstance(items, list):
+        raise ValueError(f"{p}: expected a list under 'encoders', got {type(items).__name__}.")
+    return [EncoderSpec.from_dict(i) for i in items]
+
+
+_CACHE: dict[str, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_encoder(spec: EncoderSpec, device: str | None = None) -> Any:
+    """The encoder for ``spec``, built once per process (weights are loaded once)."""
+    from encoders import create_encoder
+
+    key = json.dumps([spec.to_dict(), device], sort_keys=True, default=str)
+    with _CACHE_LOCK:
+        enc = _CACHE.get(key)
+        if enc is None:
+            enc = create_encoder(
+                spec.name,
+                None if spec.random_weights else spec.checkpoint,
+                device=device,
+                random_weights=spec.random_weights or None,
+                **dict(spec.options),
+            )
+            _CACHE[key] = enc
+    return enc
+
+
+def version_tag(encoder: Any) -> str:
+    """The ``version=`` partition value: weights and config digests (and text tower's)."""
+    return str(encoder.version.id).split("@", 1)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeItem:
+    """One series to encode (a reference: its image path, never its pixels)."""
+
+    series_key: str
+    study_key: str
+    modality: str
+    zarr_path: str  # relative to the root
+    image_kind: str  # original | denoised
+    source_fingerprint: str
+
+
+@dataclass(slots=True)
+class EncodeManifest:
+    embedded: int = 0
+    findings: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (series_key, reason)
+    seconds: float = 0.0
+
+
+def accepts_row(info: Any, modality: str | None, axes: str | None) -> bool:
+    """Whether an encoder (by its declaration) takes a catalog row's modality and axes."""
+    mods = tuple(info.modalities)
+    if "*" not in mods and (modality or "") not in mods:
+        return False
+    return any(axes in _KIND_AXES.get(k, ()) for k in info.kinds)
+
+
+def pending_items(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> list[EncodeItem]:
+    """Series the encoder accepts with no embedding at its current version and sources."""
+    con = connect(root)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    denoised = (
+        "SELECT series_key, zarr_path FROM outcomes "
+        "WHERE stage = 'preprocess' AND status = 'denoised'"
+        if "outcomes" in views
+        else "SELECT NULL::VARCHAR AS series_key, NULL::VARCHAR AS zarr_path WHERE false"
+    )
+    rows = con.execute(
+        f"""
+        SELECT c.series_key, c.study_key, c.modality, c.axes,
+               coalesce(d.zarr_path, c.zarr_path) AS zarr_path,
+               CASE WHEN d.zarr_path IS NULL THEN 'original' ELSE 'denoised' END AS image_kind,
+               c.source_fingerprint
+        FROM catalog c LEFT JOIN ({denoised}) d USING (series_key)
+        WHERE c.status = 'ingested'
+        ORDER BY c.series_key
+        """
+    ).fetchall()
+    done: set[tuple[str, str, str]] = set()
+    tag = version_tag(encoder)
+    if "embeddings" in views:
+        done = {
+            (k, fp, kind)
+            for k, fp, kind in con.execute(
+                "SELECT series_key, source_fingerprint, image_kind FROM embeddings "
+                "WHERE encoder = ? AND version = ?",
+                [spec.output_name, tag],
+            ).fetchall()
+        }
+    failed = {
+        (k, fp)
+        for k, fp in con.execute(
+            "SELECT series_key, source_fingerprint FROM catalog_history WHERE stage = 'encode' "
+            "AND json_extract_string(attrs_json, '$.encoder') = ? "
+            "AND json_extract_string(attrs_json, '$.version') = ?",
+            [spec.output_name, tag],
+        ).fetchall()
+    }
+    out = []
+    for key, study, modality, axes, path, kind, fp in rows:
+        if not accepts_row(encoder.info, modality, axes):
+            continue
+        if (key, fp, kind) in done or (key, fp) in failed:
+            continue
+        out.append(EncodeItem(key, study, modality or "", path, kind, fp))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# text embeddings of prompt banks: computed once per (encoder version, bank version), stored
+
+
+def bank_embeddings(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> tuple[Any, np.ndarray]:
+    """The bank and its per-finding mean text embeddings, from storage or computed and stored."""
+    from encoders.findings import bank_text_embeddings, load_prompt_bank
+
+    if spec.bank is None:
+        raise ValueError(f"Encoder {spec.output_name!r} has no prompt bank configured.")
+    bank = load_prompt_bank(spec.bank)
+    d = root.table_dir(
+        "text_embeddings", encoder=spec.output_name, version=version_tag(encoder), bank=bank.name
+    )
+    fs = root.fs
+    path = f"{d}/part-{bank.version}.parquet"
+    names = list(bank.finding_names)
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f)
+        emb = np.asarray(t["embedding"].to_pylist(), dtype=np.float32)
+        return bank, emb.reshape(len(names), 2, -1)
+    emb = bank_text_embeddings(encoder, bank)
+    rows = [
+        {
+            "bank": bank.name,
+            "bank_version": bank.version,
+            "finding": name,
+            "polarity": polarity,
+            "prompt": "mean of the bank's prompts",
+            "embedding": emb[i, j].tolist(),
+            "encoder": spec.output_name,
+            "version": version_tag(encoder),
+            "created_at": utcnow(),
+        }
+        for i, name in enumerate(names)
+        for j, polarity in enumerate(("positive", "negative"))
+    ]
+    write_part(d, rows, text_embeddings_schema(emb.shape[-1]), bank.version)
+    return bank, emb
+
+
+def _provenance(encoder: Any, spec: EncoderSpec, item: EncodeItem, run_id: str) -> dict[str, Any]:
+    from tasks.ingest import medflow_version
+
+    return {
+        "encoder": spec.output_name,
+        "version": version_tag(encoder),
+        "weights_sha256": encoder.version.weights_sha256,
+        "config_hash": encoder.version.config_sha256,
+        "source_fingerprint": item.source_fingerprint,
+        "medflow_version": medflow_version(),
+        "run_id": run_id,
+        "created_at": utcnow(),
+    }
+
+
+def findings_rows(
+    encoder: Any,
+    spec: EncoderSpec,
+    bank: Any,
+    text: np.ndarray,
+    items: Sequence[EncodeItem],
+    contrastive: np.ndarray,
+    run_id: str,
+) -> list[dict[str, Any]]:
+    """One row per (series, finding), scored from stored or fresh contrastive embeddings."""
+    from encoders.findings import score_findings
+
+    if not items:
+        return []
+    img = contrastive / np.maximum(np.linalg.norm(contrastive, axis=1, keepdims=True), 1e-12)
+    probs = np.atleast_2d(score_findings(img, text, encoder.logit_scale))
+    cos_pos = img @ text[:, 0].T
+    cos_neg = img @ text[:, 1].T
+    rows = []
+    for i, item in enumerate(items):
+        prov = _provenance(encoder, spec, item, run_id)
+        for j, name in enumerate(bank.finding_names):
+            rows.append(
+                {
+                    "series_key": item.series_key,
+                    "study_key": item.study_key,
+                    "modality": item.modality,
+                    "finding": name,
+                    "score": float(probs[i, j]),
+                    "cos_positive": float(cos_pos[i, j]),
+                    "cos_negative": float(cos_neg[i, j]),
+                    "bank": bank.name,
+                    "bank_version": bank.version,
+                    **prov,
+                }
+            )
+    return rows
+
+
+def encode_items(
+    root: OutputRoot,
+    spec: EncoderSpec,
+    items: Sequence[EncodeItem],
+    run_id: str,
+    device: str | None = None,
+) -> EncodeManifest:
+    """Embed ``items`` with ``spec``'s encoder, write embeddings and findings parts."""
+    from encoders._streaming import stream_encode
+
+    t0 = time.perf_counter()
+    encoder = get_encoder(spec, device)
+    manifest = EncodeManifest()
+    info = encoder.info
+    primary = info.contrastive_embedding
+    extras = {k: v for k, v in info.embedding_dims.items() if k != primary}
+    workers = spec.num_workers
+    if workers is None:
+        workers = 4 if encoder.device.type == "cuda" else 0
+    paths = [root.join(it.zarr_path) for it in items]
+    ok_items: list[EncodeItem] = []
+    rows: list[dict[str, Any]] = []
+    for item, res in zip(
+        items, stream_encode(encoder, paths, spec.batch_size, workers), strict=True
+    ):
+        if not res.ok or res.embeddings is None:
+            manifest.failures.append((item.series_key, res.error or "no embeddings"))
+            continue
+        emb = {k: np.asarray(v, dtype=np.float32) for k, v in res.embeddings.items()}
+        if not all(np.all(np.isfinite(v)) for v in emb.values()):
+            manifest.failures.append((item.series_key, "non-finite embedding (NaN or inf)"))
+            continue
+        row = {
+            "series_key": item.series_key,
+            "study_key": item.study_key,
+            "modality": item.modality,
+            "image_kind": item.image_kind,
+            "embedding": emb[primary].tolist(),
+            **{f"emb_{k}": emb[k].tolist() for k in extras},
+            **_provenance(encoder, spec, item, run_id),
+        }
+        rows.append(row)
+        ok_items.append(item)
+    tag = version_tag(encoder)
+    name = part_id(
+        spec.output_name, tag, sorted((i.series_key, i.source_fingerprint) for i in items)
+    )
+    schema = embeddings_schema(info.embedding_dims[primary], extras)
+    write_part(
+        root.table_dir("embeddings", encoder=spec.output_name, version=tag),
+        [{k: v for k, v in r.items() if k not in ("encoder", "version")} for r in rows],
+        _without_partitions(schema),
+        name,
+    )
+    manifest.embedded = len(rows)
+    if spec.bank is not None and rows and getattr(encoder, "has_text", True):
+        bank, text = bank_embeddings(root, encoder, spec)
+        contrastive = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+        frows = findings_rows(encoder, spec, bank, text, ok_items, contrastive, run_id)
+        write_part(
+            root.table_dir("findings", encoder=spec.output_name, version=tag),
+            [{k: v for k, v in r.items() if k not in ("encoder", "version")} for r in frows],
+            _without_partitions(FINDINGS_SCHEMA),
+            part_id(name, bank.version),
+        )
+        manifest.findings = len(frows)
+    manifest.seconds = time.perf_counter() - t0
+    return manifest
+
+
+def _without_partitions(schema: pa.Schema) -> pa.Schema:
+    # encoder and version live in the hive path (encoder=/version=), as DuckDB and Spark expect
+    return pa.schema([f for f in schema if f.name not in ("encoder", "version")])
+
+
+def recompute_findings(
+    root: OutputRoot, spec: EncoderSpec, run_id: str, device: str | None = None
+) -> int:
+    """Score findings from stored embeddings where the current bank version has none yet.
+
+    The image tower does not run: only the bank's text embeddings may need computing.
+    """
+    encoder = get_encoder(spec, device)
+    bank, text = bank_embeddings(root, encoder, spec)
+    tag = version_tag(encoder)
+    con = connect(root)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    if "embeddings" not in views:
+        return 0
+    scored = "false"
+    if "findings" in views:
+        scored = (
+            "EXISTS (SELECT 1 FROM findings f WHERE f.series_key = e.series_key "
+            "AND f.encoder = e.encoder AND f.version = e.version "
+            "AND f.source_fingerprint = e.source_fingerprint AND f.bank_version = ?)"
+        )
+    params: list[Any] = [spec.output_name, tag]
+    if scored != "false":
+        params = [bank.version, *params]
+    rows = con.execute(
+        f"""
+        SELECT e.series_key, e.study_key, e.modality, e.image_kind, e.source_fingerprint,
+               e.embedding
+        FROM embeddings e
+        WHERE NOT ({scored}) AND e.encoder = ? AND e.version = ?
+        ORDER BY e.series_key
+        """,
+        params,
+    ).fetchall()
+    if not rows:
+        return 0
+    items = [EncodeItem(r[0], r[1], r[2], "", r[3], r[4]) for r in rows]
+    contrastive = np.asarray([r[5] for r in rows], dtype=np.float32)
+    frows = findings_rows(encoder, spec, bank, text, items, contrastive, run_id)
+    write_part(
+        root.table_dir("findings", encoder=spec.output_name, version=tag),
+        [{k: v for k, v in r.items() if k not in ("encoder", "version")} for r in frows],
+        _without_partitions(FINDINGS_SCHEMA),
+        part_id(
+            "rescore", bank.version, sorted((i.series_key, i.source_fingerprint) for i in items)
+        ),
+    )
+    return len(frows)
+
+
+@task(
+    name="encode-batch",
+    retries=1,
+    retry_delay_seconds=[10],
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def encode_batch(
+    root: str, spec: EncoderSpec, items: list[EncodeItem], run_id: str
+) -> EncodeManifest:
+    """Embed a batch of series with one encoder and score their findings."""
+    return encode_items(OutputRoot(root), spec, items, run_id)
