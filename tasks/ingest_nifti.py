@@ -1,0 +1,388 @@
+"""Read NIfTI-1 and NIfTI-2 volumes (``.nii``, ``.nii.gz``, ``.hdr``/``.img`` pairs) into a
+:class:`~storage.images.DecodedImage`.
+
+What comes out:
+
+* pixels: the scaled voxel values. Integer data whose scaling is the identity (``scl_slope`` 0,
+  1 or NaN and ``scl_inter`` 0) keeps its stored integer type (e.g. int16, uint8); anything else
+  (a real slope/intercept, float32 or float64 data) comes out as float32.
+* axes: nibabel's ``(i, j, k[, t])`` data is transposed to ``("z", "y", "x")`` or
+  ``("t", "z", "y", "x")``, so ``x`` is ``i`` (column), ``y`` is ``j`` (row), ``z`` is ``k``
+  (slice) -- exactly the voxel index the affine takes. A volume with a single slice
+  (``k == 1``) comes out 2-D as ``("y", "x")``; a 4-D file with one volume comes out 3-D.
+  RGB24/RGBA32 NIfTI gains a ``"c"`` axis (alpha dropped).
+* affine: nibabel's best affine (``sform`` when its code is set, else ``qform``, else the
+  header's zooms alone -- then ``attrs["affine_source"]`` is ``"zooms"`` and the orientation is a
+  guess), in RAS+ millimetres like NIfTI's ``sform``; a header in metres or microns is scaled to
+  millimetres.
+* spacing: the header's zooms (``pixdim``), in mm for ``z, y, x``; the time step is
+  ``pixdim[4]`` converted to seconds by ``xyzt_units`` (an unknown time unit is taken as seconds;
+  a missing or zero step becomes 1.0 with ``attrs["time_step_known"] = False``).
+* origin: per array axis, the world coordinate (RAS+ mm) of voxel ``(0, 0, 0)`` along the world
+  axis that array axis runs closest to; only a summary for viewers -- the affine is exact.
+* modality: NIfTI does not record one. ``"OT"`` unless the header description names one as a
+  whole word: ``CT`` gives ``"CT"``; ``MR``, ``MRI``, ``fMRI``, ``T1``, ``T1w``, ``T2``, ``T2w``,
+  ``FLAIR``, ``BOLD``, ``EPI``, ``DWI``, ``DTI`` give ``"MR"``; ``PET`` gives ``"PT"``. The
+  description itself is not kept (it is free text and may hold identifiers).
+
+Anything that cannot be read this way (not NIfTI, a header with impossible dimensions, voxel data
+shorter than the header promises, a ``.gz`` name on a file that is not gzip, CIFTI-2 matrices,
+complex data, 5-D vector/tensor fields) raises :class:`~tasks.SourceError` with the reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from storage.images import DecodedImage, ImageMeta
+from tasks import SourceError
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "NiftiHeaderFacts",
+    "parse_dims",
+    "parse_nifti_path",
+    "read_nifti",
+    "sniff_nifti_header",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
+
+_SIZEOF_HDR = {348: 1, 540: 2}
+_GZIP_MAGIC = b"\x1f\x8b"
+_CIFTI_INTENTS = (3000, 3100)  # NIFTI_INTENT_CONNECTIVITY_* codes used by CIFTI-2
+_SPACE_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 1e-3, "unknown": 1.0}
+_TIME_TO_S = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6, "unknown": 1.0}
+# whole words of the header description that name a modality
+_MODALITY_WORDS = {"CT": "CT", "PET": "PT"} | dict.fromkeys(
+    ("MR", "MRI", "FMRI", "T1", "T1W", "T2", "T2W", "FLAIR", "BOLD", "EPI", "DWI", "DTI"), "MR"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NiftiHeaderFacts:
+    """What the first bytes of a file say: NIfTI version (1 or 2), byte order and compression."""
+
+    version: int
+    byte_order: str
+    gzipped: bool
+
+
+def parse_nifti_path(path: Any) -> str:
+    """Check ``path`` names an existing, non-empty NIfTI file; return it as a string."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"Expected a file path (str or os.PathLike), got {type(path).__name__}.")
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        raise TypeError(f"Expected a text path, got {type(p).__name__}.")
+    if not p.lower().endswith(NIFTI_SUFFIXES):
+        raise ValueError(
+            f"not a NIfTI file name: expected one ending in {', '.join(NIFTI_SUFFIXES)}, "
+            f"got {os.path.basename(p)!r}"
+        )
+    if not os.path.isfile(p):
+        raise ValueError("the file does not exist or is not a regular file")
+    if os.path.getsize(p) == 0:
+        raise ValueError("the file is empty (0 bytes)")
+    return p
+
+
+def sniff_nifti_header(path: str) -> NiftiHeaderFacts:
+    """Read the header bytes of ``path``: which NIfTI version it is, and are its dims possible.
+
+    Raises ValueError with a reason a user can act on when the bytes are not a NIfTI header.
+    """
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == _GZIP_MAGIC
+    if path.lower().endswith(".gz") and not gzipped:
+        raise ValueError("the name ends in .gz but the file is not gzip-compressed")
+    try:
+        opener = gzip.open if gzipped else open
+        with opener(path, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"the gzip stream is truncated or corrupt ({e})") from e
+    if len(head) < 4:
+        raise ValueError(f"the file is too short for a NIfTI header ({len(head)} bytes)")
+    for order in ("<", ">"):
+        (size,) = struct.unpack(order + "i", head[:4])
+        if size in _SIZEOF_HDR:
+            break
+    else:
+        (little,) = struct.unpack("<i", head[:4])
+        raise ValueError(
+            f"not a NIfTI header: sizeof_hdr is {little}, expected 348 (NIfTI-1) or 540 (NIfTI-2)"
+        )
+    if len(head) < size:
+        raise ValueError(f"the header is truncated: {len(head)} of {size} bytes")
+    version = _SIZEOF_HDR[size]
+    magic = head[344:348] if version == 1 else head[4:8]
+    if magic not in (b"n+1\0", b"ni1\0", b"n+2\0", b"ni2\0"):
+        if version == 1:
+            raise ValueError("an Analyze 7.5 header without the NIfTI magic; convert it to NIfTI")
+        raise ValueError(f"the NIfTI-2 magic is {magic!r}, expected b'n+2\\x00' or b'ni2\\x00'")
+    if version == 1:
+        dim = struct.unpack(order + "8h", head[40:56])
+        (intent,) = struct.unpack(order + "h", head[68:70])
+    else:
+        dim = struct.unpack(order + "8q", head[16:80])
+        (intent,) = struct.unpack(order + "i", head[504:508])
+    if _CIFTI_INTENTS[0] <= intent < _CIFTI_INTENTS[1]:
+        raise ValueError("a CIFTI-2 matrix (grayordinates), not an image volume")
+    parse_dims(dim)
+    return NiftiHeaderFacts(version=version, byte_order=order, gzipped=gzipped)
+
+
+def parse_dims(dim: Any) -> tuple[int, ...]:
+    """The data shape from a header's ``dim`` field: 1 to 7 dimensions, each >= 1.
+
+    Trailing singleton dimensions beyond the 4th are dropped; more than 4 real ones is refused.
+    """
+    dim = [int(d) for d in dim]
+    if len(dim) != 8:
+        raise TypeError(f"Expected the 8 values of a NIfTI dim field, got {len(dim)}.")
+    n = dim[0]
+    if not 1 <= n <= 7:
+        raise ValueError(f"the header's dim[0] is {n}, expected 1 to 7 dimensions")
+    shape = dim[1 : n + 1]
+    if any(s < 1 for s in shape):
+        raise ValueError(f"the header's dimensions {tuple(shape)} include a size < 1")
+    while len(shape) > 4 and shape[-1] == 1:
+        shape.pop()
+    if len(shape) > 4:
+        raise ValueError(
+            f"a {len(shape)}-D volume {tuple(shape)} (vector or tensor field); only 2-D, 3-D "
+            "and 4-D (time series) NIfTI are ingested"
+        )
+    return tuple(shape)
+
+
+def read_nifti(path: str) -> DecodedImage:
+    """Read a NIfTI-1/2 file as a whole-array :class:`DecodedImage` (see the module docstring).
+
+    Raises :class:`SourceError` (with the reason) for anything that is not a readable NIfTI volume.
+    """
+    try:
+        p = parse_nifti_path(path)
+    except (TypeError, ValueError) as e:
+        raise SourceError(str(path), str(e)) from e
+    try:
+        facts = sniff_nifti_header(p)
+        img = _load(p, facts)
+        return _decode(img, facts)
+    except ValueError as e:
+        raise SourceError(p, str(e)) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and checking
+
+
+def _load(path: str, facts: NiftiHeaderFacts) -> Any:
+    try:
+        img = nib.load(path, mmap=False)
+    except nib.filebasedimages.ImageFileError as e:
+        if facts.gzipped:
+            _check_gzip_stream(path)
+        raise ValueError(f"nibabel cannot read it as NIfTI ({e})") from e
+    except (OSError, EOFError, zlib.error, struct.error) as e:
+        raise ValueError(f"the header is unreadable or truncated ({e})") from e
+    except nib.spatialimages.HeaderDataError as e:
+        raise ValueError(f"the header is invalid ({e})") from e
+    if isinstance(img, nib.Cifti2Image):
+        raise ValueError("a CIFTI-2 matrix (grayordinates), not an image volume")
+    if isinstance(img, nib.AnalyzeImage) and not isinstance(img, nib.Nifti1Pair):
+        raise ValueError("an Analyze 7.5 header without the NIfTI magic; convert it to NIfTI")
+    if not isinstance(img, nib.Nifti1Pair):  # Nifti1Image, Nifti2Image and pairs derive from it
+        raise ValueError(f"read as {type(img).__name__}, not as NIfTI-1/2")
+    return img
+
+
+def _check_gzip_stream(path: str) -> None:
+    """Decompress ``path`` to its end, raising ValueError if the gzip stream is cut or corrupt."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"the gzip stream is truncated or corrupt ({e})") from e
+
+
+def _check_data_length(img: Any, facts: NiftiHeaderFacts, shape: tuple[int, ...]) -> None:
+    """For uncompressed files, check the file holds all voxels before reading them."""
+    if facts.gzipped:
+        return  # only decompressing tells; a short stream surfaces as EOFError below
+    fmap = img.file_map
+    image_file = fmap["image"].filename
+    if not image_file or not os.path.isfile(image_file):
+        raise ValueError("the image (.img) file of this header/image pair is missing")
+    offset = int(img.dataobj.offset)
+    itemsize = img.header.get_data_dtype().itemsize
+    need = offset + math.prod(shape) * itemsize
+    have = os.path.getsize(image_file)
+    if have < need:
+        raise ValueError(
+            f"the voxel data is truncated: the header promises {need} bytes "
+            f"(offset {offset} + {math.prod(shape)} voxels x {itemsize} bytes), the file has {have}"
+        )
+
+
+def _read_voxels(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The voxel array in nibabel's (i, j, k, ...) order, scaled; plus notes on the scaling."""
+    header = img.header
+    stored = header.get_data_dtype()
+    # nibabel moves scl_slope/scl_inter from the header to the data proxy when it loads a file
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if not (math.isfinite(slope) and math.isfinite(inter)):
+        raise ValueError(f"the scaling is not finite (scl_slope {slope}, scl_inter {inter})")
+    identity = slope == 1.0 and inter == 0.0
+    notes: dict[str, Any] = {
+        "stored_dtype": str(stored.newbyteorder("=")) if stored.fields is None else "rgb",
+        "scl_slope": slope,
+        "scl_inter": inter,
+    }
+    try:
+        if stored.fields is not None:
+            data = _rgb_voxels(np.asarray(img.dataobj.get_unscaled()))
+        elif stored.kind == "c":
+            raise ValueError(f"complex voxel data ({stored}) is not ingested")
+        elif stored.kind in "iub" and identity:
+            raw = np.asarray(img.dataobj.get_unscaled())
+            data = raw.astype(stored.newbyteorder("="), copy=False)
+            if data.dtype == np.bool_:
+                data = data.astype(np.uint8)
+        else:
+            data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"the voxel data is truncated or unreadable ({e})") from e
+    return data, notes
+
+
+def _rgb_voxels(raw: np.ndarray) -> np.ndarray:
+    """RGB24/RGBA32 structured voxels -> uint8 with the colour as a last axis (alpha dropped)."""
+    return np.stack([raw[name] for name in ("R", "G", "B")], axis=-1).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+
+
+def _affine_mm(img: Any, space_to_mm: float) -> tuple[np.ndarray, str]:
+    header = img.header
+    if int(header["sform_code"]) > 0:
+        source = "sform"
+    elif int(header["qform_code"]) > 0:
+        source = "qform"
+    else:
+        source = "zooms"
+    affine = np.array(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise ValueError(f"the {source} affine has non-finite values")
+    affine[:3, :] *= space_to_mm
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"the {source} affine is singular (a zero voxel size or repeated axis)")
+    return affine, source
+
+
+def _spatial_spacing(zooms: tuple[float, ...], affine: np.ndarray, factor: float) -> list[float]:
+    """Spacing along i, j, k in mm: the header zooms, or the affine's column length if unset."""
+    out = []
+    for axis in range(3):
+        z = abs(float(zooms[axis])) * factor if axis < len(zooms) else 0.0
+        if not (math.isfinite(z) and z > 0):
+            z = float(np.linalg.norm(affine[:3, axis]))
+        if not (math.isfinite(z) and z > 0):
+            z = 1.0  # only reachable for a singleton axis: the affine is non-singular
+        out.append(z)
+    return out
+
+
+def _world_origin(affine: np.ndarray) -> list[float]:
+    """Per voxel axis i, j, k: the RAS coordinate of voxel 0 on the world axis it runs closest to."""
+    return [float(affine[int(np.argmax(np.abs(affine[:3, a]))), 3]) for a in range(3)]
+
+
+def _modality(header: Any) -> str:
+    descrip = bytes(np.asarray(header["descrip"]).tobytes()).split(b"\x00", 1)[0]
+    words = re.findall(r"[A-Za-z0-9]+", descrip.decode("latin-1"))
+    for w in words:
+        found = _MODALITY_WORDS.get(w.upper())
+        if found is not None:
+            return found
+    return "OT"
+
+
+def _decode(img: Any, facts: NiftiHeaderFacts) -> DecodedImage:
+    header = img.header
+    shape = parse_dims(header["dim"])
+    _check_data_length(img, facts, shape)
+    data, notes = _read_voxels(img)
+    colour = data.ndim == len(shape) + 1
+    ijkt = (*shape, 1, 1, 1)[:4]  # 1-D to 3-D files get singleton j, k and t axes
+    data = data.reshape((*ijkt, 3) if colour else ijkt)
+    space_unit, time_unit = header.get_xyzt_units()
+    to_mm = _SPACE_TO_MM.get(space_unit, 1.0)
+    affine, affine_source = _affine_mm(img, to_mm)
+    zooms = tuple(float(z) for z in header.get_zooms())
+    spacing_ijk = _spatial_spacing(zooms, affine, to_mm)
+    origin_ijk = _world_origin(affine)
+    attrs: dict[str, Any] = {
+        "nifti_version": facts.version,
+        "affine_source": affine_source,
+        "space_unit": space_unit,
+        **notes,
+    }
+    intent = header.get_intent()[0]
+    if intent and intent != "none":
+        attrs["intent"] = str(intent)
+
+    # (i, j, k, t[, c]) -> (t[, c], k, j, i), then drop the axes a file does not have
+    arranged = data.transpose((3, 4, 2, 1, 0) if colour else (3, 2, 1, 0))
+    step, known = _time_step(zooms, time_unit)
+    toffset = float(header["toffset"]) * _TIME_TO_S.get(time_unit, 1.0)
+    axes_all = [
+        ("t", ijkt[3] > 1, step, toffset if math.isfinite(toffset) else 0.0),
+        *([("c", True, 1.0, 0.0)] if colour else []),
+        ("z", ijkt[2] > 1, spacing_ijk[2], origin_ijk[2]),
+        ("y", True, spacing_ijk[1], origin_ijk[1]),
+        ("x", True, spacing_ijk[0], origin_ijk[0]),
+    ]
+    kept = [(name, sp, org) for name, keep, sp, org in axes_all if keep]
+    pixels = np.ascontiguousarray(
+        arranged.reshape([n for n, a in zip(arranged.shape, axes_all, strict=True) if a[1]])
+    )
+    if ijkt[3] > 1:
+        attrs["time_unit"] = time_unit
+        attrs["time_step_known"] = known
+    meta = ImageMeta(
+        modality=_modality(header),
+        source_kind="nifti",
+        axes=tuple(name for name, _, _ in kept),
+        spacing=tuple(sp for _, sp, _ in kept),
+        origin=tuple(org for _, _, org in kept),
+        affine=tuple(tuple(float(v) for v in row) for row in affine),
+        attrs=attrs,
+    )
+    return DecodedImage(meta=meta, pixels=pixels)
+
+
+def _time_step(zooms: tuple[float, ...], time_unit: str) -> tuple[float, bool]:
+    """The time step in seconds from pixdim[4], and whether the header really gave one."""
+    raw = float(zooms[3]) if len(zooms) > 3 else 0.0
+    if time_unit not in _TIME_TO_S:  # hz, ppm, rads: the 4th axis is not time
+        return 1.0, False
+    step = abs(raw) * _TIME_TO_S[time_unit]
+    if not (math.isfinite(step) and step > 0):
+        return 1.0, False
+    return step, True
