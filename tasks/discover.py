@@ -35,7 +35,7 @@ _HASH_SPAN = 64 * 1024
 _NIFTI = (".nii", ".nii.gz")
 _IMAGES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _VIDEOS = (".mp4", ".avi", ".mov", ".m4v")
-_SINOGRAMS = (".sino.zarr",)
+_SINOGRAMS = (".sino.zarr", ".sino.npz")
 # names that are never imaging data; everything else may be DICOM (often extension-less)
 _NOT_IMAGING = (".txt", ".md", ".json", ".csv", ".xml", ".html", ".pdf", ".py", ".log")
 
@@ -95,6 +95,8 @@ class Discovery:
 def classify_name(relpath: str) -> str:
     """The source kind a file name suggests: nifti, image, video, other, or dicom (by content)."""
     low = relpath.lower()
+    if low.endswith(_SINOGRAMS):
+        return "sinogram"
     if low.endswith(_NIFTI):
         return "nifti"
     if low.endswith(_IMAGES):
@@ -122,6 +124,11 @@ def list_archive(archive: str) -> list[ArchiveFile]:
         rel = path[len(base.rstrip("/")) + 1 :]
         if any(p.startswith(".") for p in rel.split("/")):
             continue
+        if ".sino.zarr/" in rel:  # a zarr group is one source: keep its zarr.json only
+            head = rel.split(".sino.zarr/", 1)[0] + ".sino.zarr"
+            if rel != f"{head}/zarr.json":
+                continue
+            rel = head
         mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
         out.append(ArchiveFile(rel, int(info.get("size") or 0), _mtime_ns(mtime)))
     return out
@@ -145,7 +152,7 @@ def _list_local(base: str) -> list[ArchiveFile]:
                 if e.name.startswith("."):
                     continue
                 if e.is_dir(follow_symlinks=False):
-                    if e.name.endswith(_SINOGRAMS):
+                    if e.name.endswith(".sino.zarr"):  # a zarr group is one source
                         st = e.stat()
                         out.append(ArchiveFile(os.path.relpath(e.path, base), 0, st.st_mtime_ns))
                     else:
@@ -162,8 +169,9 @@ def content_hash(archive: str, relpath: str, size: int) -> str:
     """sha256 over the first and last 64 KiB and the size: cheap, and catches rewrites."""
     h = hashlib.sha256(str(size).encode())
     path = _url_join(archive, relpath)
-    if "://" not in archive and os.path.isdir(path):
-        return h.hexdigest()[:32]
+    if relpath.endswith(".sino.zarr"):  # a group: its metadata document stands for it
+        path = f"{path}/zarr.json"
+        size = 0
     with fsspec.open(path, "rb") as f:
         h.update(f.read(_HASH_SPAN))
         if size > 2 * _HASH_SPAN:

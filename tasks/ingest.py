@@ -208,6 +208,71 @@ def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
     raise ValueError(f"Expected a source kind in dicom, nifti, image, video, got {kind!r} instead.")
 
 
+def ingest_sinogram(
+    archive: str, root: OutputRoot, job: SeriesJob, run_id: str, keys: Pseudonymizer
+) -> Outcome:
+    """Store raw projections under the root, keyed by the series they belong to."""
+    from storage.sinograms import read_sinogram, write_sinogram
+
+    t0 = time.perf_counter()
+    row = _base_row(job, run_id)
+    row["stage"] = "sinogram"
+    try:
+        with local_files(archive, job.relpaths) as paths:
+            try:
+                sino = read_sinogram(paths[0])
+            except ValueError as e:
+                raise SourceError(job.relpaths[0], str(e).split(": ", 1)[-1]) from e
+        if sino.link is not None:  # the projections of a DICOM series: share its key
+            row["series_key"] = keys.dicom_series_key(*sino.link)
+            row["study_key"] = keys.dicom_study_key(sino.link[0])
+        path = root.image_path(row["series_key"], derived="sino")
+        staging = f"{path}.tmp-{run_id[:8]}"
+        write_sinogram(staging, sino)
+        _replace_dir(staging, path)
+        row.update(
+            status="ingested",
+            error=None,
+            modality="CT",
+            axes="zyx",
+            shape=list(sino.data.shape),
+            dtype="float32",
+            spacing=[sino.slice_spacing_mm],
+            zarr_path=root.image_relpath(row["series_key"], derived="sino"),
+            attrs_json=json.dumps(sino.public_attrs(), sort_keys=True, default=str),
+        )
+    except SourceError as e:
+        row.update(status="quarantined", error=e.reason)
+    except Exception as e:  # isolated to this source
+        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+    row["seconds"] = time.perf_counter() - t0
+    row["created_at"] = utcnow()
+    sources = [
+        {
+            "relpath": rel,
+            "series_key": job.series_key,
+            "status": row["status"],
+            "error": row["error"],
+        }
+        for rel in job.relpaths
+    ]
+    return Outcome(catalog=row, sources=sources)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    if "://" in dst:
+        fs, _, (s, d) = fsspec.get_fs_token_paths([src, dst])
+        if fs.exists(d):
+            fs.rm(d, recursive=True)
+        fs.mv(s, d, recursive=True)
+        return
+    old = f"{src}.old"
+    if os.path.exists(dst):
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _base_row(job: SeriesJob, run_id: str) -> dict[str, Any]:
     return {
         "series_key": job.series_key,
@@ -327,4 +392,10 @@ def scan_headers(archive: str, root: str, relpaths: list[str]) -> list[HeaderSca
 def ingest_batch(archive: str, root: str, jobs: list[SeriesJob], run_id: str) -> list[Outcome]:
     """Ingest a batch of series into OME-Zarr images."""
     out = OutputRoot(root)
-    return [ingest_series(archive, out, job, run_id) for job in jobs]
+    keys = out.pseudonymizer()
+    return [
+        ingest_sinogram(archive, out, job, run_id, keys)
+        if job.kind == "sinogram"
+        else ingest_series(archive, out, job, run_id)
+        for job in jobs
+    ]
