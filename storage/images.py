@@ -14,7 +14,9 @@ import math
 import os
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,7 +201,7 @@ def _pyramid_factors(
             else:
                 f.append(1)
         big = max(shp[i] for i, a in enumerate(axes) if a in ("y", "x"))
-        if len(factors) + 1 >= MIN_LEVELS and (big <= 256 or all(x == 1 for x in f)):
+        if len(factors) + 1 >= MIN_LEVELS and (big <= 512 or all(x == 1 for x in f)):
             break
         if len(factors) + 1 >= 8:
             break
@@ -210,29 +212,61 @@ def _pyramid_factors(
 
 
 def _downsample(a: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Block mean by integer factors, edge-padding odd sizes; integer types are rounded back."""
+    """Block mean by factors of 1 or 2, edge-padding odd sizes; integers are rounded back.
+
+    Sums strided views in a wider type instead of reshaping to a float copy: one pass over the
+    data, and temporaries the size of the output only.
+    """
     if all(f == 1 for f in factors):
         return a
+    if any(f not in (1, 2) for f in factors):
+        raise ValueError(f"Expected downsampling factors of 1 or 2, got {factors} instead.")
     pad = [(0, (-n) % f) for n, f in zip(a.shape, factors, strict=True)]
     if any(p[1] for p in pad):
         a = np.pad(a, pad, mode="edge")
-    new_shape: list[int] = []
-    for n, f in zip(a.shape, factors, strict=True):
-        new_shape.extend([n // f, f])
-    red = tuple(range(1, 2 * a.ndim, 2))
-    m = a.reshape(new_shape).mean(axis=red, dtype=np.float32)
-    if np.issubdtype(a.dtype, np.integer):
-        info = np.iinfo(a.dtype)
-        return np.clip(np.rint(m), info.min, info.max).astype(a.dtype)
-    return m.astype(a.dtype)
+    integer = np.issubdtype(a.dtype, np.integer)
+    # the narrowest accumulator that holds a sum of 8: bytes in 16 bits, shorts in 32
+    acc_type: Any = np.float64
+    if integer:
+        signed = np.issubdtype(a.dtype, np.signedinteger)
+        if a.dtype.itemsize == 1:
+            acc_type = np.int16 if signed else np.uint16
+        elif a.dtype.itemsize == 2:
+            acc_type = np.int32
+        else:
+            acc_type = np.int64
+    offsets = [(0, 1) if f == 2 else (0,) for f in factors]
+    acc: np.ndarray | None = None
+    for off in np.ndindex(*(len(o) for o in offsets)):
+        view = a[tuple(slice(offsets[i][k], None, factors[i]) for i, k in enumerate(off))]
+        if acc is None:
+            acc = view.astype(acc_type)
+        else:
+            np.add(acc, view, out=acc, casting="unsafe")
+    assert acc is not None
+    n = int(np.prod(factors))  # a power of two: 2, 4 or 8
+    if integer:
+        # the mean rounded half up; a mean of in-range values needs no clipping
+        acc += n // 2
+        np.right_shift(acc, n.bit_length() - 1, out=acc)
+        return acc.astype(a.dtype)
+    return (acc / n).astype(a.dtype)
 
 
-def _downsample_slabwise(a: np.ndarray, factors: tuple[int, ...], slab: int = 32) -> np.ndarray:
-    """Downsample in slabs along axis 0 to bound float temporaries to a few slabs."""
-    f0 = factors[0]
-    step = max(f0, slab - slab % f0)
-    out = [_downsample(a[i : i + step], factors) for i in range(0, a.shape[0], step)]
-    return np.concatenate(out, axis=0)
+def _level_layouts(
+    axes: tuple[str, ...], shapes: list[tuple[int, ...]], cum0: list[int]
+) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Chunks and shards per level, the axis-0 shard shrinking with the axis-0 factor so that
+    one slab of the level-0 shard maps onto exactly one shard row of every level."""
+    chunks0, shards0 = _chunk_and_shard(axes, shapes[0])
+    out = []
+    for shape, c0 in zip(shapes, cum0, strict=True):
+        chunks, shards = _chunk_and_shard(axes, shape)
+        s0 = max(1, shards0[0] // c0)
+        chunks[0] = max(1, min(chunks0[0], s0, shape[0]))
+        shards[0] = s0 if s0 % chunks[0] == 0 else chunks[0]
+        out.append((tuple(chunks), tuple(shards)))
+    return out
 
 
 def _ome_attrs(meta: ImageMeta, level_scales: list[list[float]], name: str) -> dict[str, Any]:
@@ -265,7 +299,11 @@ def _level_translation(meta: ImageMeta, scale: list[float]) -> list[float]:
 # writing
 
 
-def _compressor() -> BloscCodec:
+def _compressor(dtype: np.dtype) -> BloscCodec:
+    # bit-shuffle pays off for 16-bit and wider samples (CT, MR); 8-bit pictures and video
+    # frames compress as well and faster with a byte-level codec alone
+    if dtype.itemsize == 1:
+        return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
@@ -330,58 +368,75 @@ def _write_group(
     scales = [list(meta.spacing)]
     for f in factors:
         scales.append([s * k for s, k in zip(scales[-1], f, strict=True)])
+    cum0 = [1]
+    for f in factors:
+        cum0.append(cum0[-1] * f[0])
+    layouts = _level_layouts(meta.axes, shapes, cum0)
 
     store = _open_store(path, "w")
     group = zarr.open_group(store=store, mode="w", zarr_format=3)
-    arrays = []
-    for i, shp in enumerate(shapes):
-        chunks, shards = _chunk_and_shard(meta.axes, shp)
-        arrays.append(
-            group.create_array(
-                name=str(i),
-                shape=shp,
-                dtype=dtype,
-                chunks=tuple(chunks),
-                shards=tuple(shards),
-                compressors=_compressor(),
-                dimension_names=list(meta.axes),
-                fill_value=0,
-            )
+    arrays = [
+        group.create_array(
+            name=str(i),
+            shape=shp,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=_compressor(dtype),
+            dimension_names=list(meta.axes),
+            fill_value=0,
         )
+        for i, (shp, (chunks, shards)) in enumerate(zip(shapes, layouts, strict=True))
+    ]
 
+    slab0 = layouts[0][1][0]
     if image.pixels is not None:
-        level = image.pixels
-        arrays[0][...] = level
-        for i, f in enumerate(factors, start=1):
-            level = _downsample_slabwise(level, f)
-            arrays[i][...] = level
-        final_shape = shape0
+        pixels = image.pixels
+        slabs: Iterator[np.ndarray] = (
+            pixels[i : i + slab0] for i in range(0, pixels.shape[0], slab0)
+        )
+        streamed = False
     else:
-        # streamed along axis 0, which is never downsampled (time): slab-aligned to shards
-        if any(f[0] != 1 for f in factors):
-            raise ValueError("Streamed images must not be downsampled along their first axis.")
         assert image.blocks is not None
-        _, shards0 = _chunk_and_shard(meta.axes, shape0)
-        n = 0
-        for slab in _rebatch(image.blocks, shards0[0]):
-            end = n + slab.shape[0]
+        slabs = _rebatch(image.blocks, slab0)
+        streamed = True
+    # slab by slab along axis 0: every shard is written once, by one writer, and memory stays
+    # bounded by a few slabs; writes (compression) overlap the next slab's downsampling
+    offsets = [0] * len(arrays)
+    pending: deque[Future[None]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-write") as pool:
+        for slab in slabs:
             for i, arr in enumerate(arrays):
-                if end > arr.shape[0]:
+                start, end = offsets[i], offsets[i] + slab.shape[0]
+                if streamed and end > arr.shape[0]:
+                    for p in pending:
+                        p.result()
+                    pending.clear()
                     arr.resize((max(end, 2 * arr.shape[0]), *arr.shape[1:]))
-                arr[n:end] = slab
+                pending.append(pool.submit(_set_slab, arr, start, end, slab))
+                offsets[i] = end
                 if i + 1 < len(arrays):
                     slab = _downsample(slab, factors[i])
-            n = end
-        if n == 0:
-            raise ValueError("The image has no frames.")
-        for arr in arrays:
-            arr.resize((n, *arr.shape[1:]))
-        final_shape = (n, *shape0[1:])
+            while len(pending) > len(arrays):
+                pending.popleft().result()
+        for p in pending:
+            p.result()
+    n = offsets[0]
+    if n == 0:
+        raise ValueError("The image has no frames.")
+    if streamed:  # the frame count was a hint: trim every level to what arrived
+        for arr, size in zip(arrays, offsets, strict=True):
+            arr.resize((size, *arr.shape[1:]))
+    final_shape = (n, *shape0[1:])
 
     attrs: dict[str, Any] = {"ome": _ome_attrs(meta, scales, name)}
     attrs["medflow"] = {**meta.to_dict(), **dict(medflow_attrs), "shape": list(final_shape)}
     group.attrs.update(json.loads(json.dumps(attrs)))
     return final_shape, len(arrays)
+
+
+def _set_slab(arr: Any, start: int, end: int, slab: np.ndarray) -> None:
+    arr[start:end] = slab
 
 
 def _rebatch(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
