@@ -151,13 +151,51 @@ def demo(
         console.print(f"demo archive: {len(manifest.entries)} sources written to {archive}")
     else:
         console.print(f"demo archive: reusing {archive}")
-    summary = _run_nightly(str(archive), str(root), 8, workers or default_workers())
+    specs = demo_encoder_specs(out / "models")
+    console.print(
+        "[yellow]demo encoders use tiny models with RANDOM weights written here: their "
+        "embeddings and findings show the pipeline working, not clinical meaning.[/yellow]"
+    )
+    summary = _run_nightly(str(archive), str(root), 8, workers or default_workers(), specs)
     _print_summary(summary, str(root))
     console.print(
         f"\nTry: medflow status --root {root}\n"
         f'     medflow query --root {root} "SELECT modality, status, count(*) FROM catalog '
         f'GROUP BY ALL"'
     )
+
+
+def demo_encoder_specs(models_dir: Path) -> list[dict[str, Any]]:
+    """Tiny random-weight checkpoints for the demo (written once), and the specs using them."""
+    from importlib.resources import files
+
+    from encoders.testing import write_random_checkpoint, write_tiny_text_model
+
+    clip_config = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    text_dir = models_dir / "merlin-tiny-text"
+    merlin_ck = models_dir / "merlin_tiny.pt"
+    clip_ck = models_dir / "clip_tiny.pt"
+    if not merlin_ck.exists():
+        write_tiny_text_model(text_dir, with_weights=True)
+        write_random_checkpoint("merlin_tiny", merlin_ck, text_model_dir=str(text_dir))
+    if not clip_ck.exists():
+        write_random_checkpoint("clip2d", clip_ck, arch_config=clip_config)
+    return [
+        {
+            "name": "merlin_tiny",
+            "label": "merlin",
+            "checkpoint": str(merlin_ck),
+            "bank": "merlin_ct_findings",
+            "options": {"text_model_dir": str(text_dir)},
+        },
+        {
+            "name": "clip2d",
+            "label": "clip",
+            "checkpoint": str(clip_ck),
+            "bank": "cxr_chexpert_findings",
+            "options": {"arch_config": clip_config},
+        },
+    ]
 
 
 @app.command()
@@ -186,7 +224,7 @@ def query(
         import csv
         import sys
 
-        w = csv.writer(sys.stdout)
+        w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(cols)
         w.writerows(rows)
     else:
