@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the reference Merlin package, for the checkpoint-compatibility test only: its image tower
+	# needs nothing beyond what is installed, so skip its heavy training dependencies
+	$(BIN)/python -m pip install -q --no-deps merlin-vlm==0.0.7
 	touch $@
 
 demo: setup

@@ -1,6 +1,8 @@
 """Image encoders for medflow: a registry of models with their preprocessing.
 
-Build one with :func:`create_encoder`; see :class:`Encoder` for what it offers.
+Build one with :func:`create_encoder` (``list_encoders()`` names them); see :class:`Encoder`
+for what an encoder offers, :func:`stream_encode` for overlapped batch encoding, and
+:mod:`encoders.findings` for zero-shot findings from prompt banks.
 """
 
 from __future__ import annotations
@@ -11,14 +13,34 @@ from encoders._base import Encoder, EncoderInfo, EncoderVersion, parse_device
 from encoders._checkpoint import CheckpointError
 from encoders._factory import create_encoder
 from encoders._registry import list_encoders, register_encoder
+from encoders._streaming import EncodedSeries, load_series, stream_encode
+from encoders.findings import (
+    Finding,
+    PromptBank,
+    bank_text_embeddings,
+    list_prompt_banks,
+    load_prompt_bank,
+    score_findings,
+    text_embedding_key,
+)
 
 __all__ = [
     "CheckpointError",
+    "EncodedSeries",
     "Encoder",
     "EncoderInfo",
     "EncoderVersion",
+    "Finding",
+    "PromptBank",
+    "bank_text_embeddings",
     "create_encoder",
     "list_encoders",
+    "list_prompt_banks",
+    "load_prompt_bank",
+    "load_series",
     "parse_device",
     "register_encoder",
+    "score_findings",
+    "stream_encode",
+    "text_embedding_key",
 ]
