@@ -70,6 +70,8 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
         t.add_row(f"series {k}", str(v))
     for k, v in sorted(summary["modality"].items()):
         t.add_row(f"  ingested {k}", str(v))
+    for k, v in sorted(summary.get("denoised", {}).items()):
+        t.add_row(f"series denoise {k}", str(v))
     for k, v in sorted(summary.get("encoded", {}).items()):
         t.add_row(f"series embedded by {k}", str(v))
     for k, v in sorted(summary.get("findings", {}).items()):

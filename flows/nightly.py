@@ -41,6 +41,7 @@ from tasks.ingest import (
     rejected_outcome,
     scan_headers,
 )
+from tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
 from tasks.tables import commit_outcomes, commit_sources_only, commit_touched
 
 __all__ = ["IngestSummary", "default_workers", "ingest_archive", "nightly", "run_ingest"]
@@ -71,6 +72,7 @@ class IngestSummary:
     status: dict[str, int] = field(default_factory=dict)
     modality: dict[str, int] = field(default_factory=dict)
     quarantined: list[dict[str, str]] = field(default_factory=list)  # series_key, reason
+    denoised: dict[str, int] = field(default_factory=dict)  # outcome -> series
     encoded: dict[str, int] = field(default_factory=dict)  # encoder -> series embedded
     findings: dict[str, int] = field(default_factory=dict)  # encoder -> finding scores written
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -228,6 +230,7 @@ def publish_summary(summary: IngestSummary) -> None:
     rows += [{"what": f"series {k}", "count": v} for k, v in sorted(summary.status.items())]
     rows += [{"what": f"ingested {k}", "count": v} for k, v in sorted(summary.modality.items())]
     rows += [{"what": "series already recorded", "count": summary.series_skipped}]
+    rows += [{"what": f"denoise {k}", "count": v} for k, v in sorted(summary.denoised.items())]
     rows += [{"what": f"embedded by {k}", "count": v} for k, v in sorted(summary.encoded.items())]
     rows += [{"what": f"finding scores by {k}", "count": v} for k, v in summary.findings.items()]
     create_table_artifact(
@@ -339,6 +342,57 @@ def run_encode(
         summary.stage_seconds[label] = time.perf_counter() - t0
 
 
+def run_preprocess(
+    root: str, cfg: DenoiseConfig, summary: IngestSummary, *, progress: Progress | None = None
+) -> None:
+    """Denoise low-dose series that have raw projections; results go to the catalog."""
+    import time
+
+    from storage.tables import write_part
+
+    if not cfg.enabled:
+        return
+    t0 = time.perf_counter()
+    out = OutputRoot(root)
+    items = pending_denoise(out, cfg)
+    if not items:
+        return
+    get_run_logger().info("denoise: %d low-dose series with raw projections", len(items))
+    futures = [
+        denoise_batch.submit(out.url, b, cfg, summary.run_id)
+        for b in batched(items, cfg.series_per_task)
+    ]
+    done = 0
+    if progress:
+        progress("denoise", 0, len(items))
+    for fut in as_completed(futures):
+        rows = fut.result()
+        write_part(
+            out.table_dir("catalog"),
+            rows,
+            CATALOG_SCHEMA,
+            part_id(
+                "preprocess",
+                sorted((r["series_key"], r["source_fingerprint"]) for r in rows),
+                cfg.params_hash(),
+            ),
+        )
+        for r in rows:
+            summary.denoised[r["status"]] = summary.denoised.get(r["status"], 0) + 1
+            if r["status"] != "denoised":
+                summary.quarantined.append(
+                    {
+                        "series_key": r["series_key"],
+                        "status": f"denoise {r['status']}",
+                        "reason": r["error"] or "",
+                    }
+                )
+        done += len(rows)
+        if progress:
+            progress("denoise", done, len(items))
+    summary.stage_seconds["denoise"] = time.perf_counter() - t0
+
+
 @flow(name="ingest-archive", task_runner=_runner())
 def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
     """Ingest every new or changed series of ``archive`` into OME-Zarr under ``root``."""
@@ -356,19 +410,24 @@ def nightly(
     batch_size: int = 16,
     encoders: list[dict[str, Any]] | None = None,
     encoder_config: str | None = None,
+    denoise: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The nightly job: ingest what is new, then embed it and score findings.
+    """The nightly job: ingest what is new, denoise low-dose CT, embed, score findings.
 
     ``encoders``: encoder specs (see tasks.encode.EncoderSpec); ``encoder_config``: a TOML or
-    JSON file of more. With neither, the run ingests only.
+    JSON file of more (with neither, nothing is embedded); ``denoise``: settings of the
+    denoising stage (see tasks.preprocess.DenoiseConfig; on by default, for series with raw
+    projections only).
     """
     import time
 
     started = utcnow()
     specs = resolve_specs(encoders, encoder_config)  # a bad config fails before any work
+    denoise_cfg = DenoiseConfig.from_dict(denoise)
     t0 = time.perf_counter()
     summary = run_ingest(archive, root, batch_size=batch_size, progress=_PROGRESS.get("cb"))
     summary.stage_seconds["ingest"] = time.perf_counter() - t0
+    run_preprocess(root, denoise_cfg, summary, progress=_PROGRESS.get("cb"))
     run_encode(root, specs, summary, progress=_PROGRESS.get("cb"))
     summary.seconds = time.perf_counter() - t0
     publish_summary(summary)

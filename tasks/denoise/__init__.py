@@ -1,0 +1,70 @@
+"""Zero-shot low-dose CT denoising: sinogram flicking, the ZS-N2N baseline and plain FBP.
+
+Plain torch and numpy, no pipeline imports: the pipeline calls :func:`denoise_sinogram` with one
+scan's raw line integrals ``(slices, n_views, n_bins)`` and a :class:`ParallelBeamGeometry`, and
+gets back a :class:`DenoiseResult` whose image is linear attenuation in 1/mm.
+"""
+
+from __future__ import annotations
+
+from tasks.denoise.api import METHODS, DenoiseResult, Method, denoise_sinogram
+from tasks.denoise.conjugate import (
+    NotRawProjectionsError,
+    check_raw_projections,
+    conjugate,
+    conjugate_index,
+    flick,
+    flicked_pair,
+    pair_mask,
+    swap_mask,
+)
+from tasks.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
+from tasks.denoise.geometry import ParallelBeamGeometry
+from tasks.denoise.guard import GuardEstimate, estimate_noise_std, guard_estimate
+from tasks.denoise.lowdose import (
+    WATER_MU_PER_MM,
+    LowDoseScan,
+    hu_to_mu,
+    mu_to_hu,
+    simulate_low_dose,
+)
+from tasks.denoise.networks import NoiseNet
+from tasks.denoise.projector import back_project, fbp, filter_sinogram, radon, ramp_filter
+from tasks.denoise.zsn2n import ZSN2NSettings, denoise_zsn2n, pair_downsample, train_zsn2n
+
+__all__ = [
+    "METHODS",
+    "WATER_MU_PER_MM",
+    "DenoiseResult",
+    "FlickingSettings",
+    "GuardEstimate",
+    "LowDoseScan",
+    "Method",
+    "NoiseNet",
+    "NotRawProjectionsError",
+    "ParallelBeamGeometry",
+    "ZSN2NSettings",
+    "back_project",
+    "check_raw_projections",
+    "conjugate",
+    "conjugate_index",
+    "denoise_flicked",
+    "denoise_sinogram",
+    "denoise_zsn2n",
+    "estimate_noise_std",
+    "fbp",
+    "filter_sinogram",
+    "flick",
+    "flicked_pair",
+    "guard_estimate",
+    "hu_to_mu",
+    "mu_to_hu",
+    "pair_downsample",
+    "pair_mask",
+    "radon",
+    "ramp_filter",
+    "simulate_low_dose",
+    "swap_mask",
+    "train_flicking",
+    "train_zsn2n",
+]

@@ -1,0 +1,72 @@
+"""The lightweight denoising network of Zero-Shot Noise2Noise, for images and for sinograms.
+
+Three convolutions (3x3, 3x3, 1x1) with leaky ReLUs in between predict the noise; the denoised
+signal is the input minus that prediction. The receptive field is 5 x 5, far smaller than the
+half-turn of views that separates a ray from its conjugate, which is what keeps a sinogram
+network from seeing the other measurement of the line it is asked to predict.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.denoise.geometry import parse_positive_int
+
+__all__ = ["RECEPTIVE_FIELD", "NoiseNet"]
+
+RECEPTIVE_FIELD = 5  # pixels (or views and bins) across, from the two 3x3 convolutions
+_NEGATIVE_SLOPE = 0.2
+
+
+class NoiseNet(nn.Module):
+    """Predicts the noise of a one-channel input ``(batch, 1, rows, cols)``; same-size output.
+
+    ``circular_rows`` pads the rows (the view axis of a 360-degree sinogram, which wraps around)
+    circularly instead of with zeros.
+    """
+
+    def __init__(
+        self,
+        channels: int = 48,
+        *,
+        circular_rows: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        width = parse_positive_int("channels", channels)
+        self.circular_rows = bool(circular_rows)
+        self.conv1 = nn.Conv2d(1, width, 3)
+        self.conv2 = nn.Conv2d(width, width, 3)
+        self.conv3 = nn.Conv2d(width, 1, 1)
+        if generator is not None:
+            self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Re-draw the weights (PyTorch's default Conv2d init) from ``generator``, so training
+        starts from the same point for the same seed without touching the global RNG."""
+        for conv in (self.conv1, self.conv2, self.conv3):
+            nn.init.kaiming_uniform_(conv.weight, a=5**0.5, generator=generator)
+            fan_in = conv.weight.shape[1] * conv.weight.shape[2] * conv.weight.shape[3]
+            bound = 1.0 / fan_in**0.5
+            if conv.bias is not None:
+                with torch.no_grad():
+                    conv.bias.uniform_(-bound, bound, generator=generator)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.circular_rows:
+            x = F.pad(x, (0, 0, 1, 1), mode="circular")
+            return F.pad(x, (1, 1, 0, 0))
+        return F.pad(x, (1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor, *, pad: bool = True) -> torch.Tensor:
+        """The predicted noise; with ``pad=False`` the output is smaller by the receptive-field
+        margin (2) on every side and needs no padding, as for patches cut with that margin."""
+        h = F.leaky_relu(self.conv1(self._pad(x) if pad else x), _NEGATIVE_SLOPE)
+        h = F.leaky_relu(self.conv2(self._pad(h) if pad else h), _NEGATIVE_SLOPE)
+        return self.conv3(h)
+
+    def denoise(self, x: torch.Tensor) -> torch.Tensor:
+        """The input minus its predicted noise."""
+        return x - self(x)

@@ -1,0 +1,267 @@
+"""Preprocess: denoise low-dose CT from its raw projections before the encoders see it.
+
+A series is denoised when it has raw projections (a ``sinogram`` outcome, see
+``storage/sinograms.py``) and is low-dose by the configured rule: the projections' explicit
+``low_dose`` flag when present, else CTDIvol (from the projections or the reconstructed series)
+at or below ``ctdivol_max_mGy``. The result is a derived image ``images/<key>.denoised.zarr``
+with its provenance (method, parameters, seed) in its attributes and in a catalog row
+(``stage = 'preprocess'``, ``status = 'denoised'``); the encode stage then uses it in place of the
+noisy reconstruction. Sinogram flicking needs raw projections: an image without them is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage.images import DecodedImage, ImageMeta, open_image, write_image
+from storage.layout import OutputRoot
+from storage.sinograms import read_sinogram
+from storage.tables import connect, utcnow
+
+__all__ = [
+    "DenoiseConfig",
+    "DenoiseItem",
+    "NoRawProjectionsError",
+    "denoise_batch",
+    "denoise_series",
+    "is_low_dose",
+    "pending_denoise",
+    "require_raw_projections",
+]
+
+
+class NoRawProjectionsError(ValueError):
+    """A series asked to be denoised by flicking has no raw projection data."""
+
+
+@dataclass(frozen=True, slots=True)
+class DenoiseConfig:
+    """How the stage runs: method and its settings, and the low-dose rule."""
+
+    enabled: bool = True
+    method: str = "flicking"  # flicking | zsn2n | fbp
+    steps: int | None = None  # training steps (None: the method's default)
+    n_average: int | None = None  # flicked inferences averaged (None: default)
+    seed: int = 0
+    ctdivol_max_mGy: float = 5.0
+    series_per_task: int = 1
+    device: str | None = None  # None: cuda when present
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> DenoiseConfig:
+        if d is None:
+            return cls()
+        known = set(cls.__dataclass_fields__)
+        if unknown := set(d) - known:
+            raise ValueError(
+                f"Unknown denoise setting(s) {sorted(unknown)}; expected {sorted(known)}."
+            )
+        return cls(**dict(d))
+
+    def params_hash(self) -> str:
+        keep = {k: v for k, v in asdict(self).items() if k not in ("enabled", "series_per_task")}
+        keep.pop("device")
+        keep.pop("ctdivol_max_mGy")
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class DenoiseItem:
+    series_key: str
+    study_key: str
+    sinogram_path: str  # relative to the root
+    image_path: str | None  # the reconstructed series, when ingested
+    source_fingerprint: str
+
+
+def is_low_dose(
+    sino_attrs: Mapping[str, Any], image_attrs: Mapping[str, Any], cfg: DenoiseConfig
+) -> bool:
+    """The low-dose rule: an explicit flag wins; else CTDIvol at or below the threshold."""
+    if "low_dose" in sino_attrs:
+        return bool(sino_attrs["low_dose"])
+    for attrs in (sino_attrs, image_attrs):
+        for key in ("ctdivol_mGy", "ctdivol_mgy"):
+            value = attrs.get(key)
+            if value is not None:
+                return float(value) <= cfg.ctdivol_max_mGy
+    return False
+
+
+def pending_denoise(root: OutputRoot, cfg: DenoiseConfig) -> list[DenoiseItem]:
+    """Low-dose series with raw projections and no denoised image at these settings yet."""
+    con = connect(root)
+    rows = con.execute(
+        """
+        SELECT s.series_key, s.study_key, s.zarr_path, s.attrs_json, s.source_fingerprint,
+               c.zarr_path, c.attrs_json
+        FROM outcomes s LEFT JOIN catalog c
+          ON c.series_key = s.series_key AND c.status = 'ingested'
+        WHERE s.stage = 'sinogram' AND s.status = 'ingested'
+        ORDER BY s.series_key
+        """
+    ).fetchall()
+    done = {
+        (k, fp)
+        for k, fp in con.execute(
+            "SELECT series_key, source_fingerprint FROM outcomes WHERE stage = 'preprocess' "
+            "AND json_extract_string(attrs_json, '$.params_hash') = ?",
+            [cfg.params_hash()],
+        ).fetchall()
+    }
+    out = []
+    for key, study, sino_path, sino_attrs, fp, image_path, image_attrs in rows:
+        if (key, fp) in done:
+            continue
+        if not is_low_dose(json.loads(sino_attrs or "{}"), json.loads(image_attrs or "{}"), cfg):
+            continue
+        out.append(DenoiseItem(key, study, sino_path, image_path, fp))
+    return out
+
+
+def require_raw_projections(root: OutputRoot, series_key: str) -> str:
+    """The stored sinogram of ``series_key``, or a clear refusal when it has none."""
+    con = connect(root)
+    row = con.execute(
+        "SELECT zarr_path FROM outcomes WHERE series_key = ? AND stage = 'sinogram' "
+        "AND status = 'ingested'",
+        [series_key],
+    ).fetchone()
+    if row is None:
+        raise NoRawProjectionsError(
+            f"series {series_key} has no raw projection data (sinogram): sinogram flicking "
+            "denoises raw projections only; a reconstructed image re-projected has identical "
+            "conjugate rays and cannot be denoised this way. Add its projections as a "
+            ".sino.zarr source (see storage/sinograms.py)."
+        )
+    return str(row[0])
+
+
+def _derived_meta(
+    root: OutputRoot, item: DenoiseItem, shape: tuple[int, ...], sino_attrs: Mapping[str, Any]
+) -> ImageMeta:
+    """Geometry of the denoised stack: the reconstructed series' when the grids agree."""
+    if item.image_path is not None:
+        base = open_image(root.join(item.image_path))
+        if tuple(base.levels[0].shape) == shape and base.meta.axes == ("z", "y", "x"):
+            return ImageMeta(
+                modality="CT",
+                source_kind="denoised",
+                axes=base.meta.axes,
+                spacing=base.meta.spacing,
+                origin=base.meta.origin,
+                affine=base.meta.affine,
+                attrs=dict(base.meta.attrs),
+            )
+    geometry = sino_attrs["geometry"]
+    px = float(geometry["pixel_spacing_mm"])
+    dz = float(sino_attrs["slice_spacing_mm"])
+    return ImageMeta(
+        modality="CT",
+        source_kind="denoised",
+        axes=("z", "y", "x"),
+        spacing=(dz, px, px),
+        origin=(0.0, 0.0, 0.0),
+        affine=tuple(tuple(float(v) for v in r) for r in np.diag([px, px, dz, 1.0])),
+        attrs={"geometry": "reconstruction grid only"},
+    )
+
+
+def denoise_series(
+    root: OutputRoot, item: DenoiseItem, cfg: DenoiseConfig, run_id: str
+) -> dict[str, Any]:
+    """Denoise one series from its projections; returns its catalog row (never raises)."""
+    from tasks.denoise import WATER_MU_PER_MM, ParallelBeamGeometry, denoise_sinogram
+    from tasks.ingest import medflow_version
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {
+        "series_key": item.series_key,
+        "study_key": item.study_key,
+        "stage": "preprocess",
+        "modality": "CT",
+        "source_kind": "sinogram",
+        "source_fingerprint": item.source_fingerprint,
+        "medflow_version": medflow_version(),
+        "run_id": run_id,
+    }
+    try:
+        sino = read_sinogram(root.join(item.sinogram_path))
+        geometry = ParallelBeamGeometry.from_dict(sino.geometry)
+        result = denoise_sinogram(
+            sino.data,
+            geometry,
+            method=cfg.method,
+            seed=cfg.seed,
+            steps=cfg.steps,
+            n_average=cfg.n_average,
+            device=cfg.device,
+        )
+        water = float(sino.attrs.get("mu_water_per_mm", WATER_MU_PER_MM))
+        hu = np.rint(result.to_hu(water)).clip(-32768, 32767).astype(np.int16)
+        meta = _derived_meta(root, item, hu.shape, sino.public_attrs())
+        provenance = {
+            "method": result.method,
+            "params": json.loads(json.dumps(result.params, default=str)),
+            "seed": cfg.seed,
+            "slice_methods": list(result.slice_methods),
+            "params_hash": cfg.params_hash(),
+        }
+        stored = write_image(
+            DecodedImage(meta, pixels=hu),
+            root.image_path(item.series_key, derived="denoised"),
+            name=f"{item.series_key} denoised",
+            medflow_attrs={"series_key": item.series_key, "denoise": provenance},
+        )
+        row.update(
+            status="denoised",
+            error=None,
+            axes="zyx",
+            shape=list(stored.shape),
+            dtype=stored.dtype,
+            spacing=list(meta.spacing),
+            zarr_path=root.image_relpath(item.series_key, derived="denoised"),
+            nbytes_stored=stored.nbytes_stored,
+            attrs_json=json.dumps(
+                {
+                    "method": result.method,
+                    "seed": cfg.seed,
+                    "params_hash": cfg.params_hash(),
+                    "fallback_slices": sum(m != result.method for m in result.slice_methods),
+                },
+                sort_keys=True,
+            ),
+        )
+    except Exception as e:  # a scan that cannot be denoised keeps its noisy reconstruction
+        row.update(
+            status="refused" if isinstance(e, ValueError) else "failed",
+            error=f"{type(e).__name__}: {e}",
+            attrs_json=json.dumps({"params_hash": cfg.params_hash()}),
+        )
+    row["seconds"] = time.perf_counter() - t0
+    row["created_at"] = utcnow()
+    return row
+
+
+@task(
+    name="denoise-batch",
+    retries=1,
+    retry_delay_seconds=[10],
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def denoise_batch(
+    root: str, items: list[DenoiseItem], cfg: DenoiseConfig, run_id: str
+) -> list[dict[str, Any]]:
+    """Denoise a batch of low-dose series from their raw projections."""
+    out = OutputRoot(root)
+    return [denoise_series(out, item, cfg, run_id) for item in items]
