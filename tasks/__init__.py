@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["SourceError"]
+import os
+from typing import Any
+
+__all__ = ["SourceError", "parse_source_path"]
 
 
 class SourceError(Exception):
@@ -16,3 +19,25 @@ class SourceError(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+def parse_source_path(path: Any, suffixes: tuple[str, ...], what: str) -> str:
+    """Check ``path`` names an existing, non-empty file with one of ``suffixes``; return it.
+
+    ``what`` names the kind in messages ("NIfTI file", "picture file", "video file").
+    """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"Expected a file path (str or os.PathLike), got {type(path).__name__}.")
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        raise TypeError(f"Expected a text path, got {type(p).__name__}.")
+    if not p.lower().endswith(suffixes):
+        raise ValueError(
+            f"not a {what} name: expected one ending in {', '.join(suffixes)}, "
+            f"got {os.path.basename(p)!r}"
+        )
+    if not os.path.isfile(p):
+        raise ValueError("the file does not exist or is not a regular file")
+    if os.path.getsize(p) == 0:
+        raise ValueError("the file is empty (0 bytes)")
+    return p

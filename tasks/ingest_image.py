@@ -28,7 +28,6 @@ the decompression-bomb guard) raises :class:`~tasks.SourceError` with the reason
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from typing import Any
@@ -37,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from storage.images import DecodedImage, ImageMeta
-from tasks import SourceError
+from tasks import SourceError, parse_source_path
 
 __all__ = ["IMAGE_FORMATS", "IMAGE_SUFFIXES", "parse_image_path", "read_image"]
 
@@ -59,21 +58,7 @@ _TO_RGB_MODES = {"RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 
 def parse_image_path(path: Any) -> str:
     """Check ``path`` names an existing, non-empty picture file; return it as a string."""
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"Expected a file path (str or os.PathLike), got {type(path).__name__}.")
-    p = os.fspath(path)
-    if not isinstance(p, str):
-        raise TypeError(f"Expected a text path, got {type(p).__name__}.")
-    if not p.lower().endswith(IMAGE_SUFFIXES):
-        raise ValueError(
-            f"not a picture file name: expected one ending in {', '.join(IMAGE_SUFFIXES)}, "
-            f"got {os.path.basename(p)!r}"
-        )
-    if not os.path.isfile(p):
-        raise ValueError("the file does not exist or is not a regular file")
-    if os.path.getsize(p) == 0:
-        raise ValueError("the file is empty (0 bytes)")
-    return p
+    return parse_source_path(path, IMAGE_SUFFIXES, "picture file")
 
 
 def read_image(path: str) -> DecodedImage:

@@ -45,7 +45,7 @@ import nibabel as nib
 import numpy as np
 
 from storage.images import DecodedImage, ImageMeta
-from tasks import SourceError
+from tasks import SourceError, parse_source_path
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -80,21 +80,7 @@ class NiftiHeaderFacts:
 
 def parse_nifti_path(path: Any) -> str:
     """Check ``path`` names an existing, non-empty NIfTI file; return it as a string."""
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"Expected a file path (str or os.PathLike), got {type(path).__name__}.")
-    p = os.fspath(path)
-    if not isinstance(p, str):
-        raise TypeError(f"Expected a text path, got {type(p).__name__}.")
-    if not p.lower().endswith(NIFTI_SUFFIXES):
-        raise ValueError(
-            f"not a NIfTI file name: expected one ending in {', '.join(NIFTI_SUFFIXES)}, "
-            f"got {os.path.basename(p)!r}"
-        )
-    if not os.path.isfile(p):
-        raise ValueError("the file does not exist or is not a regular file")
-    if os.path.getsize(p) == 0:
-        raise ValueError("the file is empty (0 bytes)")
-    return p
+    return parse_source_path(path, NIFTI_SUFFIXES, "NIfTI file")
 
 
 def sniff_nifti_header(path: str) -> NiftiHeaderFacts:

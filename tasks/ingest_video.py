@@ -27,7 +27,6 @@ decoding error, or when the video ends well short of the frame count its contain
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,7 +37,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from storage.images import DecodedImage, ImageMeta
-from tasks import SourceError
+from tasks import SourceError, parse_source_path
 
 __all__ = [
     "MAX_SLAB_FRAMES",
@@ -96,21 +95,7 @@ class VideoFacts:
 
 def parse_video_path(path: Any) -> str:
     """Check ``path`` names an existing, non-empty video file; return it as a string."""
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"Expected a file path (str or os.PathLike), got {type(path).__name__}.")
-    p = os.fspath(path)
-    if not isinstance(p, str):
-        raise TypeError(f"Expected a text path, got {type(p).__name__}.")
-    if not p.lower().endswith(VIDEO_SUFFIXES):
-        raise ValueError(
-            f"not a video file name: expected one ending in {', '.join(VIDEO_SUFFIXES)}, "
-            f"got {os.path.basename(p)!r}"
-        )
-    if not os.path.isfile(p):
-        raise ValueError("the file does not exist or is not a regular file")
-    if os.path.getsize(p) == 0:
-        raise ValueError("the file is empty (0 bytes)")
-    return p
+    return parse_source_path(path, VIDEO_SUFFIXES, "video file")
 
 
 def parse_slab_frames(slab_frames: Any, width: int, height: int) -> int:
