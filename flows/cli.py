@@ -60,6 +60,44 @@ def _run_nightly(
     return result
 
 
+def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
+    """Whether a run would find nothing to do; if so, record it without starting Prefect.
+
+    Starting Prefect's temporary local server costs seconds, more than a quiet night's work.
+    """
+    import time
+    import uuid
+
+    from flows.nightly import IngestSummary, record_run, resolve_specs
+    from storage.layout import OutputRoot
+    from storage.tables import utcnow
+    from tasks.discover import discover
+    from tasks.encode import get_encoder, pending_items
+    from tasks.preprocess import DenoiseConfig, pending_denoise
+
+    started, t0 = utcnow(), time.perf_counter()
+    out = OutputRoot(root)
+    if not out.fs.exists(out.table_dir("catalog")):
+        return False
+    disc, _ = discover.fn(archive, out.url)
+    counts = disc.counts()
+    if counts["new"] or counts["changed"] or counts["touched"]:
+        return False
+    if pending_denoise(out, DenoiseConfig()):
+        return False
+    for spec in resolve_specs(None, encoder_config):
+        if pending_items(out, get_encoder(spec), spec):
+            return False
+    summary = IngestSummary(run_id=f"idle-{uuid.uuid4().hex[:12]}", discovered=counts)
+    summary.seconds = time.perf_counter() - t0
+    record_run(out.url, "nightly-idle", summary, started)
+    console.print(
+        f"nothing new or pending in {archive} ({counts['unchanged']} files unchanged): "
+        f"recorded without a flow run in {summary.seconds:.1f} s (--always-run to force one)"
+    )
+    return True
+
+
 def _print_summary(summary: dict[str, Any], root: str) -> None:
     t = Table(title="medflow run summary", show_header=True)
     t.add_column("what")
@@ -125,10 +163,15 @@ def nightly(
     config: Annotated[
         str | None, typer.Option(help="Encoder config (TOML/JSON): which encoders run.")
     ] = None,
+    always_run: Annotated[
+        bool, typer.Option(help="Start a Prefect flow run even when there is nothing to do.")
+    ] = False,
 ) -> None:
     """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT, then encode."""
     from flows.nightly import default_workers
 
+    if not always_run and _idle(archive, root, config):
+        return
     summary = _run_nightly(
         archive, root, batch_size, workers or default_workers(), encoder_config=config
     )

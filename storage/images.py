@@ -385,6 +385,8 @@ def _write_group(
             compressors=_compressor(dtype),
             dimension_names=list(meta.axes),
             fill_value=0,
+            # every chunk is written once with real data: skip zarr's per-chunk emptiness scan
+            config={"write_empty_chunks": True},
         )
         for i, (shp, (chunks, shards)) in enumerate(zip(shapes, layouts, strict=True))
     ]

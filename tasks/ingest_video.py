@@ -101,7 +101,9 @@ def parse_video_path(path: Any) -> str:
 def parse_slab_frames(slab_frames: Any, width: int, height: int) -> int:
     """Frames per slab: as given (1 to 64), or as many as fit in ``SLAB_BYTES`` (1 to 64)."""
     if slab_frames is None:
-        return max(1, min(MAX_SLAB_FRAMES, SLAB_BYTES // (3 * width * height)))
+        n = max(1, min(MAX_SLAB_FRAMES, SLAB_BYTES // (3 * width * height)))
+        # whole multiples of the image writer's 16-frame shards pass through without regrouping
+        return n - n % 16 if n >= 16 else n
     if isinstance(slab_frames, bool) or not isinstance(slab_frames, int):
         raise TypeError(f"Expected slab_frames as an int, got {type(slab_frames).__name__}.")
     if not 1 <= slab_frames <= MAX_SLAB_FRAMES:

@@ -139,3 +139,18 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
     assert not any((root / "images" / ".staging").glob("*"))
     third = nightly(archive=str(archive), root=str(root))
     assert third["series_planned"] == 0 and third["discovered"]["unchanged"] == n
+
+
+def test_idle_night_is_recorded_without_a_flow_run(tmp_path: Path) -> None:
+    from flows.cli import _idle
+
+    archive = _archive(tmp_path / "archive", 3)
+    root = tmp_path / "out"
+    assert not _idle(str(archive), str(root), None)  # nothing ingested yet
+    nightly(archive=str(archive), root=str(root))
+    assert _idle(str(archive), str(root), None)
+    con = connect(OutputRoot(str(root)))
+    flows = [r[0] for r in con.execute("SELECT flow FROM runs ORDER BY finished_at").fetchall()]
+    assert flows == ["nightly", "nightly-idle"]
+    _nifti(archive / "new" / "v.nii.gz", 7)
+    assert not _idle(str(archive), str(root), None)

@@ -59,7 +59,8 @@ class DenoiseResult:
 
     ``image``: ``(slices, size, size)`` float32, linear attenuation in 1/mm. ``slice_methods``:
     per slice, the method whose output ``image`` holds (the one asked for, or ``"fbp"`` where the
-    guard fell back). ``sinogram``: the denoised line integrals for ``"flicking"``, else None.
+    guard fell back). ``sinogram``: for ``"flicking"``, the line integrals ``image`` is the FBP
+    of (denoised, or the input where the guard fell back), else None.
     ``unguarded_image``: the method's output before the guard, only when asked for. ``params``:
     everything needed to reproduce the run (JSON-serialisable). ``seconds``: wall time.
     """
@@ -108,7 +109,9 @@ def parse_sinogram(sinogram: Any, geometry: ParallelBeamGeometry) -> np.ndarray:
     if not isinstance(geometry, ParallelBeamGeometry):
         raise TypeError(f"Expected a ParallelBeamGeometry, got {type(geometry).__name__} instead.")
     if not isinstance(sinogram, np.ndarray):
-        raise TypeError(f"Expected the sinogram as a numpy array, got {type(sinogram).__name__}.")
+        raise TypeError(
+            f"Expected the sinogram as a numpy array, got {type(sinogram).__name__} instead."
+        )
     if not np.issubdtype(sinogram.dtype, np.floating):
         raise TypeError(f"Expected a floating-point sinogram, got dtype {sinogram.dtype} instead.")
     expected = (geometry.n_views, geometry.n_bins)
@@ -193,10 +196,11 @@ def denoise_sinogram(
     denoised by ``method`` (``"flicking"``, ``"zsn2n"`` or ``"fbp"``).
 
     ``steps`` and ``n_average`` (flicking only; ignored by methods without them) override those
-    of ``settings`` (default :class:`FlickingSettings`
-    or :class:`ZSN2NSettings`); ``device`` defaults to CUDA when present. All random draws come
-    from a CPU generator seeded with ``seed``, so on the CPU the same call gives the same image.
-    ``guard`` applies the no-worse-than-FBP guard described in the module docstring.
+    of ``settings`` (default :class:`FlickingSettings` or :class:`ZSN2NSettings`); ``device``
+    defaults to CUDA when present. All random draws come from a CPU generator seeded with
+    ``seed``, so on the CPU the same call gives the same image. ``guard`` applies the
+    no-worse-than-FBP guard described in the module docstring; ``return_unguarded`` also returns
+    the method's output before it. ``progress(step, loss)`` is called every 100 training steps.
     Raises :class:`~tasks.denoise.conjugate.NotRawProjectionsError` (a ``ValueError``) when
     ``"flicking"`` is given a re-projected image instead of raw projections.
     """
@@ -263,6 +267,8 @@ def denoise_sinogram(
         if estimate is not None and not estimate.keep.all():
             keep = torch.from_numpy(estimate.keep).to(dev)
             image = torch.where(keep[:, None, None], image, fbp_image)
+            if denoised_sino is not None:
+                denoised_sino = torch.where(keep[:, None, None], denoised_sino, y)
             slice_methods = tuple(name if k else "fbp" for k in estimate.keep)
     else:
         params["guard"] = {"skipped": "not asked for" if reconstruct is not None else "plain FBP"}

@@ -33,8 +33,8 @@ __all__ = [
     "swap_mask",
 ]
 
-# Below this, conjugate rays agree to within floating-point and interpolation error of a
-# re-projection; raw projections at any clinical dose differ by orders of magnitude more.
+# Re-projected images give ~1e-7 (float32 rounding); photon noise alone gives ~1e-3 even at
+# I0 = 1e7 photons per ray, so this threshold sits orders of magnitude from both.
 DEFAULT_MIN_RELATIVE_DIFFERENCE = 1e-5
 
 
@@ -87,14 +87,15 @@ def pair_mask(
     the pairs to swap, each with probability ``swap_share``.
 
     The first half-turn of views stands for the pairs: the pair of ray ``(k, j)`` with
-    ``k < n_views / 2`` is ``{(k, j), (k + n_views / 2, n_bins - 1 - j)}``.
+    ``k < n_views / 2`` is ``{(k, j), (k + n_views / 2, n_bins - 1 - j)}``. Drawn on the CPU
+    (``generator`` is a CPU generator) and then moved to ``device``, so a seed gives the same
+    masks on every device.
     """
     geo = parse_full_scan(geometry)
     if not (0.0 <= swap_share <= 1.0):
         raise ValueError(f"Expected swap_share in [0, 1], got {swap_share} instead.")
-    shape = (n_slices, geo.n_views // 2, geo.n_bins)
-    draw = torch.rand(shape, generator=generator, device=device)
-    return draw < swap_share
+    draw = torch.rand((n_slices, geo.n_views // 2, geo.n_bins), generator=generator)
+    return (draw < swap_share).to(device)
 
 
 def swap_mask(pairs: torch.Tensor) -> torch.Tensor:
@@ -135,7 +136,7 @@ def conjugate_relative_difference(sinogram: np.ndarray | torch.Tensor) -> np.nda
     """Per slice, the RMS difference between conjugate rays over the RMS of the rays themselves
     (both over rays that see the object), float64 of shape ``(slices,)``; ~0 for a re-projected
     image, the relative noise level (times sqrt 2) for raw projections."""
-    sino = torch.as_tensor(sinogram).to(torch.float64)
+    sino = torch.as_tensor(sinogram).detach().to("cpu", torch.float64)
     if sino.ndim != 3:
         raise ValueError(
             f"Expected a sinogram of shape (slices, views, bins), got {tuple(sino.shape)} instead."

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasks.denoise.conjugate import conjugate, flick, pair_mask, parse_full_scan, swap_mask
+from tasks.denoise.conjugate import flick, flicked_pair, pair_mask, parse_full_scan, swap_mask
 from tasks.denoise.geometry import ParallelBeamGeometry, parse_positive_float, parse_positive_int
 from tasks.denoise.networks import RECEPTIVE_FIELD, NoiseNet
 
@@ -145,16 +145,8 @@ def train_flicking(
         chosen = x[
             torch.randint(n_slices, (settings.patches_per_step,), generator=generator).to(dev)
         ]
-        swap = swap_mask(
-            pair_mask(len(chosen), geo, swap_share=settings.swap_share, generator=generator)
-        ).to(dev)
-        other = conjugate(chosen)
-        a, b = _cut_patches(
-            (torch.where(swap, other, chosen), torch.where(swap, chosen, other)),
-            size_v,
-            size_b,
-            generator,
-        )
+        pair = flicked_pair(chosen, geo, swap_share=settings.swap_share, generator=generator)
+        a, b = _cut_patches(pair, size_v, size_b, generator)
         out_a = a[inner] - net(a, pad=False)
         out_b = b[inner] - net(b, pad=False)
         loss = 0.5 * (F.mse_loss(out_a, b[inner]) + F.mse_loss(out_b, a[inner]))
@@ -194,7 +186,7 @@ def denoise_flicked(
             while done < settings.n_average:
                 n = min(settings.inference_batch, settings.n_average - done)
                 pairs = pair_mask(n, geo, swap_share=settings.swap_share, generator=generator)
-                copies = flick(x.expand(n, *x.shape), swap_mask(pairs).to(dev))
+                copies = flick(x.expand(n, *x.shape), swap_mask(pairs.to(dev)))
                 total += net.denoise(copies[:, None])[:, 0].sum(dim=0)
                 done += n
             out[i] = total * (trained.scale / settings.n_average)

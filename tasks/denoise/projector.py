@@ -59,13 +59,15 @@ def _views_per_chunk(per_view: int, n_views: int) -> int:
 
 
 def radon(
-    image: torch.Tensor, geometry: ParallelBeamGeometry, *, samples_per_pixel: int = 2
+    image: torch.Tensor, geometry: ParallelBeamGeometry, *, samples_per_pixel: int = 1
 ) -> torch.Tensor:
     """Line integrals of ``image`` (1/mm, shape ``(slices, size, size)``) along every ray.
 
     Each ray is sampled every ``pixel_spacing / samples_per_pixel`` mm, symmetrically about its
     foot point, with bilinear interpolation between pixel centres (zero outside the image), so a
-    ray and its conjugate ray see the same samples. Returns ``(slices, n_views, n_bins)``.
+    ray and its conjugate ray see the same samples. At one sample per pixel this is the sampling
+    of ``skimage.transform.radon`` (a rotated pixel grid summed along columns), and inside its
+    reconstruction circle the two agree to rounding. Returns ``(slices, n_views, n_bins)``.
     """
     _parse_stack("image", image, geometry.image_shape)
     if isinstance(samples_per_pixel, bool) or not isinstance(samples_per_pixel, int):
