@@ -8,6 +8,7 @@ for what an encoder offers, :func:`stream_encode` for overlapped batch encoding,
 from __future__ import annotations
 
 from encoders import clip2d as _clip2d  # noqa: F401  (registers "clip2d")
+from encoders import m3ret as _m3ret  # noqa: F401  (registers "m3ret_tiny", "m3ret_s", "m3ret_b")
 from encoders import merlin as _merlin  # noqa: F401  (registers "merlin", "merlin_tiny")
 from encoders._base import Encoder, EncoderInfo, EncoderVersion, parse_device
 from encoders._checkpoint import CheckpointError

@@ -441,6 +441,17 @@ def _views(con: Any) -> set[str]:
     return {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
 
 
+def _register_extra_commands() -> None:
+    from flows.pretrain import pretrain_cmd
+    from tasks.retrieval import eval_retrieval
+
+    app.command("pretrain")(pretrain_cmd)
+    app.command("eval-retrieval")(eval_retrieval)
+
+
+_register_extra_commands()
+
+
 def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     app()

@@ -44,6 +44,9 @@ def _meta(axes: tuple[str, ...], spacing: tuple[float, ...], modality: str = "CR
 BUILDS: dict[str, tuple[dict, tuple[int, ...]]] = {
     "merlin": ({}, (1, 1, 32, 32, 16)),
     "merlin_tiny": ({}, (2, 1, 32, 32, 16)),
+    "m3ret_tiny": ({}, (2, 1, 16, 64, 64)),
+    "m3ret_s": ({}, (1, 1, 4, 32, 32)),
+    "m3ret_b": ({}, (1, 1, 4, 32, 32)),
     "clip2d": (CLIP_KW, (2, 3, 32, 32)),
 }
 ALL_ENCODERS = sorted(set(BUILDS) | set(list_encoders()))
