@@ -129,6 +129,12 @@ def train_flicking(
     ``progress``, when given, is called every 100 steps with the step and its loss.
     """
     geo = parse_full_scan(geometry)
+    if geo.n_views // 2 <= RECEPTIVE_FIELD:
+        # Else the network could see a ray's conjugate, the very value it is trained to predict.
+        raise ValueError(
+            f"Expected more than {2 * RECEPTIVE_FIELD + 1} views for flicking, got "
+            f"{geo.n_views} instead."
+        )
     dev = sinogram.device
     scale = input_scale(sinogram)
     x = sinogram / scale
