@@ -1122,15 +1122,20 @@ class _Grey:
         if self.array.dtype == np.uint8 or (raw.dtype == np.int16 and (slope, intercept) == (1, 0)):
             self.array[index] = raw
             return
-        wide: np.ndarray = raw.astype(np.int64 if raw.dtype.itemsize >= 4 else np.int32)
-        if slope != 1:
-            wide = wide * int(slope)
-        if intercept:
-            wide += int(intercept)
-        if int(wide.min()) < -32768 or int(wide.max()) > 32767:
+        # the rescaled range follows from the stored extremes: check it, then rescale in one
+        # fused pass into the slot, without a widened copy of the slice
+        lo, hi = int(raw.min()), int(raw.max())
+        ends = (lo * int(slope) + int(intercept), hi * int(slope) + int(intercept))
+        if min(ends) < -32768 or max(ends) > 32767:
             # a value beyond int16: the whole image goes to float32 (exact below 2**24)
             self.array = self.array.astype(np.float32)
-        self.array[index] = wide
+            self.put(index, raw, plane)
+            return
+        if slope != 1:
+            wide: np.ndarray = raw.astype(np.int64 if raw.dtype.itemsize >= 4 else np.int32)
+            self.array[index] = wide * int(slope) + int(intercept)
+        else:
+            np.add(raw, np.int64(intercept), out=self.array[index], casting="unsafe")
 
 
 class _Colour:
