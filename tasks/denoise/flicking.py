@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from tasks.denoise.conjugate import flick, flicked_pair, pair_mask, parse_full_scan, swap_mask
 from tasks.denoise.geometry import ParallelBeamGeometry, parse_positive_float, parse_positive_int
-from tasks.denoise.networks import RECEPTIVE_FIELD, NoiseNet
+from tasks.denoise.networks import RECEPTIVE_FIELD, NoiseNet, training_step
 
 __all__ = [
     "FlickingSettings",
@@ -156,16 +156,7 @@ def train_flicking(
         out_a = a[inner] - net(a, pad=False)
         out_b = b[inner] - net(b, pad=False)
         loss = 0.5 * (F.mse_loss(out_a, b[inner]) + F.mse_loss(out_b, a[inner]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step >= settings.steps - tail or (progress is not None and step % 100 == 0):
-            value = float(loss.detach())
-            if step >= settings.steps - tail:
-                recent.append(value)
-            if progress is not None and step % 100 == 0:
-                progress(step, value)
+        training_step(opt, sched, loss, step, settings.steps - tail, recent, progress)
     net.eval()
     return TrainedFlicking(network=net, scale=scale, final_loss=math.fsum(recent) / len(recent))
 

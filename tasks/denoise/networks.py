@@ -8,13 +8,16 @@ network from seeing the other measurement of the line it is asked to predict.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tasks.denoise.geometry import parse_positive_int
 
-__all__ = ["RECEPTIVE_FIELD", "NoiseNet"]
+__all__ = ["RECEPTIVE_FIELD", "NoiseNet", "training_step"]
 
 RECEPTIVE_FIELD = 5  # pixels (or views and bins) across, from the two 3x3 convolutions
 _NEGATIVE_SLOPE = 0.2
@@ -70,3 +73,27 @@ class NoiseNet(nn.Module):
     def denoise(self, x: torch.Tensor) -> torch.Tensor:
         """The input minus its predicted noise."""
         return x - self(x)
+
+
+def training_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss: torch.Tensor,
+    step: int,
+    tail_from: int,
+    recent: list[float],
+    progress: Callable[[int, float], None] | None,
+) -> None:
+    """One optimiser step; losses from step ``tail_from`` on go to ``recent`` (the final loss is
+    their mean), and ``progress`` hears every 100th step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    report = progress is not None and step % 100 == 0
+    if step >= tail_from or report:
+        value = float(loss.detach())
+        if step >= tail_from:
+            recent.append(value)
+        if report and progress is not None:
+            progress(step, value)

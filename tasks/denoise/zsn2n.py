@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.denoise.geometry import parse_positive_float, parse_positive_int
-from tasks.denoise.networks import NoiseNet
+from tasks.denoise.networks import NoiseNet, training_step
 
 __all__ = [
     "TrainedZSN2N",
@@ -117,16 +117,7 @@ def train_zsn2n(
         e1, e2 = pair_downsample(net.denoise(batch))
         consistency = 0.5 * (F.mse_loss(out1, e1) + F.mse_loss(out2, e2))
         loss = residual + consistency
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step >= settings.steps - tail or (progress is not None and step % 100 == 0):
-            value = float(loss.detach())
-            if step >= settings.steps - tail:
-                recent.append(value)
-            if progress is not None and step % 100 == 0:
-                progress(step, value)
+        training_step(opt, sched, loss, step, settings.steps - tail, recent, progress)
     net.eval()
     return TrainedZSN2N(network=net, scale=scale, final_loss=math.fsum(recent) / len(recent))
 
