@@ -245,18 +245,7 @@ def ingest_sinogram(
         row.update(status="quarantined", error=e.reason)
     except Exception as e:  # isolated to this source
         row.update(status="failed", error=f"{type(e).__name__}: {e}")
-    row["seconds"] = time.perf_counter() - t0
-    row["created_at"] = utcnow()
-    sources = [
-        {
-            "relpath": rel,
-            "series_key": job.series_key,
-            "status": row["status"],
-            "error": row["error"],
-        }
-        for rel in job.relpaths
-    ]
-    return Outcome(catalog=row, sources=sources)
+    return _finish(row, job, t0, bad_file=None)
 
 
 def _replace_dir(src: str, dst: str) -> None:
@@ -323,6 +312,12 @@ def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -
         row.update(status="quarantined", error=e.reason)
     except Exception as e:  # an unexpected failure is isolated to its series, never the batch
         row.update(status="failed", error=f"{type(e).__name__}: {e}")
+    return _finish(row, job, t0, bad_file=bad_file)
+
+
+def _finish(row: dict[str, Any], job: SeriesJob, t0: float, *, bad_file: str | None) -> Outcome:
+    """Stamp the catalog row and give each member file its outcome; the reason goes to the
+    file at fault (every file, when none is singled out)."""
     row["seconds"] = time.perf_counter() - t0
     row["created_at"] = utcnow()
     sources = [
