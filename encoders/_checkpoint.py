@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "describe_mismatch",
     "diff_state_dict",
     "load_state_dict_strict",
     "parse_checkpoint_path",
@@ -120,6 +121,23 @@ def _listing(keys: Collection[str]) -> str:
     return shown + (f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
 
 
+def describe_mismatch(
+    missing: Collection[str],
+    unexpected: Collection[str],
+    mismatched: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
+) -> list[str]:
+    """One phrase per kind of fault between a file's keys and a model's, naming the keys."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} {g} in file vs {e} in model" for k, (g, e) in mismatched.items()]
+        parts.append(f"mis-shaped keys ({len(shapes)}): {_listing(shapes)}")
+    return parts
+
+
 def load_state_dict_strict(
     module: torch.nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -139,14 +157,7 @@ def load_state_dict_strict(
     expected = {k: v for k, v in module.state_dict().items() if not k.startswith(skip_prefixes)}
     missing, unexpected, mismatched = diff_state_dict(expected, state)
     if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if mismatched:
-            shapes = [f"{k} {g} in file vs {e} in model" for k, (g, e) in mismatched.items()]
-            parts.append(f"mis-shaped keys ({len(shapes)}): {_listing(shapes)}")
+        parts = describe_mismatch(missing, unexpected, mismatched)
         raise CheckpointError(
             f"Checkpoint {path} does not fit the {what}: " + "; ".join(parts) + ".",
             path=path,

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from encoders._base import Encoder, EncoderInfo, EncoderVersion, config_sha256
 from encoders._checkpoint import (
     CheckpointError,
+    describe_mismatch,
     diff_state_dict,
     parse_checkpoint_path,
     read_state_dict,
@@ -387,14 +388,7 @@ def _load_open_clip_checkpoint(model: torch.nn.Module, path: Path, arch: str) ->
     except Exception as e:  # open_clip raises RuntimeError, torch/pickle others
         state = read_state_dict(path)  # unreadable files raise CheckpointError here
         missing, unexpected, mismatched = diff_state_dict(model.state_dict(), state)
-        detail = []
-        if missing:
-            detail.append(f"missing keys: {', '.join(missing[:8])}")
-        if unexpected:
-            detail.append(f"unexpected keys: {', '.join(unexpected[:8])}")
-        if mismatched:
-            shapes = [f"{k} {g} in file vs {m} in model" for k, (g, m) in mismatched.items()]
-            detail.append(f"mis-shaped keys: {', '.join(shapes[:8])}")
+        detail = describe_mismatch(missing, unexpected, mismatched)
         raise CheckpointError(
             f"Checkpoint {path} does not fit open_clip {arch}: "
             + ("; ".join(detail) if detail else str(e)),
