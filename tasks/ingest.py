@@ -192,7 +192,7 @@ def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
     if kind == "dicom":
         from tasks.ingest_dicom import read_dicom_series
 
-        return read_dicom_series
+        return lambda paths: read_dicom_series(paths, stream=True)
     if kind == "nifti":
         from tasks.ingest_nifti import read_nifti
 

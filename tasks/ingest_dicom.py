@@ -46,7 +46,7 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +63,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from storage.images import DecodedImage, ImageMeta
+from storage.images import DecodedImage, ImageMeta, Restart, slab_rows
 from tasks import SourceError
 
 __all__ = [
@@ -88,6 +88,7 @@ ORIENTATION_TOLERANCE = 1e-3
 _DEFER_BYTES = 16 * 1024  # values above this (pixel data) are read only when decoded
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float and Double Float
 _UNDEFINED = 0xFFFFFFFF
+_NATIVE_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 # objects with pixels that are not pictures: kept out with a reason rather than mis-read
 _NOT_PICTURES = {
@@ -226,7 +227,7 @@ def group_by_series(headers: Iterable[DicomHeader]) -> list[tuple[DicomHeader, .
 # reading a series
 
 
-def read_dicom_series(paths: Sequence[str]) -> DecodedImage:
+def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedImage:
     """Decode the local files of one series (one object, or single-frame slices) into an image.
 
     Each file is parsed once (pixel data deferred until decoded, straight into one
@@ -242,6 +243,10 @@ def read_dicom_series(paths: Sequence[str]) -> DecodedImage:
     pixel_spacing_source, frame_time_s, frame_time_known, rescale_slope, rescale_intercept,
     rescale_type, rescale_per_slice, body_part, ctdivol_mGy, manufacturer, manufacturer_model,
     duplicate_files, geometry.
+
+    ``stream``: a volume of single-frame slices comes back as slabs decoded one by one while
+    the writer consumes them (headers are all read and checked first), so decoding overlaps
+    compression and the whole volume is never in memory at once.
     """
     if not paths:
         raise ValueError("Expected at least one DICOM file path, got none.")
@@ -270,7 +275,7 @@ def read_dicom_series(paths: Sequence[str]) -> DecodedImage:
                     f"no ImagePositionPatient/ImageOrientationPatient: the {len(instances)} "
                     "images of this series cannot be stacked into a volume; read them one by one",
                 )
-        return _read_volume(instances, planes)
+        return _read_volume(instances, planes, stream=stream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,11 +335,20 @@ class _Parsed:
     size: int
     has_pixels: bool
     deferred: bool  # parsed with pixel data deferred (not header-only)
+    # native (uncompressed little-endian) Pixel Data: where its value starts and its length,
+    # so that it is read straight into place rather than through the decoder framework
+    pixel_at: tuple[int, int] | None = None
 
 
 def _open(path: str, *, pixels: bool) -> _Parsed:
-    """Parse ``path``: headers only, or with pixel data deferred (read when first accessed)."""
+    """Parse ``path``: headers only, or ready for its pixels to be read.
+
+    Uncompressed little-endian pixel data is located (offset and length) by the header-only
+    parse and read later straight from the file; other pixel data is deferred in pydicom's
+    data set and read when first accessed.
+    """
     follows = False
+    pixel_at: tuple[int, int] | None = None
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fp:
@@ -347,15 +361,20 @@ def _open(path: str, *, pixels: bool) -> _Parsed:
                     path, "not DICOM: no 'DICM' marker and no DICOM data set at the start"
                 )
             fp.seek(0)
-            if pixels:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not preamble)
+            ts = _transfer_syntax(ds)
+            if ts == DeflatedExplicitVRLittleEndian:
+                # file offsets mean nothing in a deflated stream: parse it all (rare)
                 ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=not preamble)
             else:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not preamble)
-                if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
-                    # file offsets mean nothing in a deflated stream: parse it all (rare)
-                    ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=not preamble)
-                else:
-                    follows = _check_pixel_element(ds, path, size, fp)
+                found = _check_pixel_element(ds, path, size, fp)
+                follows = found is not None
+                if pixels and found is not None:
+                    tag, offset, length = found
+                    if tag == 0x7FE00010 and ts in _NATIVE_LE and length != _UNDEFINED:
+                        pixel_at = (offset, length)
+                    else:
+                        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=not preamble)
     except SourceError:
         raise
     except OSError as e:
@@ -370,7 +389,8 @@ def _open(path: str, *, pixels: bool) -> _Parsed:
     if not preamble and not _valid_uid(_text(ds, "SOPClassUID")):
         raise SourceError(path, "not DICOM: no 'DICM' marker and no SOP Class UID in the data")
     _check_elements(ds, path, size)
-    return _Parsed(ds, size, follows or any(t in ds for t in _PIXEL_TAGS), deferred=pixels)
+    has_pixels = follows or any(t in ds for t in _PIXEL_TAGS)
+    return _Parsed(ds, size, has_pixels, deferred=pixels, pixel_at=pixel_at)
 
 
 def _check_elements(ds: Dataset, path: str, size: int) -> None:
@@ -391,8 +411,10 @@ def _check_elements(ds: Dataset, path: str, size: int) -> None:
         )
 
 
-def _check_pixel_element(ds: Dataset, path: str, size: int, fp: Any) -> bool:
-    """Whether a header-only parse stopped at pixel data (``fp`` is there); raise if truncated.
+def _check_pixel_element(ds: Dataset, path: str, size: int, fp: Any) -> tuple[int, int, int] | None:
+    """Where a header-only parse stopped at pixel data (``fp`` is there): its tag, the offset
+    of its value and its length (``_UNDEFINED`` for encapsulated data); None when no pixel
+    data follows. Raises if the file is truncated.
 
     A defined length must fit in the file; encapsulated (compressed) pixel data must reach its
     sequence delimiter: its item headers are walked, the fragments themselves are skipped.
@@ -400,12 +422,13 @@ def _check_pixel_element(ds: Dataset, path: str, size: int, fp: Any) -> bool:
     at = fp.tell()
     tail = fp.read(12)
     if len(tail) < 8:
-        return False
+        return None
     implicit, little = ds.original_encoding
     order = ">" if little is False else "<"
     group, elem = struct.unpack(order + "HH", tail[:4])
-    if (group << 16 | elem) not in _PIXEL_TAGS:
-        return False
+    tag = group << 16 | elem
+    if tag not in _PIXEL_TAGS:
+        return None
     if implicit:
         (length,) = struct.unpack(order + "I", tail[4:8])
         header = 8
@@ -413,7 +436,7 @@ def _check_pixel_element(ds: Dataset, path: str, size: int, fp: Any) -> bool:
         (length,) = struct.unpack(order + "I", tail[8:12])
         header = 12
     else:
-        return True
+        return (tag, at + 8, _UNDEFINED)  # a short VR: not pixel data a reader can use
     if length == _UNDEFINED:
         _check_fragments(path, size, fp, at + header)
     elif at + header + length > size:
@@ -421,7 +444,7 @@ def _check_pixel_element(ds: Dataset, path: str, size: int, fp: Any) -> bool:
         raise SourceError(
             path, f"truncated: its pixel data needs {length} bytes but the file holds {have}"
         )
-    return True
+    return (tag, at + header, length)
 
 
 def _check_fragments(path: str, size: int, fp: Any, pos: int) -> None:
@@ -674,6 +697,7 @@ class _Instance:
     header: DicomHeader
     frames: int
     duplicates: int = 0  # files of the series that repeated an instance already read
+    pixel_at: tuple[int, int] | None = None  # see _Parsed.pixel_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,7 +734,9 @@ def _open_series(paths: list[str]) -> list[_Instance]:
             duplicates += 1
             continue
         seen.add(header.sop_instance_uid)
-        out.append(_Instance(path, parsed.ds, header, header.number_of_frames))
+        out.append(
+            _Instance(path, parsed.ds, header, header.number_of_frames, pixel_at=parsed.pixel_at)
+        )
     for inst in out:
         inst.duplicates = duplicates
     return out
@@ -1037,8 +1063,13 @@ def _frames(inst: _Instance, fmt: _PixelFormat) -> Iterator[np.ndarray]:
     """Decode the object's frames in stored order; colour as (rows, columns, 3) RGB."""
     from pydicom.pixels import apply_color_lut
 
-    decoder = _decoder(inst)
     ts = _transfer_syntax(inst.ds)
+    if inst.pixel_at is not None:
+        if _direct(fmt):
+            yield from _native_frames(inst, fmt)
+            return
+        _attach_pixel_data(inst, fmt)
+    decoder = _decoder(inst)
     try:
         for arr in _decoded(decoder, inst.ds, inst.frames):
             if fmt.photometric == "PALETTE COLOR":
@@ -1063,6 +1094,73 @@ def _frames(inst: _Instance, fmt: _PixelFormat) -> Iterator[np.ndarray]:
     finally:
         with contextlib.suppress(KeyError, AttributeError):
             del inst.ds[0x7FE00010]  # free the (possibly large) encoded bytes
+
+
+def _direct(fmt: _PixelFormat) -> bool:
+    """Whether uncompressed pixels of this format are read straight from the file."""
+    return (
+        fmt.samples == 1
+        and not fmt.is_float
+        and fmt.bits_allocated in (8, 16, 32)
+        and fmt.photometric in ("MONOCHROME1", "MONOCHROME2")
+    )
+
+
+def _native_frames(inst: _Instance, fmt: _PixelFormat) -> Iterator[np.ndarray]:
+    """Frames of uncompressed little-endian grey data, read from the file at its offset.
+
+    Bits above BitsStored (overlays, garbage) are dropped and signed values sign-extended, as
+    the standard asks.
+    """
+    assert inst.pixel_at is not None
+    offset, length = inst.pixel_at
+    itemsize = fmt.bits_allocated // 8
+    dtype = np.dtype(f"<{'i' if fmt.signed else 'u'}{itemsize}")
+    per_frame = fmt.rows * fmt.columns
+    need = per_frame * inst.frames * itemsize
+    if length < need:
+        raise SourceError(
+            inst.path,
+            f"pixel data holds {length} bytes, {inst.frames} frame(s) of {fmt.rows}x"
+            f"{fmt.columns} at {fmt.bits_allocated} bits need {need}",
+        )
+    try:
+        with open(inst.path, "rb") as fp:
+            fp.seek(offset)
+            for _ in range(inst.frames):
+                arr = np.empty((fmt.rows, fmt.columns), dtype=dtype)
+                if fp.readinto(arr.data.cast("B")) != arr.nbytes:
+                    raise SourceError(inst.path, "truncated: the file ends inside its pixel data")
+                if fmt.bits_stored < fmt.bits_allocated:
+                    _drop_unused_bits(arr, fmt)
+                yield arr
+    except OSError as e:
+        raise SourceError(inst.path, f"cannot read the pixel data: {e.strerror or e}") from None
+
+
+def _attach_pixel_data(inst: _Instance, fmt: _PixelFormat) -> None:
+    """Put the located native pixel data into the data set, for pydicom's decoders."""
+    assert inst.pixel_at is not None
+    offset, length = inst.pixel_at
+    try:
+        with open(inst.path, "rb") as fp:
+            fp.seek(offset)
+            data = fp.read(length)
+    except OSError as e:
+        raise SourceError(inst.path, f"cannot read the pixel data: {e.strerror or e}") from None
+    if len(data) != length:
+        raise SourceError(inst.path, "truncated: the file ends inside its pixel data")
+    inst.ds.PixelData = data
+    inst.ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
+
+
+def _drop_unused_bits(arr: np.ndarray, fmt: _PixelFormat) -> None:
+    shift = fmt.bits_allocated - fmt.bits_stored
+    if fmt.signed:  # move the sign bit to the top, then shift back arithmetically
+        np.left_shift(arr, shift, out=arr)
+        np.right_shift(arr, shift, out=arr)
+    else:
+        np.bitwise_and(arr, (1 << fmt.bits_stored) - 1, out=arr)
 
 
 def _decoded(decoder: Any, ds: Dataset, n_frames: int) -> Iterator[np.ndarray]:
@@ -1100,8 +1198,14 @@ def _grey_dtype(planes: Sequence[_Plane], fmt: _PixelFormat) -> np.dtype:
 class _Grey:
     """Fills a preallocated grey array frame by frame: invert, rescale, store."""
 
-    def __init__(self, shape: tuple[int, ...], fmt: _PixelFormat, planes: Sequence[_Plane]):
-        self.array = np.empty(shape, dtype=_grey_dtype(planes, fmt))
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        fmt: _PixelFormat,
+        planes: Sequence[_Plane],
+        dtype: np.dtype | None = None,
+    ):
+        self.array = np.empty(shape, dtype=dtype if dtype is not None else _grey_dtype(planes, fmt))
         self.fmt = fmt
         self.invert = fmt.photometric == "MONOCHROME1"
 
@@ -1131,11 +1235,16 @@ class _Grey:
             self.array = self.array.astype(np.float32)
             self.put(index, raw, plane)
             return
+        slot = self.array[index]
         if slope != 1:
             wide: np.ndarray = raw.astype(np.int64 if raw.dtype.itemsize >= 4 else np.int32)
-            self.array[index] = wide * int(slope) + int(intercept)
+            slot[...] = wide * int(slope) + int(intercept)
+        elif raw.dtype.itemsize <= 2 and hi <= 32767 and lo >= -32768 and abs(intercept) < 32768:
+            # every operand and the result fit 16 bits: add in int16, no widened temporary
+            src = raw.view(np.int16) if raw.dtype == np.uint16 else raw
+            np.add(src, np.int16(intercept), out=slot, casting="unsafe")
         else:
-            np.add(raw, np.int64(intercept), out=self.array[index], casting="unsafe")
+            np.add(raw, np.int64(intercept), out=slot, casting="unsafe")
 
 
 class _Colour:
@@ -1162,18 +1271,7 @@ def _fill(
     insts: Sequence[_Instance], planes: Sequence[_Plane], slots: Sequence[int], n: int
 ) -> tuple[np.ndarray, _PixelFormat]:
     """Decode every plane into slot ``slots[i]`` of an ``n``-long first axis."""
-    formats = {p.inst: _pixel_format(insts[p.inst]) for p in planes}
-    fmt = formats[planes[0].inst]
-    for inst_index, other in formats.items():
-        path = insts[inst_index].path
-        if (other.rows, other.columns) != (fmt.rows, fmt.columns):
-            raise SourceError(
-                path,
-                f"inconsistent image size in the series: {other.rows}x{other.columns} here, "
-                f"{fmt.rows}x{fmt.columns} in the first file",
-            )
-        if _is_colour(other) != _is_colour(fmt):
-            raise SourceError(path, "colour and grey images mixed in one series")
+    formats, fmt = _formats(insts, planes)
     sink: _Colour | _Grey = (
         _Colour((n, 3, fmt.rows, fmt.columns))
         if _is_colour(fmt)
@@ -1196,6 +1294,60 @@ def _fill(
                 inst.path, f"pixel data holds {got} frame(s), the header promises {inst.frames}"
             )
     return sink.array, fmt
+
+
+def _formats(
+    insts: Sequence[_Instance], planes: Sequence[_Plane]
+) -> tuple[dict[int, _PixelFormat], _PixelFormat]:
+    """Each instance's pixel format, checked against the first plane's (size, colour)."""
+    formats = {p.inst: _pixel_format(insts[p.inst]) for p in planes}
+    fmt = formats[planes[0].inst]
+    for inst_index, other in formats.items():
+        path = insts[inst_index].path
+        if (other.rows, other.columns) != (fmt.rows, fmt.columns):
+            raise SourceError(
+                path,
+                f"inconsistent image size in the series: {other.rows}x{other.columns} here, "
+                f"{fmt.rows}x{fmt.columns} in the first file",
+            )
+        if _is_colour(other) != _is_colour(fmt):
+            raise SourceError(path, "colour and grey images mixed in one series")
+    return formats, fmt
+
+
+def _stream_slices(
+    insts: Sequence[_Instance],
+    planes: Sequence[_Plane],
+    formats: dict[int, _PixelFormat],
+    order: Sequence[int],
+    slab: int,
+    dtype: np.dtype,
+    restart: Callable[[], DecodedImage],
+) -> Iterator[np.ndarray]:
+    """Slabs of ``slab`` slices in ``order``, each decoded when the writer asks for it.
+
+    A value that does not fit ``dtype`` (int16 chosen before any pixel was seen) raises
+    :class:`~storage.images.Restart`: the writer starts over with the whole image as float32.
+    """
+    fmt = formats[planes[0].inst]
+    with _quiet(), _as_source_error(insts[0].path):
+        for first in range(0, len(order), slab):
+            block = order[first : first + slab]
+            sink = _Grey((len(block), fmt.rows, fmt.columns), fmt, planes, dtype=dtype)
+            for k, i in enumerate(block):
+                plane = planes[i]
+                inst = insts[plane.inst]
+                got = 0
+                for arr in _frames(inst, formats[plane.inst]):
+                    sink.put(k, arr, plane)
+                    got += 1
+                if got != 1:
+                    raise SourceError(
+                        inst.path, f"pixel data holds {got} frame(s), the header promises 1"
+                    )
+                if sink.array.dtype != dtype:
+                    raise Restart(restart, f"{inst.path}: a rescaled value beyond {dtype}")
+            yield sink.array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1247,14 +1399,34 @@ def _is_lossy(ds: Dataset, ts: UID) -> bool:
     return str(ts) in _ALWAYS_LOSSY
 
 
-def _read_volume(insts: list[_Instance], planes: list[_Plane]) -> DecodedImage:
-    if _is_colour(_pixel_format(insts[0])):
+def _read_volume(
+    insts: list[_Instance], planes: list[_Plane], *, stream: bool = False
+) -> DecodedImage:
+    fmt = _pixel_format(insts[0])
+    if _is_colour(fmt):
         raise SourceError(insts[0].path, "colour volumes are not supported")
     stack = _stack(planes)
-    slots = [0] * len(planes)
-    for k, i in enumerate(stack.order):
-        slots[i] = k
-    pixels, fmt = _fill(insts, planes, slots, len(planes))
+    pixels: np.ndarray | None = None
+    blocks: Iterator[np.ndarray] | None = None
+    shape = (len(planes), fmt.rows, fmt.columns)
+    dtype = _grey_dtype(planes, fmt)
+    if stream and len(insts) == len(planes):  # one slice per file: decoded slab by slab
+        paths = [inst.path for inst in insts]
+        formats, fmt = _formats(insts, planes)  # size and colour checked before any writing
+        blocks = _stream_slices(
+            insts,
+            planes,
+            formats,
+            stack.order,
+            slab_rows(("z", "y", "x"), shape),
+            dtype,
+            restart=lambda: read_dicom_series(paths, stream=False),
+        )
+    else:
+        slots = [0] * len(planes)
+        for k, i in enumerate(stack.order):
+            slots[i] = k
+        pixels, fmt = _fill(insts, planes, slots, len(planes))
     first = planes[stack.order[0]]
     position, orientation = _placed(first)
     pixel = first.pixel_spacing or (1.0, 1.0)
@@ -1279,6 +1451,8 @@ def _read_volume(insts: list[_Instance], planes: list[_Plane]) -> DecodedImage:
         affine=tuple(tuple(float(v) for v in r) for r in affine),
         attrs=attrs,
     )
+    if blocks is not None:
+        return DecodedImage(meta=meta, blocks=blocks, shape=shape, dtype=dtype)
     return DecodedImage(meta=meta, pixels=pixels)
 
 

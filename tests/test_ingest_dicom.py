@@ -725,3 +725,96 @@ def test_single_slice_keeps_patient_geometry() -> None:
     np.testing.assert_allclose(_world(img.meta.affine_array, 0, 0, 0), _ras(ipp), atol=1e-4)
     assert img.meta.spacing == pytest.approx(tuple(float(v) for v in ds.PixelSpacing))
     assert img.meta.attrs["slice_spacing_source"] in ("SpacingBetweenSlices", "SliceThickness")
+
+
+# ---------------------------------------------------------------------------------------------
+# streamed reading: slabs decoded while the writer consumes them
+
+
+def _written(img: object, path: Path) -> tuple[np.ndarray, dict[str, object]]:
+    from storage.images import DecodedImage, open_image, write_image
+
+    assert isinstance(img, DecodedImage)
+    write_image(img, str(path), name="s")
+    opened = open_image(str(path))
+    return opened.read(0), dict(opened.attrs["medflow"])
+
+
+def _stream_vs_whole(
+    paths: list[str], tmp_path: Path, *, announced: str = "int16"
+) -> tuple[np.ndarray, np.ndarray]:
+    streamed = read_dicom_series(paths, stream=True)
+    assert streamed.pixels is None and streamed.blocks is not None
+    whole = read_dicom_series(paths)
+    assert whole.pixels is not None
+    assert streamed.shape == whole.pixels.shape and streamed.dtype == np.dtype(announced)
+    assert streamed.meta == whole.meta
+    a, attrs_a = _written(streamed, tmp_path / "streamed.zarr")
+    b, attrs_b = _written(whole, tmp_path / "whole.zarr")
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
+    assert attrs_a == attrs_b
+    return a, whole.pixels
+
+
+def test_streamed_series_equals_whole_read(tmp_path: Path) -> None:
+    # more slices than one writer slab (64), in shuffled file order
+    vol = ct_phantom((70, 24, 20), seed=3)
+    paths = _paths(write_ct_series(tmp_path / "s", vol, SPACING, ORIGIN, shuffle_names=True))
+    a, _ = _stream_vs_whole(paths, tmp_path)
+    np.testing.assert_array_equal(a, vol)
+    expected, _ = _reference(paths)
+    np.testing.assert_array_equal(a, expected)
+
+
+def test_streamed_unused_high_bits_dropped(tmp_path: Path) -> None:
+    # 12 bits stored in 16 allocated, with garbage in the 4 high bits (an overlay, say)
+    vol = ct_phantom((6, 16, 16), seed=4)
+    paths = _paths(write_ct_series(tmp_path / "s", vol, SPACING, ORIGIN))
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        assert ds.BitsAllocated == 16
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+        raw = ds.pixel_array.astype(np.uint16) & 0x0FFF
+        ds.PixelData = (raw | 0xA000).astype("<u2").tobytes()
+        ds.save_as(p)
+    a, _ = _stream_vs_whole(paths, tmp_path)
+    expected, _ = _reference(paths)  # pydicom masks the unused bits too
+    np.testing.assert_array_equal(a, expected)
+    assert a.max() < 4096 - 1024
+
+
+def test_streamed_value_beyond_int16_restarts_as_float(tmp_path: Path) -> None:
+    vol = ct_phantom((5, 16, 16), seed=5)
+    paths = _paths(write_ct_series(tmp_path / "s", vol, SPACING, ORIGIN, shuffle_names=False))
+    # one slice, late in the series, holds a stored value whose rescale passes 32767
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        px = ds.pixel_array.astype(np.uint16)
+        if p == paths[-1]:
+            px[0, 0] = 40000
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 0
+        ds.PixelData = px.astype("<u2").tobytes()
+        ds.save_as(p)
+    a, whole = _stream_vs_whole(paths, tmp_path)  # announced int16, written as float32
+    assert a.dtype == np.float32 and whole.dtype == np.float32
+    expected, _ = _reference(paths)
+    np.testing.assert_array_equal(a, expected.astype(np.float32))
+    assert float(a.max()) == 40000 - 1024
+    assert not list((tmp_path / ".staging").glob("*"))  # the abandoned attempt is gone
+
+
+def test_streamed_truncated_slice_leaves_nothing(tmp_path: Path) -> None:
+    from storage.images import write_image
+
+    vol = ct_phantom((70, 16, 16), seed=6)
+    paths = _paths(write_ct_series(tmp_path / "s", vol, SPACING, ORIGIN, shuffle_names=False))
+    img = read_dicom_series(paths, stream=True)
+    # the file of a slice in the second slab loses its pixels after the headers were read
+    last = max(paths, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    Path(last).write_bytes(Path(last).read_bytes()[:-100])
+    with pytest.raises(SourceError) as err:
+        write_image(img, str(tmp_path / "out" / "img.zarr"), name="s")
+    assert err.value.path == last and "truncated" in str(err.value)
+    assert not (tmp_path / "out" / "img.zarr").exists()
+    assert not list((tmp_path / "out" / ".staging").glob("*"))
