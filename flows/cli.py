@@ -27,9 +27,15 @@ def _run_nightly(
     workers: int,
     encoders: list[dict[str, Any]] | None = None,
     encoder_config: str | None = None,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
 ) -> dict[str, Any]:
+    import contextlib
+
     from flows import nightly as nightly_mod
 
+    runner = nightly_mod._runner(workers, dask_address=dask_address, dask_workers=dask_workers)
+    dask = dask_address is not None or dask_workers is not None
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -47,14 +53,16 @@ def _run_nightly(
 
         nightly_mod._PROGRESS["cb"] = progress
         try:
-            flow = nightly_mod.nightly.with_options(task_runner=nightly_mod._runner(workers))
-            result: dict[str, Any] = flow(
-                archive=archive,
-                root=root,
-                batch_size=batch_size,
-                encoders=encoders,
-                encoder_config=encoder_config,
-            )
+            flow = nightly_mod.nightly.with_options(task_runner=runner)
+            # Dask workers are other processes: they need an API they can reach
+            with nightly_mod.api_for_workers() if dask else contextlib.nullcontext():
+                result: dict[str, Any] = flow(
+                    archive=archive,
+                    root=root,
+                    batch_size=batch_size,
+                    encoders=encoders,
+                    encoder_config=encoder_config,
+                )
         finally:
             nightly_mod._PROGRESS.pop("cb", None)
     return result
@@ -66,19 +74,33 @@ def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
     Starting Prefect's temporary local server costs seconds, more than a quiet night's work.
     """
     import time
-    import uuid
 
-    from flows.nightly import IngestSummary, record_run, resolve_specs
     from storage.layout import OutputRoot
+    from storage.lock import run_lock
     from storage.tables import utcnow
-    from tasks.discover import discover
-    from tasks.encode import get_encoder, pending_items
-    from tasks.preprocess import DenoiseConfig, pending_denoise
 
     started, t0 = utcnow(), time.perf_counter()
     out = OutputRoot(root)
     if not out.fs.exists(out.table_dir("catalog")):
         return False
+    with run_lock(out.url, "nightly-idle") as lock:
+        if not lock.acquired:  # another run is writing: it is tonight's run
+            console.print(f"skipped: another run holds the lock ({lock.describe_holder()})")
+            return True
+        return _idle_locked(archive, out, encoder_config, started, t0)
+
+
+def _idle_locked(
+    archive: str, out: Any, encoder_config: str | None, started: Any, t0: float
+) -> bool:
+    import time
+    import uuid
+
+    from flows.nightly import IngestSummary, record_run, resolve_specs
+    from tasks.discover import discover
+    from tasks.encode import known_encoder, pending_items
+    from tasks.preprocess import DenoiseConfig, pending_denoise
+
     disc, _ = discover.fn(archive, out.url)
     counts = disc.counts()
     if counts["new"] or counts["changed"] or counts["touched"]:
@@ -86,7 +108,8 @@ def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
     if pending_denoise(out, DenoiseConfig()):
         return False
     for spec in resolve_specs(None, encoder_config):
-        if pending_items(out, get_encoder(spec), spec):
+        # the version from the last build when nothing it depends on changed: no model load
+        if pending_items(out, known_encoder(out, spec), spec):
             return False
     summary = IngestSummary(run_id=f"idle-{uuid.uuid4().hex[:12]}", discovered=counts)
     summary.seconds = time.perf_counter() - t0
@@ -166,15 +189,36 @@ def nightly(
     always_run: Annotated[
         bool, typer.Option(help="Start a Prefect flow run even when there is nothing to do.")
     ] = False,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Run tasks on the Dask cluster whose scheduler is here (tcp://...)."),
+    ] = None,
+    dask_workers: Annotated[
+        int | None,
+        typer.Option(help="Run tasks on a temporary local Dask cluster of N worker processes."),
+    ] = None,
 ) -> None:
     """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT, then encode."""
-    from flows.nightly import default_workers
+    from flows.nightly import _runner, default_workers
 
+    try:
+        _runner(workers, dask_address=dask_address, dask_workers=dask_workers)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     if not always_run and _idle(archive, root, config):
         return
     summary = _run_nightly(
-        archive, root, batch_size, workers or default_workers(), encoder_config=config
+        archive,
+        root,
+        batch_size,
+        workers or default_workers(),
+        encoder_config=config,
+        dask_address=dask_address,
+        dask_workers=dask_workers,
     )
+    if summary.get("skipped"):
+        console.print(f"skipped: {summary['skipped']} ({summary.get('lock_holder', '?')})")
+        return
     _print_summary(summary, root)
 
 
@@ -447,6 +491,17 @@ def _register_extra_commands() -> None:
 
     app.command("pretrain")(pretrain_cmd)
     app.command("eval-retrieval")(eval_retrieval)
+    from flows.cli_serve import serve_cmd
+
+    app.command("serve")(serve_cmd)
+    from flows.cli_reprocess import prune_cmd, reprocess_cmd
+
+    app.command("reprocess")(reprocess_cmd)
+    app.command("prune")(prune_cmd)
+    from flows.cli_analytics import compact_cmd, export_duckdb_cmd
+
+    app.command("export-duckdb")(export_duckdb_cmd)
+    app.command("compact")(compact_cmd)
 
 
 _register_extra_commands()

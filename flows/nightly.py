@@ -6,6 +6,7 @@ tables. Re-running is always safe: what is done is read from the output root, no
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -21,6 +22,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.layout import OutputRoot
+from storage.lock import exclusive_run
 from storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
 from tasks.discover import discover
 from tasks.encode import (
@@ -30,6 +32,7 @@ from tasks.encode import (
     load_encoder_specs,
     pending_items,
     recompute_findings,
+    remember_encoder,
     version_tag,
 )
 from tasks.ingest import (
@@ -42,6 +45,7 @@ from tasks.ingest import (
     scan_headers,
 )
 from tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
+from tasks.report import publish_report
 from tasks.tables import commit_outcomes, commit_sources_only, commit_touched
 
 __all__ = ["IngestSummary", "default_workers", "ingest_archive", "nightly", "run_ingest"]
@@ -246,9 +250,59 @@ def publish_summary(summary: IngestSummary) -> None:
         )
 
 
-def _runner(workers: int | None = None) -> Any:
-    """A bounded thread pool: unbounded, Prefect may start a thread per mapped item."""
+def _runner(
+    workers: int | None = None,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
+) -> Any:
+    """The task runner: a bounded thread pool, or Dask when asked.
+
+    ``dask_address``: run the tasks on the existing Dask cluster whose scheduler is there
+    (``tcp://host:8786``); ``dask_workers``: on a temporary ``LocalCluster`` of that many worker
+    processes, one thread each (model work holds the GIL little, but decoding does). The thread
+    pool is bounded: unbounded, Prefect may start a thread per mapped item.
+    """
+    if dask_address is not None and dask_workers is not None:
+        raise ValueError(
+            f"Expected a Dask scheduler address or a number of local Dask workers, got both "
+            f"({dask_address!r} and {dask_workers}) instead."
+        )
+    if dask_address is not None or dask_workers is not None:
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address is not None:
+            if not dask_address.strip():
+                raise ValueError("Expected a Dask scheduler address (tcp://host:port), got ''.")
+            return DaskTaskRunner(address=dask_address.strip())
+        if dask_workers is None or dask_workers < 1:
+            raise ValueError(f"Expected at least 1 Dask worker, got {dask_workers} instead.")
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True},
+        )
     return ThreadPoolTaskRunner(max_workers=workers or default_workers())
+
+
+@contextlib.contextmanager
+def api_for_workers() -> Iterator[None]:
+    """A Prefect API that task runs in other processes (Dask workers) can report to.
+
+    With ``PREFECT_API_URL`` set, nothing changes. Without it, Prefect would start a temporary
+    local server in each worker process: start one here instead and hand its URL to the flow's
+    settings, which Dask workers receive with every task. It serves workers on this host only
+    (127.0.0.1): workers elsewhere need a real server they can reach, in ``PREFECT_API_URL``.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
 
 
 def resolve_specs(
@@ -283,6 +337,7 @@ def run_encode(
     for spec in specs:
         t0 = time.perf_counter()
         encoder = get_encoder(spec)
+        remember_encoder(out, spec, encoder)  # lets a quiet night skip loading it
         tag = version_tag(encoder)
         items = pending_items(out, encoder, spec)
         logger.info("encoder %s (%s): %d series pending", spec.output_name, tag, len(items))
@@ -394,6 +449,7 @@ def run_preprocess(
 
 
 @flow(name="ingest-archive", task_runner=_runner())
+@exclusive_run("ingest-archive")  # one writer per root; a second run returns skipped
 def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
     """Ingest every new or changed series of ``archive`` into OME-Zarr under ``root``."""
     started = utcnow()
@@ -404,6 +460,7 @@ def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, A
 
 
 @flow(name="nightly", task_runner=_runner())
+@exclusive_run("nightly")  # one writer per root; a second run returns skipped
 def nightly(
     archive: str,
     root: str,
@@ -431,9 +488,18 @@ def nightly(
     run_encode(root, specs, summary, progress=_PROGRESS.get("cb"))
     summary.seconds = time.perf_counter() - t0
     publish_summary(summary)
+    publish_report(root, summary.to_dict())  # HTML under <root>/reports; never raises
     record_run(root, "nightly", summary, started)
     return summary.to_dict()
 
 
+class _LocalCallbacks(dict[str, Progress]):
+    """Callbacks of this process only. Dask workers receive the flow with its run context, and
+    with it the globals its function reads, this one included: it travels empty."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_LocalCallbacks, ())
+
+
 # the CLI installs a progress callback here; flows take only serialisable parameters
-_PROGRESS: dict[str, Progress] = {}
+_PROGRESS: dict[str, Progress] = _LocalCallbacks()

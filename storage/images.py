@@ -33,6 +33,7 @@ __all__ = [
     "StoredImage",
     "open_image",
     "parse_axes",
+    "publish_tree",
     "slab_rows",
     "write_image",
 ]
@@ -525,12 +526,37 @@ def _publish(staging: str, path: str) -> None:
         else:
             os.replace(src, dst)
         return
+    publish_tree(staging, path)
+
+
+def publish_tree(staging: str, path: str) -> None:
+    """Move a complete zarr group from ``staging`` to ``path`` on a URL filesystem.
+
+    Object stores have no rename and no directory: the group is copied object by object (a
+    server-side copy), its root ``zarr.json`` last, and the old group at ``path`` loses its root
+    ``zarr.json`` first. A group without that object does not open, so a reader sees the old
+    image, no image, or the new one, never a mix; a run that dies in between leaves no image at
+    ``path`` and no catalog row for the new one, and the next run writes it again.
+    """
     import fsspec
 
     fs, _, (src_p, dst_p) = fsspec.get_fs_token_paths([staging, path])
-    if fs.exists(dst_p):
-        fs.rm(dst_p, recursive=True)
-    fs.mv(src_p, dst_p, recursive=True)
+    src_p, dst_p = src_p.rstrip("/"), dst_p.rstrip("/")
+    marker = "zarr.json"
+    files = sorted(f for f in fs.find(src_p) if f.startswith(f"{src_p}/"))
+    rel = [f[len(src_p) + 1 :] for f in files]
+    if marker not in rel:
+        raise ValueError(f"{staging}: no root {marker}; not a complete zarr group to publish.")
+    old = fs.find(dst_p)
+    if f"{dst_p}/{marker}" in old:
+        fs.rm_file(f"{dst_p}/{marker}")
+    if stale := [f for f in old if f != f"{dst_p}/{marker}"]:
+        fs.rm(stale)
+    body = [r for r in rel if r != marker]
+    if body:
+        fs.copy([f"{src_p}/{r}" for r in body], [f"{dst_p}/{r}" for r in body])
+    fs.copy(f"{src_p}/{marker}", f"{dst_p}/{marker}")
+    fs.rm(files)
 
 
 def _remove(path: str) -> None:

@@ -27,11 +27,24 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["KEY_SECRET_ENV", "OutputRoot", "Pseudonymizer", "parse_root"]
+__all__ = ["KEY_SECRET_ENV", "OutputRoot", "Pseudonymizer", "is_object_store", "parse_root"]
 
 KEY_SECRET_ENV = "MEDFLOW_KEY_SECRET"
 _KEY_HEX = 24  # 96 bits: collisions are negligible even for 10^9 series
 TABLES = ("catalog", "embeddings", "findings", "text_embeddings", "runs")
+
+# Object stores: one PUT makes an object appear whole (there is no rename), and several
+# processes (Dask workers, the flow) write under one prefix, so a listing cached by one of them
+# goes stale. medflow lists parts and images often and must see the others' writes: listings are
+# not cached unless the user's fsspec configuration says otherwise.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
+for _protocol in OBJECT_STORES:
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+
+def is_object_store(url: str) -> bool:
+    """Whether ``url`` lives on an object store (``s3://``, ``gs://``, ``az://`` ...)."""
+    return "://" in url and url.split("://", 1)[0].lower() in OBJECT_STORES
 
 
 def parse_root(root: str | os.PathLike[str]) -> str:

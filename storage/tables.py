@@ -2,7 +2,8 @@
 
 Tables are folders of append-only parts. A part's name is derived from the content of the batch
 it records, so a retried batch overwrites its part instead of adding a duplicate. Each part is
-written to a temporary name and renamed into place: readers never see half a part.
+written to a temporary name and renamed into place (on an object store, which has no rename, put
+in one request under its final name): readers never see half a part.
 
 The current state of a series is its newest catalog row (``catalog`` view); every row stays in
 ``catalog_history``.
@@ -22,7 +23,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.layout import OutputRoot
+from storage.layout import OutputRoot, is_object_store
 
 __all__ = [
     "CATALOG_SCHEMA",
@@ -31,6 +32,7 @@ __all__ = [
     "SOURCES_SCHEMA",
     "connect",
     "embeddings_schema",
+    "export_duckdb",
     "part_id",
     "read_table",
     "text_embeddings_schema",
@@ -173,8 +175,15 @@ def write_part(
         return None
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
     fs, base = _fs(directory)
-    fs.makedirs(base, exist_ok=True)
     final = f"{base}/part-{name}.parquet"
+    if is_object_store(directory):
+        # no rename on object stores, but a PUT is atomic: the part appears whole, under its
+        # final content-derived name (a retried batch overwrites it), or not at all
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd")
+        fs.pipe_file(final, buf.getvalue().to_pybytes())
+        return final
+    fs.makedirs(base, exist_ok=True)
     tmp = f"{base}/.tmp-{name}-{uuid.uuid4().hex[:8]}.parquet"
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f, compression="zstd")
@@ -197,33 +206,74 @@ def _fs(path: str) -> tuple[Any, str]:
 
 
 def _parts(directory: str) -> list[str]:
+    """The visible parts under ``directory``: parts a committed compaction merged are left out
+    (see storage.compact)."""
     fs, base = _fs(directory)
     if not fs.exists(base):
         return []
     found = fs.glob(f"{base}/**/part-*.parquet") + fs.glob(f"{base}/part-*.parquet")
+    found = _without_superseded(fs, base, found)
     prefix = "" if _is_local(directory) else directory.split("://", 1)[0] + "://"
     return sorted({prefix + p for p in found})
 
 
+# Compaction's commit rule (storage.compact writes these; every reader honours them): a part
+# ``<dir>/<name>.parquet`` is superseded, and left out, while a marker
+# ``<dir>/_compaction-<id>/superseded.<name>`` exists beside a committed merged part
+# ``<dir>/part-compacted-<id>.parquet``. Markers without their merged part mean nothing.
+COMPACTED_PREFIX = "part-compacted-"
+MARKER_DIR_PREFIX = "_compaction-"
+MARKER_PREFIX = "superseded."
+
+
+def _without_superseded(fs: Any, base: str, found: list[str]) -> list[str]:
+    markers = fs.glob(f"{base}/**/{MARKER_DIR_PREFIX}*/{MARKER_PREFIX}*") + fs.glob(
+        f"{base}/{MARKER_DIR_PREFIX}*/{MARKER_PREFIX}*"
+    )
+    if not markers:
+        return found
+    present = set(found)
+    hidden: set[str] = set()
+    for marker in set(markers):
+        marker_dir, name = marker.rsplit("/", 1)
+        parent, dir_name = marker_dir.rsplit("/", 1)
+        cid = dir_name[len(MARKER_DIR_PREFIX) :]
+        if f"{parent}/{COMPACTED_PREFIX}{cid}.parquet" in present:
+            hidden.add(f"{parent}/{name[len(MARKER_PREFIX) :]}.parquet")
+    return [p for p in found if p not in hidden]
+
+
 def read_table(directory: str, schema: pa.Schema, columns: Iterable[str] | None = None) -> pa.Table:
     """Every part under ``directory`` as one table (empty, with ``schema``, when none)."""
-    parts = _parts(directory)
     cols = list(columns) if columns is not None else None
-    if not parts:
-        empty = schema.empty_table()
-        return empty.select(cols) if cols else empty
     fs, _ = _fs(directory)
-    tables = [
-        pq.read_table(_fs(p)[1], filesystem=fs, columns=cols, partitioning="hive") for p in parts
-    ]
-    return pa.concat_tables(tables, promote_options="default")
+    for attempt in range(3):
+        parts = _parts(directory)
+        if not parts:
+            empty = schema.empty_table()
+            return empty.select(cols) if cols else empty
+        try:
+            tables = [
+                pq.read_table(_fs(p)[1], filesystem=fs, columns=cols, partitioning="hive")
+                for p in parts
+            ]
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+            continue  # a compaction removed a merged part after the listing: list again
+        return pa.concat_tables(tables, promote_options="default")
+    raise AssertionError("unreachable")
 
 
 def connect(root: OutputRoot, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with a view per table.
+    """A DuckDB connection with a view per table, and study-level views over them.
 
     ``catalog``: the newest ingest row per series; ``catalog_history``: every row; ``outcomes``:
-    the newest row per series and stage; ``runs``, ``embeddings``, ``findings`` as written.
+    the newest row per series and stage; ``runs``, ``embeddings``, ``findings`` as written;
+    ``studies``: one row per study; ``study_findings``: one row per study, encoder and finding.
+    Every view is documented in docs/SCHEMAS.md. The views list the parts present when they are
+    registered: after a nightly run or a compaction, connect again (or call
+    :func:`register_views`) to see the new parts.
     """
     con = duckdb.connect(database)
     if not root.is_local:
@@ -234,46 +284,169 @@ def connect(root: OutputRoot, database: str = ":memory:") -> duckdb.DuckDBPyConn
     return con
 
 
+PUBLIC_TABLES = ("catalog", "runs", "embeddings", "findings")  # never the restricted sources
+
+
 def register_views(con: duckdb.DuckDBPyConnection, root: OutputRoot) -> list[str]:
     """(Re)create the views over the tables under ``root``; returns the view names."""
-    names: list[str] = []
-    cat_parts = _parts(root.table_dir("catalog"))
-    if cat_parts:
-        src = _scan(cat_parts)
-    else:
-        con.register("_empty_catalog", CATALOG_SCHEMA.empty_table())
-        src = "_empty_catalog"
-    con.execute(f"CREATE OR REPLACE VIEW catalog_history AS SELECT * FROM {src}")
-    # the newest row per series and stage is the current outcome; ingest defines the series
-    con.execute(
-        """
-        CREATE OR REPLACE VIEW catalog AS
-        SELECT * EXCLUDE (_rn) FROM (
-            SELECT *, row_number() OVER (
-                PARTITION BY series_key, stage ORDER BY created_at DESC, run_id DESC) AS _rn
-            FROM catalog_history WHERE stage = 'ingest'
-        ) WHERE _rn = 1
-        """
-    )
-    con.execute(
-        """
-        CREATE OR REPLACE VIEW outcomes AS
-        SELECT * EXCLUDE (_rn) FROM (
-            SELECT *, row_number() OVER (
-                PARTITION BY series_key, stage ORDER BY created_at DESC, run_id DESC) AS _rn
-            FROM catalog_history
-        ) WHERE _rn = 1
-        """
-    )
-    names += ["catalog_history", "catalog", "outcomes"]
-    for table in ("runs", "embeddings", "findings"):
+    sources: dict[str, str] = {}
+    for table in PUBLIC_TABLES:
         parts = _parts(root.table_dir(table))
         if parts:
-            con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM {_scan(parts)}")
-            names.append(table)
+            sources[table] = _scan(parts)
+    if "catalog" not in sources:
+        con.register("_empty_catalog", CATALOG_SCHEMA.empty_table())
+        sources["catalog"] = "_empty_catalog"
+    names: list[str] = []
+    for name, sql in view_definitions(sources):
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+        names.append(name)
+    return names
+
+
+def view_definitions(sources: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``(view name, SELECT)`` for every view, given a FROM expression per table present.
+
+    ``sources`` maps ``catalog`` (required), ``runs``, ``embeddings`` and ``findings`` to what a
+    view reads them from; a view whose table is absent is not defined.
+    """
+    newest = """
+        SELECT * EXCLUDE (_rn) FROM (
+            SELECT *, row_number() OVER (
+                PARTITION BY series_key, stage ORDER BY created_at DESC, run_id DESC) AS _rn
+            FROM catalog_history{where}
+        ) WHERE _rn = 1
+    """
+    views = [
+        ("catalog_history", f"SELECT * FROM {sources['catalog']}"),
+        # the newest row per series and stage is the current outcome; ingest defines the series
+        ("catalog", newest.format(where=" WHERE stage = 'ingest'")),
+        ("outcomes", newest.format(where="")),
+    ]
+    for table in ("runs", "embeddings", "findings"):
+        if table in sources:
+            views.append((table, f"SELECT * FROM {sources[table]}"))
+    views.append(("studies", _STUDIES_SQL))
+    if "findings" in sources:
+        views.append(("study_findings", _STUDY_FINDINGS_SQL))
+    return views
+
+
+# one row per study: its series as the catalog has them now, and when they were first ingested
+_STUDIES_SQL = """
+    WITH first_ingest AS (
+        SELECT series_key, min(created_at) AS first_at
+        FROM catalog_history WHERE stage = 'ingest' GROUP BY series_key
+    )
+    SELECT c.study_key,
+           list_sort(list_distinct(list(c.modality))) AS modalities,
+           count(*) AS n_series,
+           count(*) FILTER (WHERE c.status = 'ingested') AS n_ingested,
+           count(*) FILTER (WHERE c.status = 'quarantined') AS n_quarantined,
+           count(*) FILTER (WHERE c.status = 'failed') AS n_failed,
+           coalesce(sum(c.nbytes_stored), 0)::BIGINT AS nbytes_stored,
+           min(f.first_at) AS first_ingest_at,
+           max(c.created_at) AS last_ingest_at
+    FROM catalog c JOIN first_ingest f USING (series_key)
+    GROUP BY c.study_key
+"""
+
+# one row per study, encoder and finding, over the current findings of the study's series: the
+# newest score per series, encoder and finding, of the series' sources as ingested now
+_STUDY_FINDINGS_SQL = """
+    WITH current_findings AS (
+        SELECT f.* FROM findings f
+        JOIN catalog c
+          ON c.series_key = f.series_key AND c.source_fingerprint = f.source_fingerprint
+         AND c.status = 'ingested'
+        QUALIFY row_number() OVER (
+            PARTITION BY f.series_key, f.encoder, f.finding
+            ORDER BY f.created_at DESC, f.version DESC, f.bank_version DESC) = 1
+    )
+    SELECT study_key, encoder, finding,
+           count(*) AS n_series,
+           max(score) AS max_score,
+           avg(score) AS mean_score,
+           min(score) AS min_score,
+           list(series_key ORDER BY score DESC, series_key)[1] AS top_series_key,
+           list_sort(list_distinct(list(modality))) AS modalities,
+           list_sort(list_distinct(list(version))) AS versions,
+           list_sort(list_distinct(list(bank_version))) AS bank_versions,
+           max(created_at) AS scored_at
+    FROM current_findings
+    GROUP BY study_key, encoder, finding
+"""
+
+
+def export_duckdb(root: OutputRoot, file: str | os.PathLike[str]) -> list[str]:
+    """Write a DuckDB database file holding the views of :func:`connect`, over the Parquet.
+
+    The file holds no rows: each view reads ``<root>/tables/<table>/**/part-*.parquet`` by
+    absolute path when queried, honouring compaction's commit rule, so new nightly parts and
+    compactions show without exporting again (a table that appears later, such as the first
+    embeddings, needs a new export). The restricted ``sources`` table is never exported. The file
+    is written under a temporary name and renamed into place. Returns the view names.
+    """
+    if not root.is_local:
+        raise ValueError(
+            f"{root.url}: export-duckdb needs a local output root (the views hold absolute "
+            "paths that another process opens); query an object store with `medflow query`."
+        )
+    target = os.path.abspath(os.fspath(file))
+    if os.path.isdir(target):
+        raise ValueError(f"{target}: is a folder; expected a path for the .duckdb file.")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{target}: its folder {parent} does not exist.")
+    sources = {t: _glob_scan(root.table_dir(t)) for t in PUBLIC_TABLES if _parts(root.table_dir(t))}
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    names: list[str] = []
+    con = duckdb.connect(tmp)
+    try:
+        if "catalog" not in sources:
+            con.register("_empty_arrow", CATALOG_SCHEMA.empty_table())
+            con.execute("CREATE TABLE _empty_catalog AS SELECT * FROM _empty_arrow")
+            con.unregister("_empty_arrow")
+            sources["catalog"] = "_empty_catalog"
+        for name, sql in view_definitions(sources):
+            con.execute(f"CREATE VIEW {name} AS {sql}")
+            names.append(name)
+        con.execute("CHECKPOINT")
+    except BaseException:
+        con.close()
+        for leftover in (tmp, f"{tmp}.wal"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
+    con.close()
+    os.replace(tmp, target)
     return names
 
 
 def _scan(parts: list[str]) -> str:
-    files = ", ".join("'" + p.replace("'", "''") + "'" for p in parts)
+    files = ", ".join(_sql_str(p) for p in parts)
     return f"read_parquet([{files}], hive_partitioning = true, union_by_name = true)"
+
+
+def _glob_scan(directory: str) -> str:
+    """Every visible part under ``directory``, found when queried: the SQL form of ``_parts``."""
+    parts = _sql_str(f"{directory}/**/part-*.parquet")
+    markers = _sql_str(f"{directory}/**/{MARKER_DIR_PREFIX}*/{MARKER_PREFIX}*")
+    merged = _sql_str(f"{directory}/**/{COMPACTED_PREFIX}*.parquet")
+    marker_re = MARKER_PREFIX.replace(".", "\\.")
+    return f"""(
+        SELECT * EXCLUDE (filename) FROM read_parquet(
+            {parts}, hive_partitioning = true, union_by_name = true, filename = true)
+        WHERE filename NOT IN (
+            SELECT regexp_replace(m.file, '/{MARKER_DIR_PREFIX}[^/]+/{marker_re}([^/]+)$',
+                                  '/\\1.parquet')
+            FROM glob({markers}) m
+            WHERE regexp_replace(m.file, '/{MARKER_DIR_PREFIX}([^/]+)/[^/]+$',
+                                 '/{COMPACTED_PREFIX}\\1.parquet')
+                  IN (SELECT file FROM glob({merged}))
+        )
+    )"""
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"

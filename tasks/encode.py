@@ -10,14 +10,17 @@ manifest; failures go to the catalog through the flow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
 import time
 import tomllib
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -44,9 +47,11 @@ __all__ = [
     "encode_batch",
     "encode_items",
     "get_encoder",
+    "known_encoder",
     "load_encoder_specs",
     "pending_items",
     "recompute_findings",
+    "remember_encoder",
     "version_tag",
 ]
 
@@ -129,6 +134,92 @@ def get_encoder(spec: EncoderSpec, device: str | None = None) -> Any:
             )
             _CACHE[key] = enc
     return enc
+
+
+@dataclass(frozen=True, slots=True)
+class KnownEncoder:
+    """What the pending check needs of an encoder (version and declaration), as remembered
+    from the last time it was built with exactly the same inputs: no model is loaded."""
+
+    version: Any  # .id
+    info: Any  # .modalities, .kinds
+
+
+_KNOWN_FILE = ".known_versions.json"
+
+
+def _stat_entries(path: Path) -> list[list[Any]]:
+    if path.is_file():
+        st = path.stat()  # ctime and inode too: a rewrite that keeps size and mtime shows
+        return [[str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]]
+    if path.is_dir():
+        return [e for f in sorted(path.rglob("*")) if f.is_file() for e in _stat_entries(f)]
+    return []
+
+
+def encoder_inputs_stamp(spec: EncoderSpec) -> str:
+    """A digest of everything an encoder's version follows from, by file size and mtime: the
+    spec, the checkpoint, any file or folder an option names (a text tower, say), the
+    architecture configs and medflow's version. Any change gives another stamp."""
+    from tasks.ingest import medflow_version
+
+    files: list[list[Any]] = []
+    if spec.checkpoint and not spec.random_weights:
+        files += _stat_entries(Path(spec.checkpoint))
+    for value in spec.options.values():
+        if isinstance(value, str) and value and ("/" in value or os.sep in value):
+            files += _stat_entries(Path(value))
+    files += _stat_entries(Path(__file__).resolve().parent.parent / "encoders" / "configs")
+    payload = json.dumps([spec.to_dict(), files, medflow_version()], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _known_path(root: OutputRoot) -> str:
+    return f"{root.models_dir()}/{_KNOWN_FILE}"
+
+
+def _read_known(root: OutputRoot) -> dict[str, Any]:
+    try:
+        with root.fs.open(_known_path(root), "r") as f:
+            data = json.load(f)
+    except (FileNotFoundError, OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remember_encoder(root: OutputRoot, spec: EncoderSpec, encoder: Any) -> None:
+    """Record a built encoder's version and declaration under its inputs' stamp."""
+    known = _read_known(root)
+    known[encoder_inputs_stamp(spec)] = {
+        "id": str(encoder.version.id),
+        "modalities": list(encoder.info.modalities),
+        "kinds": list(encoder.info.kinds),
+    }
+    text = json.dumps(known, sort_keys=True, indent=1)
+    path = _known_path(root)
+    root.fs.makedirs(root.models_dir(), exist_ok=True)
+    if root.is_local:
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+    else:
+        root.fs.pipe(path, text.encode())
+
+
+def known_encoder(root: OutputRoot, spec: EncoderSpec) -> Any:
+    """The encoder's version and declaration without loading it when its inputs are unchanged
+    since it was last built (see :func:`remember_encoder`); else the built encoder."""
+    entry = _read_known(root).get(encoder_inputs_stamp(spec))
+    if isinstance(entry, dict) and {"id", "modalities", "kinds"} <= set(entry):
+        return KnownEncoder(
+            version=SimpleNamespace(id=entry["id"]),
+            info=SimpleNamespace(
+                modalities=tuple(entry["modalities"]), kinds=tuple(entry["kinds"])
+            ),
+        )
+    encoder = get_encoder(spec)
+    remember_encoder(root, spec, encoder)
+    return encoder
 
 
 def version_tag(encoder: Any) -> str:
@@ -446,5 +537,11 @@ def recompute_findings(
 def encode_batch(
     root: str, spec: EncoderSpec, items: list[EncodeItem], run_id: str
 ) -> EncodeManifest:
-    """Embed a batch of series with one encoder and score their findings."""
-    return encode_items(OutputRoot(root), spec, items, run_id)
+    """Embed a batch of series with one encoder and score their findings.
+
+    The device work holds a slot of the device's concurrency limit (see tasks.device_slots).
+    """
+    from tasks.device_slots import device_slot
+
+    with device_slot(None):  # None: the device the encoder picks (cuda when present)
+        return encode_items(OutputRoot(root), spec, items, run_id)

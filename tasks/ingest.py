@@ -22,7 +22,7 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.images import DecodedImage, write_image
+from storage.images import DecodedImage, publish_tree, write_image
 from storage.layout import OutputRoot, Pseudonymizer
 from storage.tables import utcnow
 from tasks import SourceError
@@ -250,10 +250,7 @@ def ingest_sinogram(
 
 def _replace_dir(src: str, dst: str) -> None:
     if "://" in dst:
-        fs, _, (s, d) = fsspec.get_fs_token_paths([src, dst])
-        if fs.exists(d):
-            fs.rm(d, recursive=True)
-        fs.mv(s, d, recursive=True)
+        publish_tree(src, dst)  # object stores: root zarr.json last (see storage.images)
         return
     old = f"{src}.old"
     if os.path.exists(dst):

@@ -262,6 +262,12 @@ def denoise_series(
 def denoise_batch(
     root: str, items: list[DenoiseItem], cfg: DenoiseConfig, run_id: str
 ) -> list[dict[str, Any]]:
-    """Denoise a batch of low-dose series from their raw projections."""
+    """Denoise a batch of low-dose series from their raw projections.
+
+    The device work holds a slot of the device's concurrency limit (see tasks.device_slots).
+    """
+    from tasks.device_slots import device_slot
+
     out = OutputRoot(root)
-    return [denoise_series(out, item, cfg, run_id) for item in items]
+    with device_slot(cfg.device):
+        return [denoise_series(out, item, cfg, run_id) for item in items]

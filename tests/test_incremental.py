@@ -154,3 +154,41 @@ def test_idle_night_is_recorded_without_a_flow_run(tmp_path: Path) -> None:
     assert flows == ["nightly", "nightly-idle"]
     _nifti(archive / "new" / "v.nii.gz", 7)
     assert not _idle(str(archive), str(root), None)
+
+
+def test_idle_night_knows_encoder_versions_without_loading_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    from importlib.resources import files
+
+    from PIL import Image
+
+    import tasks.encode as encode_mod
+    from encoders.testing import write_random_checkpoint
+    from flows.cli import _idle
+
+    archive = _archive(tmp_path / "archive", 2)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(archive / "xr.png")
+    arch = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    ck = tmp_path / "models" / "clip.pt"
+    write_random_checkpoint("clip2d", ck, arch_config=arch, seed=1)
+    cfg = tmp_path / "encoders.json"
+    spec = {"name": "clip2d", "label": "clip", "checkpoint": str(ck)}
+    cfg.write_text(json.dumps({"encoders": [{**spec, "options": {"arch_config": arch}}]}))
+    root = tmp_path / "out"
+    nightly(archive=str(archive), root=str(root), encoder_config=str(cfg))
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a quiet night loaded a model")
+
+    monkeypatch.setattr(encode_mod, "get_encoder", no_model)
+    assert _idle(str(archive), str(root), str(cfg))  # version remembered: nothing loaded
+    # new weights under the same name: the remembered version no longer applies
+    write_random_checkpoint("clip2d", ck, arch_config=arch, seed=2)
+    with pytest.raises(AssertionError, match="loaded a model"):
+        _idle(str(archive), str(root), str(cfg))
+    monkeypatch.undo()
+    encode_mod._CACHE.clear()
+    assert not _idle(str(archive), str(root), str(cfg))  # the image is pending at the new version

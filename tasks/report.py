@@ -1,0 +1,694 @@
+"""The run report: a self-contained HTML page per nightly run, and a Prefect markdown artifact.
+
+:func:`build_report` writes ``<root>/reports/<run_id>.html`` and replaces
+``<root>/reports/latest.html`` with it, each atomically (a temporary name renamed into place on
+a local root; one whole-object write on an object store). The page holds:
+
+* the run's counts (discovered sources, series outcomes, modalities, denoising, encoders);
+* the time per stage;
+* the series quarantined or failed in the run, with reasons;
+* thumbnails of a sample of the run's new series: the middle slice of a volume, the first frame
+  of a video, read from a coarse pyramid level; CT in a soft-tissue window, other grey images
+  between their 1st and 99th percentiles, colour kept;
+* per encoder, the distribution of the finding probabilities scored in this run (the run's new
+  series, and any series rescored after a prompt-bank change) as a strip plot with quartiles.
+
+Everything is inline (PNG data URIs, CSS; a content security policy forbids any fetch), so the
+file opens anywhere. Series appear by pseudonymous key only; quarantine reasons are scrubbed of
+the archive paths of their sources, read from the restricted sources table.
+
+:func:`publish_report` is what the nightly flow calls: it builds the report and publishes the
+markdown artifact, and a failure there is logged as a warning, never raised.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from storage.images import open_image
+from storage.layout import OutputRoot
+from storage.tables import SOURCES_SCHEMA, connect, read_table, utcnow
+
+__all__ = [
+    "DEFAULT_CT_WINDOW",
+    "REPORT_ARTIFACT_KEY",
+    "RunReport",
+    "Thumbnail",
+    "build_report",
+    "publish_report",
+    "report_markdown",
+    "thumbnail",
+]
+
+REPORT_ARTIFACT_KEY = "nightly-report"
+DEFAULT_CT_WINDOW = (40.0, 400.0)  # level, width in HU: soft tissue
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_MAX_TABLE_ROWS = 500  # quarantined rows shown in the HTML
+_MAX_MARKDOWN_ROWS = 100  # and in the artifact
+_MAX_STRIP_POINTS = 2000  # points drawn per finding; quartiles use all scores
+
+
+@dataclass(frozen=True, slots=True)
+class Thumbnail:
+    """One new series' thumbnail (PNG bytes), or why there is none."""
+
+    series_key: str
+    modality: str
+    source_kind: str
+    axes: str
+    png: bytes | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    """Where the report went and what it shows."""
+
+    html_path: str
+    latest_path: str
+    markdown: str
+    new_series: int
+    thumbnails: int
+    plots: int
+    plot_encoders: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a flow run
+        return logging.getLogger("medflow.report")
+
+
+# ---------------------------------------------------------------------------------------------
+# thumbnails
+
+
+def _to_uint8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    a = np.nan_to_num(a.astype(np.float32), nan=lo, posinf=hi, neginf=lo)
+    if not hi > lo:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return np.clip((a - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+
+
+def _percentile_window(a: np.ndarray) -> tuple[float, float]:
+    finite = a[np.isfinite(a)] if np.issubdtype(a.dtype, np.floating) else a
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [1.0, 99.0])
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    return float(lo), float(hi)
+
+
+def _display_plane(
+    plane: np.ndarray, has_channels: bool, modality: str, ct_window: tuple[float, float]
+) -> np.ndarray:
+    """A ``(y, x)`` grey or ``(y, x, 3)`` colour uint8 picture of one plane."""
+    if has_channels:
+        n = plane.shape[0]
+        if n >= 3:
+            rgb = np.moveaxis(plane[:3], 0, -1)
+            if rgb.dtype == np.uint8:
+                return np.ascontiguousarray(rgb)
+            return _to_uint8(rgb, *_percentile_window(rgb))
+        plane = plane[0]
+    if modality.upper() == "CT":
+        level, width = ct_window
+        return _to_uint8(plane, level - width / 2.0, level + width / 2.0)
+    if plane.dtype == np.uint8:
+        return plane
+    return _to_uint8(plane, *_percentile_window(plane))
+
+
+def thumbnail(
+    path: str, *, size: int = 128, ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
+) -> bytes:
+    """A PNG thumbnail of the OME-Zarr image at ``path``, at most ``size`` pixels a side.
+
+    Reads one plane of the coarsest pyramid level still at least ``size`` pixels across (the
+    finest when none is): the middle ``z`` slice, the first ``t`` frame. The picture keeps the
+    physical aspect ratio (pixel spacing).
+    """
+    from PIL import Image
+
+    if size < 8:
+        raise ValueError(f"Expected a thumbnail size of at least 8 pixels, got {size} instead.")
+    img = open_image(path)
+    axes = img.meta.axes
+    iy, ix = axes.index("y"), axes.index("x")
+    level = 0
+    for i, arr in enumerate(img.levels):
+        if max(arr.shape[iy], arr.shape[ix]) >= size:
+            level = i
+    arr = img.levels[level]
+    index: list[int | slice] = []
+    for k, a in enumerate(axes):
+        if a == "t":
+            index.append(0)
+        elif a == "z":
+            index.append(arr.shape[k] // 2)
+        else:
+            index.append(slice(None))
+    plane = np.asarray(arr[tuple(index)])
+    pic = _display_plane(plane, "c" in axes, img.meta.modality, ct_window)
+    base = img.levels[0].shape
+    sy = img.meta.spacing[iy] * base[iy] / arr.shape[iy]
+    sx = img.meta.spacing[ix] * base[ix] / arr.shape[ix]
+    h, w = pic.shape[0] * sy, pic.shape[1] * sx
+    scale = size / max(h, w)
+    out_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    picture = Image.fromarray(pic).resize(out_size, Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _new_series(
+    con: duckdb.DuckDBPyConnection, run_id: str, limit: int
+) -> tuple[int, list[tuple[str, str, str, str]]]:
+    """How many series this run ingested, and up to ``limit`` of them (by pseudonymous key, so
+    an arbitrary sample unrelated to the archive's order)."""
+    where = "run_id = ? AND stage = 'ingest' AND status = 'ingested'"
+    row = con.execute(
+        f"SELECT count(DISTINCT series_key) FROM catalog_history WHERE {where}", [run_id]
+    ).fetchone()
+    total = int(row[0]) if row else 0
+    rows = con.execute(
+        f"""
+        SELECT series_key, any_value(coalesce(modality, '?')),
+               any_value(coalesce(source_kind, '?')), any_value(coalesce(axes, '?'))
+        FROM catalog_history WHERE {where}
+        GROUP BY series_key ORDER BY series_key LIMIT ?
+        """,
+        [run_id, limit],
+    ).fetchall()
+    return total, [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+
+
+def _thumbnails(
+    root: OutputRoot,
+    series: Sequence[tuple[str, str, str, str]],
+    size: int,
+    ct_window: tuple[float, float],
+) -> list[Thumbnail]:
+    log = _logger()
+    out: list[Thumbnail] = []
+    for key, modality, kind, axes in series:
+        try:
+            png = thumbnail(root.image_path(key), size=size, ct_window=ct_window)
+            out.append(Thumbnail(key, modality, kind, axes, png=png))
+        except Exception as e:  # one unreadable image costs its thumbnail only
+            reason = f"{type(e).__name__}: {e}"
+            log.warning("report: no thumbnail for series %s (%s)", key, reason)
+            out.append(Thumbnail(key, modality, kind, axes, error=reason))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# findings plots
+
+
+@dataclass(frozen=True, slots=True)
+class _FindingsGroup:
+    encoder: str
+    version: str
+    bank: str
+    n_series: int
+    scores: dict[str, np.ndarray]
+
+
+def _findings_of_run(con: duckdb.DuckDBPyConnection, run_id: str) -> list[_FindingsGroup]:
+    has = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'findings'").fetchone()
+    if not has or not has[0]:
+        return []
+    rows = con.execute(
+        """
+        SELECT encoder, version, coalesce(bank, '?'), finding, list(score)
+        FROM findings WHERE run_id = ? AND score IS NOT NULL
+        GROUP BY ALL ORDER BY 1, 2, 3, 4
+        """,
+        [run_id],
+    ).fetchall()
+    n_series = {
+        (str(e), str(v), str(b)): int(n)
+        for e, v, b, n in con.execute(
+            """
+            SELECT encoder, version, coalesce(bank, '?'), count(DISTINCT series_key)
+            FROM findings WHERE run_id = ? GROUP BY ALL
+            """,
+            [run_id],
+        ).fetchall()
+    }
+    groups: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
+    for enc, ver, bank, finding, scores in rows:
+        groups.setdefault((str(enc), str(ver), str(bank)), {})[str(finding)] = np.asarray(
+            scores, dtype=np.float64
+        )
+    return [
+        _FindingsGroup(e, v, b, n_series.get((e, v, b), 0), s)
+        for (e, v, b), s in sorted(groups.items())
+    ]
+
+
+def _findings_plot(group: _FindingsGroup) -> bytes:
+    """Strip plot of each finding's scores with its interquartile range and median, findings
+    sorted by median score (highest on top)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    items = sorted(group.scores.items(), key=lambda kv: (-float(np.median(kv[1])), kv[0]))
+    n = len(items)
+    fig = Figure(figsize=(7.5, 1.1 + 0.26 * n), dpi=96)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)
+    for row, (_, s) in enumerate(items):
+        y = n - 1 - row
+        shown = s if s.size <= _MAX_STRIP_POINTS else rng.choice(s, _MAX_STRIP_POINTS, False)
+        jitter = rng.uniform(-0.22, 0.22, shown.size)
+        ax.scatter(shown, y + jitter, s=9, alpha=0.45, color="#3b6ea8", linewidths=0)
+        q1, med, q3 = np.percentile(s, [25.0, 50.0, 75.0])
+        ax.hlines(y, q1, q3, color="#1b2a3a", linewidth=3.0)
+        ax.plot([med], [y], marker="|", markersize=14, color="#c0392b", markeredgewidth=2.5)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([name.replace("_", " ") for name, _ in reversed(items)], fontsize=8)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlabel("probability (finding score)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(
+        f"{group.encoder}: {group.n_series} series, bank {group.bank}, version {group.version}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# text: counts, stages, quarantined
+
+
+def _int_map(summary: Mapping[str, Any], name: str) -> dict[str, int]:
+    value = summary.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"Expected summary[{name!r}] to be a mapping, got {value!r} instead.")
+    return {str(k): int(v) for k, v in value.items()}
+
+
+def _count_rows(summary: Mapping[str, Any]) -> list[tuple[str, int]]:
+    rows = [(f"discovered {k}", v) for k, v in _int_map(summary, "discovered").items()]
+    rows.append(("series planned", int(summary.get("series_planned") or 0)))
+    rows.append(("series already recorded", int(summary.get("series_skipped") or 0)))
+    rows += [(f"series {k}", v) for k, v in sorted(_int_map(summary, "status").items())]
+    rows += [(f"ingested {k}", v) for k, v in sorted(_int_map(summary, "modality").items())]
+    rows += [(f"denoise {k}", v) for k, v in sorted(_int_map(summary, "denoised").items())]
+    rows += [(f"embedded by {k}", v) for k, v in sorted(_int_map(summary, "encoded").items())]
+    rows += [
+        (f"finding scores by {k}", v) for k, v in sorted(_int_map(summary, "findings").items())
+    ]
+    return rows
+
+
+def _stage_rows(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
+    stages = summary.get("stage_seconds") or {}
+    if not isinstance(stages, Mapping):
+        raise ValueError(f"Expected summary['stage_seconds'] to be a mapping, got {stages!r}.")
+    rows = [(str(k), float(v)) for k, v in stages.items()]
+    rows.append(("total", float(summary.get("seconds") or 0.0)))
+    return rows
+
+
+def _quarantined(summary: Mapping[str, Any]) -> list[dict[str, str]]:
+    items = summary.get("quarantined") or []
+    if not isinstance(items, Sequence) or isinstance(items, str):
+        raise ValueError(f"Expected summary['quarantined'] to be a list, got {items!r} instead.")
+    out = []
+    for q in items:
+        if not isinstance(q, Mapping) or "series_key" not in q:
+            raise ValueError(f"Expected a quarantined entry with a series_key, got {q!r} instead.")
+        out.append(
+            {
+                "series_key": str(q["series_key"]),
+                "status": str(q.get("status") or "quarantined"),
+                "reason": str(q.get("reason") or ""),
+            }
+        )
+    return out
+
+
+def _path_needles(root: OutputRoot, keys: set[str]) -> list[str]:
+    """Archive paths (and their folders and file names) of the sources of ``keys``."""
+    if not keys:
+        return []
+    t = read_table(root.sources_dir(), SOURCES_SCHEMA, columns=["relpath", "series_key"])
+    needles: set[str] = set()
+    for rel, key in zip(t["relpath"].to_pylist(), t["series_key"].to_pylist(), strict=True):
+        if key not in keys or not rel:
+            continue
+        parts = [p for p in str(rel).split("/") if p]
+        needles.add(str(rel))
+        for i in range(2, len(parts)):
+            needles.add("/".join(parts[:i]))
+        needles.update(p for p in parts if len(p) >= 4)
+    return sorted(needles, key=len, reverse=True)
+
+
+def _scrub(text: str, needles: Sequence[str]) -> str:
+    for needle in needles:
+        text = re.sub(rf"(?<![\w.-]){re.escape(needle)}(?![\w.-])", "[path]", text)
+    return text
+
+
+def _md(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def report_markdown(
+    summary: Mapping[str, Any],
+    quarantined: Sequence[Mapping[str, str]],
+    *,
+    html_path: str,
+    new_series: int,
+    thumbnails: int,
+    plots: int,
+) -> str:
+    """The Prefect artifact: counts, time per stage, quarantined with reasons, and the page."""
+    run_id = str(summary.get("run_id"))
+    lines = [
+        f"# medflow nightly run `{run_id}`",
+        "",
+        f"HTML report: `{html_path}` ({new_series} new series, {thumbnails} thumbnails, "
+        f"{plots} findings plots)",
+        "",
+        "## Counts",
+        "",
+        "| what | count |",
+        "|---|---:|",
+        *(f"| {_md(k)} | {v} |" for k, v in _count_rows(summary)),
+        "",
+        "## Time per stage",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *(f"| {_md(k)} | {v:.1f} |" for k, v in _stage_rows(summary)),
+        "",
+        f"## Quarantined or failed ({len(quarantined)})",
+        "",
+    ]
+    if quarantined:
+        lines += ["| series | status | reason |", "|---|---|---|"]
+        lines += [
+            f"| `{_md(q['series_key'])}` | {_md(q['status'])} | {_md(q['reason'])} |"
+            for q in quarantined[:_MAX_MARKDOWN_ROWS]
+        ]
+        if len(quarantined) > _MAX_MARKDOWN_ROWS:
+            lines.append(f"\n... and {len(quarantined) - _MAX_MARKDOWN_ROWS} more in the report.")
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# html
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;
+color:#1b2a3a;background:#fff}
+h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:28px 0 8px;
+border-bottom:1px solid #d8dee6;padding-bottom:4px}
+.meta{color:#5a6b7d;font-size:12px}
+table{border-collapse:collapse;font-size:13px}td,th{padding:3px 10px;border-bottom:1px solid #eef1f4;
+text-align:left;vertical-align:top}th{background:#f4f6f8}td.n{text-align:right;
+font-variant-numeric:tabular-nums}
+.bar{display:inline-block;height:10px;background:#3b6ea8;border-radius:2px;vertical-align:middle}
+code{font:12px ui-monospace,Menlo,Consolas,monospace}
+.grid{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;width:150px;text-align:center}
+figure img.thumb{background:#000;max-width:140px;max-height:140px;image-rendering:auto}
+figcaption{font-size:11px;color:#5a6b7d;word-break:break-all}
+.missing{width:128px;height:128px;display:flex;align-items:center;justify-content:center;
+background:#f4f6f8;color:#8a97a5;font-size:11px;margin:auto}
+img.plot{max-width:100%;border:1px solid #eef1f4;margin-bottom:12px}
+.note{color:#5a6b7d;font-size:12px}
+"""
+
+# marks every picture that decoded (naturalWidth > 0): a browser test reads it from the DOM
+_SCRIPT = """
+window.addEventListener("load", function () {
+  var ok = 0, bad = 0, imgs = document.images;
+  for (var i = 0; i < imgs.length; i++) {
+    var good = imgs[i].complete && imgs[i].naturalWidth > 0;
+    imgs[i].setAttribute("data-decoded", good ? "1" : "0");
+    if (good) { ok++; } else { bad++; }
+  }
+  document.body.setAttribute("data-images-decoded", String(ok));
+  document.body.setAttribute("data-images-broken", String(bad));
+});
+"""
+
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _render_html(
+    summary: Mapping[str, Any],
+    quarantined: Sequence[Mapping[str, str]],
+    new_series: int,
+    thumbs: Sequence[Thumbnail],
+    plots: Sequence[tuple[_FindingsGroup, bytes]],
+    *,
+    generated: str,
+    version: str,
+) -> str:
+    run_id = str(summary.get("run_id"))
+    counts = _count_rows(summary)
+    stages = _stage_rows(summary)
+    longest = max([s for _, s in stages] + [1e-9])
+    n_thumbs = sum(t.png is not None for t in thumbs)
+    out: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>medflow nightly run {_e(run_id)}</title>",
+        f"<style>{_CSS}</style>",
+        f"<script>{_SCRIPT}</script>",
+        "</head>",
+        f'<body data-run-id="{_e(run_id)}" data-thumbnails="{n_thumbs}" data-plots="{len(plots)}">',
+        f"<h1>medflow nightly run <code>{_e(run_id)}</code></h1>",
+        f'<div class="meta">generated {_e(generated)} · medflow {_e(version)} · '
+        f"{float(summary.get('seconds') or 0.0):.1f} s</div>",
+        '<h2 id="counts">Counts</h2>',
+        '<table class="counts"><tr><th>what</th><th>count</th></tr>',
+        *(f'<tr><td>{_e(k)}</td><td class="n">{v}</td></tr>' for k, v in counts),
+        "</table>",
+        '<h2 id="stages">Time per stage</h2>',
+        '<table class="stages"><tr><th>stage</th><th>seconds</th><th></th></tr>',
+    ]
+    for name, secs in stages:
+        width = max(1, round(240 * secs / longest)) if secs > 0 else 0
+        out.append(
+            f'<tr><td>{_e(name)}</td><td class="n">{secs:.2f}</td>'
+            f'<td><span class="bar" style="width:{width}px"></span></td></tr>'
+        )
+    out += ["</table>", f'<h2 id="quarantined">Quarantined or failed ({len(quarantined)})</h2>']
+    if quarantined:
+        out.append(
+            '<table class="quarantined"><tr><th>series</th><th>status</th><th>reason</th></tr>'
+        )
+        out += [
+            f"<tr><td><code>{_e(q['series_key'])}</code></td><td>{_e(q['status'])}</td>"
+            f"<td>{_e(q['reason'])}</td></tr>"
+            for q in quarantined[:_MAX_TABLE_ROWS]
+        ]
+        out.append("</table>")
+        if len(quarantined) > _MAX_TABLE_ROWS:
+            out.append(
+                f'<p class="note">... and {len(quarantined) - _MAX_TABLE_ROWS} more: '
+                "see the catalog (status quarantined or failed) for this run id.</p>"
+            )
+    else:
+        out.append('<p class="note">None.</p>')
+    out.append(f'<h2 id="series">New series ({new_series})</h2>')
+    if thumbs:
+        out.append(
+            f'<p class="note">{len(thumbs)} of the {new_series} series ingested in this run, '
+            "in order of their pseudonymous keys: the middle slice of a volume, the first frame "
+            "of a video; CT in a soft-tissue window, other grey images between their 1st and "
+            "99th percentiles.</p>"
+        )
+        out.append('<div class="grid">')
+        for t in thumbs:
+            label = f"{t.modality} · {t.source_kind} · {t.axes}"
+            if t.png is not None:
+                pic = (
+                    f'<img class="thumb" alt="series {_e(t.series_key)}" '
+                    f'data-series-key="{_e(t.series_key)}" src="{_data_uri(t.png)}">'
+                )
+            else:
+                pic = f'<div class="missing" title="{_e(t.error)}">no thumbnail</div>'
+            out.append(
+                f"<figure>{pic}<figcaption><code>{_e(t.series_key)}</code><br>{_e(label)}"
+                "</figcaption></figure>"
+            )
+        out.append("</div>")
+    else:
+        out.append('<p class="note">No new series in this run.</p>')
+    out.append('<h2 id="findings">Findings</h2>')
+    if plots:
+        out.append(
+            '<p class="note">Distribution of the finding probabilities scored in this run '
+            "(its new series, and any series rescored after a prompt-bank change), per encoder: "
+            "one dot per series, the bar spans the quartiles, the red tick is the median.</p>"
+        )
+        out += [
+            f'<img class="plot" alt="findings of {_e(g.encoder)}" '
+            f'data-encoder="{_e(g.encoder)}" src="{_data_uri(png)}">'
+            for g, png in plots
+        ]
+    else:
+        out.append('<p class="note">No findings were scored in this run.</p>')
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _write_atomic(root: OutputRoot, name: str, data: bytes) -> str:
+    final = root.join("reports", name)
+    if root.is_local:
+        os.makedirs(root.reports_dir(), exist_ok=True)
+        tmp = root.join("reports", f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return final
+    # an object store writes a whole object at once: readers never see part of it
+    root.fs.pipe_file(final, data)
+    return final
+
+
+def build_report(
+    root: str,
+    summary: Mapping[str, Any],
+    *,
+    max_thumbnails: int = 12,
+    thumbnail_px: int = 128,
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW,
+) -> RunReport:
+    """Write the HTML report of the run ``summary`` (``IngestSummary.to_dict()``) under
+    ``<root>/reports/`` and return where it is, with the markdown for the Prefect artifact."""
+    run_id = summary.get("run_id") if isinstance(summary, Mapping) else None
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+        raise ValueError(
+            f"Expected a run summary with a run_id of letters, digits, '.', '_' or '-' (it "
+            f"names the report file), got {run_id!r} instead."
+        )
+    if max_thumbnails < 0:
+        raise ValueError(f"Expected max_thumbnails >= 0, got {max_thumbnails} instead.")
+    if not (len(ct_window) == 2 and ct_window[1] > 0 and all(map(math.isfinite, ct_window))):
+        raise ValueError(f"Expected a CT window (level, width > 0), got {ct_window!r} instead.")
+    from tasks.ingest import medflow_version
+
+    out = OutputRoot(root)
+    quarantined = _quarantined(summary)
+    if quarantined:
+        needles = _path_needles(out, {q["series_key"] for q in quarantined})
+        quarantined = [{**q, "reason": _scrub(q["reason"], needles)} for q in quarantined]
+    con = connect(out)
+    try:
+        new_series, sample = _new_series(con, run_id, max_thumbnails)
+        groups = _findings_of_run(con, run_id)
+    finally:
+        con.close()
+    thumbs = _thumbnails(out, sample, thumbnail_px, ct_window) if sample else []
+    plots = [(g, _findings_plot(g)) for g in groups if g.scores]
+    page = _render_html(
+        summary,
+        quarantined,
+        new_series,
+        thumbs,
+        plots,
+        generated=utcnow().strftime("%Y-%m-%d %H:%M:%S UTC"),
+        version=medflow_version(),
+    ).encode("utf-8")
+    html_path = _write_atomic(out, f"{run_id}.html", page)
+    latest = _write_atomic(out, "latest.html", page)
+    n_thumbs = sum(t.png is not None for t in thumbs)
+    markdown = report_markdown(
+        summary,
+        quarantined,
+        html_path=html_path,
+        new_series=new_series,
+        thumbnails=n_thumbs,
+        plots=len(plots),
+    )
+    return RunReport(
+        html_path=html_path,
+        latest_path=latest,
+        markdown=markdown,
+        new_series=new_series,
+        thumbnails=n_thumbs,
+        plots=len(plots),
+        plot_encoders=tuple(g.encoder for g, _ in plots),
+    )
+
+
+def publish_report(root: str, summary: Mapping[str, Any], **kwargs: Any) -> RunReport | None:
+    """Build the run report and publish its markdown as a Prefect artifact.
+
+    Never raises: a report that cannot be made is a warning in the run's log, not a failed run.
+    """
+    import time
+
+    log = _logger()
+    t0 = time.perf_counter()
+    try:
+        report = build_report(root, summary, **kwargs)
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(
+            key=REPORT_ARTIFACT_KEY,
+            markdown=report.markdown,
+            description=f"medflow run report {summary.get('run_id')}",
+        )
+    except Exception as e:
+        log.warning("run report not written: %s: %s", type(e).__name__, e)
+        return None
+    log.info(
+        "run report: %s (%d thumbnails, %d plots) in %.1f s",
+        report.html_path,
+        report.thumbnails,
+        report.plots,
+        time.perf_counter() - t0,
+    )
+    return report
