@@ -76,7 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="one pretraining run per objective",
     )
     p.add_argument(
-        "--augment", action="store_true", help="photometric augmentation for mae+simdino"
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="photometric augmentation (contrast, brightness, gamma, blur or noise) for "
+        "mae+simdino",
+    )
+    p.add_argument(
+        "--local-crops", type=int, default=4, help="SimDINO local crops per sample (multi-crop)"
     )
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
     return p.parse_args(argv)
@@ -410,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "objective": objective,
             "augment": args.augment and objective != "mae",
+            "local_crops": args.local_crops if objective != "mae" else 0,
             "warmup_steps": max(1, args.steps // 20),
             "mask_ratio": 0.75,
             "checkpoint_every": max(1, args.steps // 4),
@@ -471,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
 - Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; whole benchmark {total:.0f} s
 - Machine: {os.cpu_count()} cores (shared with other jobs), {platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__} ({args.threads} thread(s)), no GPU
 - Archive (scene `{args.scene}`: {"one structure" if args.scene == "single" else "4 to 7 structures of the class"} per series): {args.per_class} series per class (sphere, cube, stripes) in each of CT (DICOM volumes 24x64x64), DX (DICOM 96x96) and ES (MP4, 24 frames 64x80): {counts.n_labelled} labelled series ingested ({dict(counts.labels)})
-- Pretraining: m3ret_tiny (ViT 96-d, 4 blocks, patch 4x8x8, input 16x64x64; MAE decoder 64-d, 1 block; mask ratio 0.75), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up {max(1, args.steps // 20)} steps, cosine), seed {args.seed}, crops of 0.4..1 of the area and flips; `mae+simdino` adds the SimDINO-style term (weight 1, coding-rate gamma 0.1, 64-d projection, EMA 0.99){" with photometric augmentation (contrast, brightness, gamma, blur or noise)" if args.augment else ""}, one objective per run:
+- Pretraining: m3ret_tiny (ViT 96-d, 4 blocks, patch 4x8x8, input 16x64x64; MAE decoder 64-d, 1 block; mask ratio 0.75), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up {max(1, args.steps // 20)} steps, cosine), seed {args.seed}, crops of 0.4..1 of the area and flips; `mae+simdino` adds the SimDINO-style term (weight 1, coding-rate gamma 0.1, 64-d projection, EMA 0.99; two global crops, each student crop against the teacher's other crop, plus {args.local_crops} local crops of 0.05..0.4 of the area at half the grid){" with photometric augmentation (contrast, brightness, gamma, blur or noise)" if args.augment else ""}, one objective per run:
 {chr(10).join(trained)}
 - Random init: the same encoder at the weights pretraining started from (seed {args.seed}).
 - Raw pixels: the encoder's preprocessing (same normalisation and grid; 2D repeated along depth), average-pooled to {"x".join(map(str, RAW_GRID))}, mean-centred, L2-normalised.

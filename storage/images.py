@@ -43,7 +43,10 @@ _AXIS_TYPE = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "spa
 _AXIS_UNIT = {"t": "second", "z": "millimeter", "y": "millimeter", "x": "millimeter"}
 MIN_LEVELS = 3
 _SPATIAL = ("z", "y", "x")
-_MAX_BLOCK = 4 << 20  # the largest blosc block (bytes): bigger gains nothing on images
+_MAX_BLOCK = 4 << 20
+_DOWNSAMPLE_BLOCK = (
+    2 << 20
+)  # input bytes per block of rows in _downsample  # the largest blosc block (bytes): bigger gains nothing on images
 
 
 def parse_axes(axes: Iterable[str]) -> tuple[str, ...]:
@@ -236,6 +239,25 @@ def _pyramid_factors(
 def _downsample(a: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """Block mean by factors of 1 or 2, edge-padding odd sizes; integers are rounded back.
 
+    A large array is done a few rows (along its first axis) at a time, into one output: the
+    temporaries stay small enough to be reused from the heap rather than mapped afresh.
+    """
+    rows = max(1, _DOWNSAMPLE_BLOCK // max(1, a[:1].nbytes))
+    if a.shape[0] <= rows or any(f not in (1, 2) for f in factors):
+        return _downsample_block(a, factors)
+    rows += rows % factors[0]  # whole pairs along the first axis in every block
+    shape = tuple(math.ceil(n / f) for n, f in zip(a.shape, factors, strict=True))
+    out = np.empty(shape, dtype=a.dtype)
+    for i in range(0, a.shape[0], rows):
+        j = i // factors[0]
+        part = _downsample_block(a[i : i + rows], factors)
+        out[j : j + part.shape[0]] = part
+    return out
+
+
+def _downsample_block(a: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """:func:`_downsample` of one block.
+
     Sums pairs of strided views in a wider type instead of reshaping to a float copy: no
     temporary larger than half the input.
     """
@@ -352,6 +374,20 @@ def _open_store(path: str, mode: str) -> Any:
     if _is_local(path):
         return zarr.storage.LocalStore(_local(path), read_only=(mode == "r"))
     return zarr.storage.FsspecStore.from_url(path, read_only=(mode == "r"))
+
+
+def _bound_zarr_threads() -> None:
+    """One zarr codec thread per core (at most 8) unless the user configured zarr otherwise.
+
+    zarr's default pool (asyncio's: cores + 4 threads) compresses no faster on few cores, and
+    every thread that compresses a chunk keeps a heap of its own that glibc seldom returns:
+    on 2 cores the default pool held 400 MiB writing a 150 MiB CT, two threads 280 MiB.
+    """
+    if zarr.config.get("threading.max_workers") is None:
+        zarr.config.set({"threading.max_workers": max(1, min(8, os.cpu_count() or 1))})
+
+
+_bound_zarr_threads()
 
 
 def write_image(

@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import struct
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1204,8 +1205,13 @@ class _Grey:
         fmt: _PixelFormat,
         planes: Sequence[_Plane],
         dtype: np.dtype | None = None,
+        out: np.ndarray | None = None,
     ):
-        self.array = np.empty(shape, dtype=dtype if dtype is not None else _grey_dtype(planes, fmt))
+        self.array = (
+            out
+            if out is not None
+            else np.empty(shape, dtype=dtype if dtype is not None else _grey_dtype(planes, fmt))
+        )
         self.fmt = fmt
         self.invert = fmt.photometric == "MONOCHROME1"
 
@@ -1315,6 +1321,23 @@ def _formats(
     return formats, fmt
 
 
+def _free_slab(spare: list[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A slab buffer from ``spare`` that no one references any more, or a new one (kept).
+
+    Reusing buffers spares the page faults of a fresh mapping per slab. A buffer is free when
+    its only references are ``spare`` and this call's: a consumer still holding a slab (or a
+    view of it) keeps it out of reuse, whatever the consumer does with it.
+    """
+    for buf in spare:
+        # references: the list, the loop variable and getrefcount's argument
+        if buf.shape == shape and buf.dtype == dtype and sys.getrefcount(buf) <= 3:
+            return buf
+    buf = np.empty(shape, dtype=dtype)
+    if len(spare) < 4:
+        spare.append(buf)
+    return buf
+
+
 def _stream_slices(
     insts: Sequence[_Instance],
     planes: Sequence[_Plane],
@@ -1330,10 +1353,12 @@ def _stream_slices(
     :class:`~storage.images.Restart`: the writer starts over with the whole image as float32.
     """
     fmt = formats[planes[0].inst]
+    spare: list[np.ndarray] = []  # slabs handed out before, reused once nobody holds them
     with _quiet(), _as_source_error(insts[0].path):
         for first in range(0, len(order), slab):
             block = order[first : first + slab]
-            sink = _Grey((len(block), fmt.rows, fmt.columns), fmt, planes, dtype=dtype)
+            shape = (len(block), fmt.rows, fmt.columns)
+            sink = _Grey(shape, fmt, planes, dtype=dtype, out=_free_slab(spare, shape, dtype))
             for k, i in enumerate(block):
                 plane = planes[i]
                 inst = insts[plane.inst]
@@ -1347,7 +1372,9 @@ def _stream_slices(
                     )
                 if sink.array.dtype != dtype:
                     raise Restart(restart, f"{inst.path}: a rescaled value beyond {dtype}")
-            yield sink.array
+            out = sink.array
+            del sink
+            yield out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Plain functions, wired by the flow in ``flows/pretrain.py``:
   the input grid, normalised and resized exactly as the encoder's preprocessing does, and
   flipped left-right at random, and with ``augment`` also jittered in contrast, brightness
   and gamma, blurred or given noise (so that crops of one series cannot be matched by their
-  noise or texture alone);
+  noise or texture alone); for SimDINO's multi-crop also smaller local crops at half the grid;
 * :func:`train_mae` trains with AdamW (linear warm-up then cosine decay), writes a checkpoint
   (model, decoder, optimizer, step, loss history and every random state) every
   ``checkpoint_every`` steps and at the end, and resumes from the run's checkpoint: a run
@@ -75,6 +75,7 @@ from storage.tables import connect, utcnow
 __all__ = [
     "CHECKPOINT_FORMAT",
     "ArchiveSampler",
+    "Draw",
     "ModelRecord",
     "PretrainConfig",
     "SeriesRef",
@@ -117,12 +118,16 @@ class PretrainConfig:
     (``None``: cuda when present); ``num_threads``: torch CPU threads (``None``: leave as is);
     ``run_name``: the run folder (``None``: encoder name plus config hash).
 
-    ``objective``: ``"mae"``, or ``"mae+simdino"`` to add a SimDINO-style term: the student's
-    projected ``"mean"`` feature of a second crop of the same series is pulled towards the
-    teacher's (an EMA of the student, momentum ``ema``) of the first crop (squared distance
-    of L2-normalised ``simdino_dim`` projections), minus ``simdino_gamma`` times the coding
-    rate of the batch's student projections (against collapse), weighted by
-    ``simdino_weight``.
+    ``objective``: ``"mae"``, or ``"mae+simdino"`` to add a SimDINO-style term over two
+    global crops of the same series (and ``local_crops`` smaller ones): the student's
+    projected ``"mean"`` feature of each crop is pulled towards the teacher's (an EMA of the
+    student, momentum ``ema``) of the *other* global crop (squared distance of L2-normalised
+    ``simdino_dim`` projections; both directions), minus ``simdino_gamma`` times the coding
+    rate of the batch's student projections of the global crops (against collapse), weighted
+    by ``simdino_weight``; the MAE term (on the first global crop) is weighted by
+    ``mae_weight``. ``local_crops``: extra crops per sample of ``local_crop_scale`` of the
+    area (and depth and time) at half the input grid on every axis (DINO's multi-crop; the
+    student alone sees them).
     """
 
     encoder: str = "m3ret_tiny"
@@ -148,6 +153,9 @@ class PretrainConfig:
     simdino_gamma: float = 0.1
     simdino_dim: int = 64
     ema: float = 0.99
+    mae_weight: float = 1.0
+    local_crops: int = 0
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
 
     @property
     def simdino(self) -> bool:
@@ -156,6 +164,7 @@ class PretrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["crop_scale"] = list(self.crop_scale)
+        d["local_crop_scale"] = list(self.local_crop_scale)
         return d
 
     def training_dict(self) -> dict[str, Any]:
@@ -184,13 +193,13 @@ def _parse_float(value: Any, what: str, lo: float, hi: float, *, open_lo: bool =
     return float(value)
 
 
-def _parse_crop_scale(value: Any) -> tuple[float, float]:
+def _parse_crop_scale(value: Any, what: str = "crop_scale") -> tuple[float, float]:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
-        raise ValueError(f"Expected crop_scale as [low, high] shares, got {value!r} instead.")
-    lo = _parse_float(value[0], "crop_scale low", 0.0, 1.0, open_lo=True)
-    hi = _parse_float(value[1], "crop_scale high", 0.0, 1.0, open_lo=True)
+        raise ValueError(f"Expected {what} as [low, high] shares, got {value!r} instead.")
+    lo = _parse_float(value[0], f"{what} low", 0.0, 1.0, open_lo=True)
+    hi = _parse_float(value[1], f"{what} high", 0.0, 1.0, open_lo=True)
     if lo > hi:
-        raise ValueError(f"Expected crop_scale low <= high, got {list(value)}.")
+        raise ValueError(f"Expected {what} low <= high, got {list(value)}.")
     return lo, hi
 
 
@@ -248,9 +257,17 @@ def parse_pretrain_config(config: Mapping[str, Any]) -> PretrainConfig:
         simdino_gamma=_parse_float(d["simdino_gamma"], "simdino_gamma", 0.0, 1e3),
         simdino_dim=_parse_positive_int(d["simdino_dim"], "simdino_dim", 2),
         ema=_parse_float(d["ema"], "ema", 0.0, 1.0),
+        mae_weight=_parse_float(d["mae_weight"], "mae_weight", 0.0, 1e3),
+        local_crops=_parse_positive_int(d["local_crops"], "local_crops", 0),
+        local_crop_scale=_parse_crop_scale(d["local_crop_scale"], "local_crop_scale"),
     )
     if cfg.objective not in _OBJECTIVES:
         raise ValueError(f"Expected objective in {_OBJECTIVES}, got {cfg.objective!r}.")
+    if not cfg.simdino and (cfg.local_crops or cfg.mae_weight != 1.0):
+        raise ValueError(
+            "Expected local_crops 0 and mae_weight 1 with objective 'mae' (they shape the "
+            f"SimDINO term), got local_crops {cfg.local_crops} and mae_weight {cfg.mae_weight}."
+        )
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"Expected min_lr <= lr, got min_lr {cfg.min_lr} and lr {cfg.lr}.")
     return cfg
@@ -313,6 +330,15 @@ def ingested_series(root: OutputRoot, kinds: Sequence[str] | None = None) -> lis
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Draw:
+    """Crops of one series: ``views`` ``[v, d, H, W]`` and ``local`` ``[n, d', h, w]`` or None."""
+
+    kind: str
+    views: torch.Tensor
+    local: torch.Tensor | None = None
+
+
 class ArchiveSampler:
     """Random training crops from ingested images, balanced over (kind, modality) groups.
 
@@ -329,6 +355,7 @@ class ArchiveSampler:
         flip: bool = True,
         augment: bool = False,
         cache_mb: int = 512,
+        local_crop_scale: tuple[float, float] = (0.05, 0.4),
     ) -> None:
         if not series:
             raise ValueError(
@@ -342,6 +369,15 @@ class ArchiveSampler:
         self.keys = list(self.groups)
         self.config = config
         self.crop_scale = crop_scale
+        self.local_crop_scale = local_crop_scale
+        d, h, w = config.input_size
+        pd, ph, pw = config.patch_size
+        # half the input grid on every axis, kept a whole number of patches
+        self.local_size = (
+            max(pd, d // 2 // pd * pd),
+            max(ph, h // 2 // ph * ph),
+            max(pw, w // 2 // pw * pw),
+        )
         self.flip = flip
         self.augment = augment
         self.cache_bytes = cache_mb << 20
@@ -387,8 +423,10 @@ class ArchiveSampler:
                 self._cached -= old.nbytes
         return data
 
-    def _box(self, rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
-        area = rng.uniform(*self.crop_scale)
+    def _box(
+        self, rng: np.random.Generator, h: int, w: int, scale: tuple[float, float]
+    ) -> tuple[int, int, int, int]:
+        area = rng.uniform(*scale)
         aspect = math.exp(rng.uniform(math.log(_ASPECT[0]), math.log(_ASPECT[1])))
         ch = min(h, max(1, round(h * math.sqrt(area * aspect))))
         cw = min(w, max(1, round(w * math.sqrt(area / aspect))))
@@ -396,8 +434,10 @@ class ArchiveSampler:
         x0 = int(rng.integers(0, w - cw + 1))
         return y0, y0 + ch, x0, x0 + cw
 
-    def _span(self, rng: np.random.Generator, n: int) -> tuple[int, int]:
-        length = min(n, max(1, round(n * rng.uniform(*self.crop_scale))))
+    def _span(
+        self, rng: np.random.Generator, n: int, scale: tuple[float, float]
+    ) -> tuple[int, int]:
+        length = min(n, max(1, round(n * rng.uniform(*scale))))
         start = int(rng.integers(0, n - length + 1))
         return start, start + length
 
@@ -406,21 +446,42 @@ class ArchiveSampler:
 
         Returns ``(kind, [views, d, H, W])``.
         """
+        drawn = self.draw(rng, views)
+        return drawn.kind, drawn.views
+
+    def draw(self, rng: np.random.Generator, views: int = 1, local: int = 0) -> Draw:
+        """``views`` crops of one series (as :meth:`sample`) and ``local`` smaller crops of it.
+
+        Local crops take ``local_crop_scale`` of the area (and of depth or time) and are
+        resized to :attr:`local_size` (depth 1 for 2D images).
+        """
         group = self.groups[self.keys[int(rng.integers(len(self.keys)))]]
         ref = group[int(rng.integers(len(group)))]
         meta, array, level = self._level(ref.path)
         crops = [self._crop(rng, ref, meta, array, level) for _ in range(views)]
-        return ref.kind, torch.stack(crops)
+        small = [
+            self._crop(rng, ref, meta, array, level, self.local_crop_scale, self.local_size)
+            for _ in range(local)
+        ]
+        return Draw(ref.kind, torch.stack(crops), torch.stack(small) if small else None)
 
     def _crop(
-        self, rng: np.random.Generator, ref: SeriesRef, meta: Any, array: Any, level: int
+        self,
+        rng: np.random.Generator,
+        ref: SeriesRef,
+        meta: Any,
+        array: Any,
+        level: int,
+        scale: tuple[float, float] | None = None,
+        size: tuple[int, int, int] | None = None,
     ) -> torch.Tensor:
-        depth, h, w = self.config.input_size
+        depth, h, w = size or self.config.input_size
+        scale = scale or self.crop_scale
         has_c = "c" in meta.axes
         iy = meta.axes.index("y")
-        y0, y1, x0, x1 = self._box(rng, array.shape[iy], array.shape[iy + 1])
+        y0, y1, x0, x1 = self._box(rng, array.shape[iy], array.shape[iy + 1], scale)
         if ref.kind == "video":
-            t0, t1 = self._span(rng, array.shape[0])
+            t0, t1 = self._span(rng, array.shape[0], scale)
             idx = np.round(np.linspace(t0, t1 - 1, depth)).astype(np.int64)
             nbytes = math.prod(array.shape) * np.dtype(array.dtype).itemsize
             if nbytes <= self.cache_bytes // _VIDEO_SHARE:
@@ -432,7 +493,7 @@ class ArchiveSampler:
         else:
             data = self._pixels(ref.path, level, array)
             if ref.kind == "volume":
-                z0, z1 = self._span(rng, data.shape[0])
+                z0, z1 = self._span(rng, data.shape[0], scale)
                 pixels = data[z0:z1]
                 grid_depth = depth
             else:
@@ -451,6 +512,10 @@ class ArchiveSampler:
     ) -> list[tuple[str, torch.Tensor]]:
         """``n`` samples of ``views`` crops each, drawn in order from ``rng``."""
         return [self.sample(rng, views) for _ in range(n)]
+
+    def draw_batch(self, rng: np.random.Generator, n: int, views: int, local: int) -> list[Draw]:
+        """``n`` draws (see :meth:`draw`) in order from ``rng``."""
+        return [self.draw(rng, views, local) for _ in range(n)]
 
 
 def _photometric(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -625,36 +690,55 @@ def _load_checkpoint(
 
 def _step_loss(
     models: _Models,
-    samples: Sequence[tuple[str, torch.Tensor]],
+    samples: Sequence[Draw],
     cfg: PretrainConfig,
     mask_rng: torch.Generator,
     device: torch.device,
 ) -> torch.Tensor:
     """Batch loss; samples are grouped by input shape (2D vs 3D), weighted by group size.
 
-    MAE on each sample's first crop; with SimDINO, the student's projection of the second crop
-    against the teacher's of the first, minus the coding rate of the student projections.
+    MAE on each sample's first crop (weight ``mae_weight``); with SimDINO, the student's
+    projection of each global crop against the teacher's of the other one, and of each local
+    crop against the teacher's of both, minus the coding rate of the student projections of
+    each global crop over the batch.
     """
-    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for _, x in samples:
-        groups.setdefault(tuple(x.shape), []).append(x)
+    groups: dict[tuple[int, ...], list[Draw]] = {}
+    for d in samples:
+        groups.setdefault(tuple(d.views.shape), []).append(d)
     mae = torch.zeros((), device=device)
-    students, teachers = [], []
+    students, teachers, locals_ = [], [], []
     for shape in sorted(groups):
-        xs = torch.stack(groups[shape]).to(device)  # [b, views, d, H, W]
+        draws = groups[shape]
+        xs = torch.stack([d.views for d in draws]).to(device)  # [b, views, d, H, W]
+        b, v = xs.shape[:2]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = models.mae(xs[:, :1], cfg.mask_ratio, mask_rng)
+            if cfg.mae_weight > 0:
+                out = models.mae(xs[:, :1], cfg.mask_ratio, mask_rng)
+                mae = mae + out.loss.float() * len(draws)
             if models.head is not None and models.teacher is not None:
-                students.append(models.head(mean_token(models.mae.encoder, xs[:, 1:2])))
+                flat = xs.reshape(b * v, 1, *xs.shape[2:])
+                z = models.head(mean_token(models.mae.encoder, flat))
+                students.append(z.reshape(b, v, -1))
                 with torch.no_grad():
-                    t_feat = mean_token(models.teacher["encoder"], xs[:, :1])
-                    teachers.append(models.teacher["head"](t_feat))
-        mae = mae + out.loss.float() * len(groups[shape])
-    loss = mae / len(samples)
+                    t_feat = mean_token(models.teacher["encoder"], flat)
+                    teachers.append(models.teacher["head"](t_feat).reshape(b, v, -1))
+                if draws[0].local is not None:
+                    small = torch.stack([d.local for d in draws if d.local is not None]).to(device)
+                    n = small.shape[1]
+                    z = models.head(
+                        mean_token(models.mae.encoder, small.reshape(b * n, 1, *small.shape[2:]))
+                    )
+                    locals_.append(z.reshape(b, n, -1))
+    loss = cfg.mae_weight * mae / len(samples)
     if students:
-        zs, zt = torch.cat(students), torch.cat(teachers)
-        align = 0.5 * ((zs - zt) ** 2).sum(dim=-1).mean()
-        loss = loss + cfg.simdino_weight * (align - cfg.simdino_gamma * coding_rate(zs))
+        zs, zt = torch.cat(students), torch.cat(teachers)  # [B, 2, dim]
+        pairs = [0.5 * ((zs[:, i] - zt[:, 1 - i]) ** 2).sum(dim=-1) for i in range(2)]
+        if locals_:
+            zl = torch.cat(locals_)  # [B, n, dim]
+            pairs += [0.5 * ((zl - zt[:, j : j + 1]) ** 2).sum(dim=-1).T for j in range(2)]
+        align = torch.cat([p.reshape(-1, zs.shape[0]) for p in pairs]).mean()
+        rate = torch.stack([coding_rate(zs[:, i]) for i in range(2)]).mean()
+        loss = loss + cfg.simdino_weight * (align - cfg.simdino_gamma * rate)
     return loss
 
 
@@ -694,7 +778,7 @@ def train_mae(
     views = 2 if cfg.simdino else 1
     models.train()
     while step < cfg.steps:
-        samples = sampler.batch(data_rng, cfg.batch_size, views)
+        samples = sampler.draw_batch(data_rng, cfg.batch_size, views, cfg.local_crops)
         loss = _step_loss(models, samples, cfg, mask_rng, device)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Loss became {float(loss)} at step {step + 1}.")
@@ -854,6 +938,7 @@ def run_pretraining(
         flip=cfg.flip,
         augment=cfg.augment,
         cache_mb=cfg.cache_mb,
+        local_crop_scale=cfg.local_crop_scale,
     )
     result, model = train_mae(cfg, sampler, directory, on_step=on_step)
     plot_loss(
@@ -884,6 +969,7 @@ def train_task(root: str, config: PretrainConfig) -> TrainResult:
         flip=config.flip,
         augment=config.augment,
         cache_mb=config.cache_mb,
+        local_crop_scale=config.local_crop_scale,
     )
     logger.info("training on %s (kind/modality: series)", sampler.group_sizes())
     every = max(1, config.steps // 20)

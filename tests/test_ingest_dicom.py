@@ -818,3 +818,20 @@ def test_streamed_truncated_slice_leaves_nothing(tmp_path: Path) -> None:
     assert err.value.path == last and "truncated" in str(err.value)
     assert not (tmp_path / "out" / "img.zarr").exists()
     assert not list((tmp_path / "out" / ".staging").glob("*"))
+
+
+def test_streamed_slabs_held_by_the_consumer_are_never_reused(tmp_path: Path) -> None:
+    # three slabs of 64: a consumer keeping every block must get three distinct, intact ones
+    vol = ct_phantom((150, 8, 8), seed=7)
+    paths = _paths(write_ct_series(tmp_path / "s", vol, SPACING, ORIGIN))
+    img = read_dicom_series(paths, stream=True)
+    assert img.blocks is not None
+    blocks = list(img.blocks)
+    assert [b.shape[0] for b in blocks] == [64, 64, 22]
+    assert len({id(b) for b in blocks}) == 3
+    np.testing.assert_array_equal(np.concatenate(blocks), vol)
+    # a consumer that lets go of each block before asking for the next gets them intact too
+    img = read_dicom_series(paths, stream=True)
+    assert img.blocks is not None
+    copies = [b.copy() for b in img.blocks]
+    np.testing.assert_array_equal(np.concatenate(copies), vol)

@@ -88,7 +88,13 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> OutputRoot:
 
 def _sampler(pt: Any, root: OutputRoot, cfg: Any) -> Any:
     _, mcfg = pt.encoder_config(cfg)
-    return pt.ArchiveSampler(pt.ingested_series(root), mcfg, crop_scale=cfg.crop_scale)
+    return pt.ArchiveSampler(
+        pt.ingested_series(root),
+        mcfg,
+        crop_scale=cfg.crop_scale,
+        augment=cfg.augment,
+        local_crop_scale=cfg.local_crop_scale,
+    )
 
 
 def test_sampler_balances_groups_and_shapes(pt: Any, root: OutputRoot) -> None:
@@ -120,6 +126,32 @@ def test_sampler_balances_groups_and_shapes(pt: Any, root: OutputRoot) -> None:
         assert torch.equal(a, b)
 
 
+def test_local_crops_are_smaller_views_of_the_same_series(pt: Any, root: OutputRoot) -> None:
+    cfg = pt.parse_pretrain_config(FAST)
+    _, mcfg = pt.encoder_config(cfg)
+    sampler = pt.ArchiveSampler(
+        pt.ingested_series(root), mcfg, augment=True, local_crop_scale=(0.1, 0.3)
+    )
+    assert sampler.local_size == (8, 32, 32)  # half of 16 x 64 x 64, whole patches
+    rng = np.random.default_rng(3)
+    drawn = sampler.draw_batch(rng, 12, 2, 3)
+    assert {d.kind for d in drawn} == {"image", "video", "volume"}
+    for d in drawn:
+        depth = 1 if d.kind == "image" else 16
+        assert d.views.shape == (2, depth, 64, 64)
+        assert d.local is not None and d.local.shape == (3, 1 if depth == 1 else 8, 32, 32)
+        assert d.local.min() >= 0 and d.local.max() <= 1 and torch.isfinite(d.local).all()
+    again = sampler.draw_batch(np.random.default_rng(3), 12, 2, 3)
+    assert all(
+        torch.equal(a.views, b.views) and torch.equal(a.local, b.local)
+        for a, b in zip(drawn, again, strict=True)
+    )
+    # no local crops: the same draws as sample() makes, so MAE runs are unchanged
+    plain = sampler.draw(np.random.default_rng(4), 1)
+    kind, views = sampler.sample(np.random.default_rng(4), 1)
+    assert plain.local is None and plain.kind == kind and torch.equal(plain.views, views)
+
+
 def test_config_validation(pt: Any) -> None:
     with pytest.raises(ValueError, match=r"Unknown pretraining setting\(s\) \['stpes'\]"):
         pt.parse_pretrain_config({"stpes": 3})
@@ -133,14 +165,29 @@ def test_config_validation(pt: Any) -> None:
         pt.load_pretrain_config("/no/such/config.json")
     with pytest.raises(ValueError, match="objective in"):
         pt.parse_pretrain_config({"objective": "dino"})
+    with pytest.raises(ValueError, match="local_crops 0 and mae_weight 1 with objective 'mae'"):
+        pt.parse_pretrain_config({"local_crops": 2})
+    with pytest.raises(ValueError, match="local_crop_scale low <= high"):
+        pt.parse_pretrain_config({"objective": "mae+simdino", "local_crop_scale": [0.5, 0.2]})
+    cfg = pt.parse_pretrain_config(
+        {"objective": "mae+simdino", "local_crops": 2, "mae_weight": 0.0}
+    )
+    assert cfg.to_dict()["local_crop_scale"] == [0.05, 0.4] and cfg.mae_weight == 0.0
 
 
-@pytest.mark.parametrize("objective", ["mae", "mae+simdino"])
+@pytest.mark.parametrize(
+    ("objective", "extra"),
+    [
+        ("mae", {}),
+        ("mae+simdino", {}),
+        ("mae+simdino", {"local_crops": 2, "augment": True, "mae_weight": 0.5}),
+    ],
+)
 def test_interrupted_run_resumes_to_identical_weights(
-    pt: Any, root: OutputRoot, tmp_path: Path, objective: str
+    pt: Any, root: OutputRoot, tmp_path: Path, objective: str, extra: dict[str, Any]
 ) -> None:
     cfg = pt.parse_pretrain_config(
-        {**FAST, "steps": 8, "checkpoint_every": 3, "objective": objective}
+        {**FAST, "steps": 8, "checkpoint_every": 3, "objective": objective, **extra}
     )
     whole, model_a = pt.train_mae(cfg, _sampler(pt, root, cfg), tmp_path / "a")
 
@@ -161,7 +208,7 @@ def test_interrupted_run_resumes_to_identical_weights(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # other settings in the same run folder are refused, not mixed
     other = pt.parse_pretrain_config(
-        {**FAST, "steps": 8, "checkpoint_every": 3, "objective": objective, "lr": 1e-4}
+        {**FAST, "steps": 8, "checkpoint_every": 3, "objective": objective, **extra, "lr": 1e-4}
     )
     with pytest.raises(ValueError, match="lr differ"):
         pt.train_mae(other, _sampler(pt, root, other), tmp_path / "b")
