@@ -143,7 +143,7 @@ from flows.nightly import IngestSummary, record_run, resolve_specs
 from storage.layout import OutputRoot
 from storage.lock import run_lock
 from tasks.discover import diff_sources, known_sources, list_archive
-from tasks.encode import get_encoder, pending_items
+from tasks.encode import known_encoder, pending_items
 from tasks.preprocess import DenoiseConfig, pending_denoise
 mark("import the rest of the no-op path")
 out = OutputRoot({str(root)!r})
@@ -156,8 +156,8 @@ with run_lock(out.url, "bench") as lock:
     assert disc.counts()["unchanged"] == len(files), disc.counts()
     pending_denoise(out, DenoiseConfig()); mark("pending denoise (catalog read)")
     specs = resolve_specs(None, {str(config)!r})
-    import encoders  # noqa
-    enc = get_encoder(specs[0]); mark("build the encoder (torch, open_clip, weights hash)")
+    enc = known_encoder(out, specs[0])
+    mark("the encoder's version (remembered from its last build; built if its inputs changed)")
     items = pending_items(out, enc, specs[0]); mark(f"pending embeddings ({{len(items)}})")
 print(json.dumps(marks))
 """

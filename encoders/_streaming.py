@@ -26,6 +26,7 @@ error and no embeddings.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import threading
@@ -66,11 +67,13 @@ class EncodedSeries:
         return self.error is None
 
 
-def load_series(item: Any) -> tuple[ImageMeta, Any]:
+def load_series(item: Any, ras_spacing: Sequence[float] | None = None) -> tuple[ImageMeta, Any]:
     """Default loader: an OME-Zarr image path, or an ``(ImageMeta, array)`` pair as it is.
 
     Level 0 is read whole, except for video (first axis ``t``), which stays a lazy zarr array
-    so that only the sampled frames are read.
+    so that only the sampled frames are read. With ``ras_spacing`` (the voxel size an encoder
+    resamples a volume to, mm along R, A, S), a volume is read from the coarsest pyramid level
+    no coarser than that (see :meth:`~storage.images.OpenedImage.coarsest_level_within`).
     """
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], ImageMeta):
         return item[0], item[1]
@@ -79,7 +82,10 @@ def load_series(item: Any) -> tuple[ImageMeta, Any]:
     opened = open_image(os.fspath(item))
     if opened.meta.axes[0] == "t":
         return opened.meta, opened.levels[0]
-    return opened.meta, opened.read(0)
+    level = 0
+    if ras_spacing is not None and opened.meta.axes == ("z", "y", "x"):
+        level = opened.coarsest_level_within(ras_spacing)
+    return opened.level_meta(level), opened.read(level)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +228,9 @@ def stream_encode(
     prefetch = _parse_count(prefetch, "prefetch", 1)
     mode = _parse_mode(encoder, preprocess_on)
     seq = items if isinstance(items, Sequence) else list(items)
+    input_spacing = getattr(encoder, "input_spacing", None)
+    if loader is load_series and input_spacing is not None:
+        loader = functools.partial(load_series, ras_spacing=tuple(input_spacing))
     if num_workers > 0 and start_method == "forkserver":
         # the fork server imports these once; each worker then starts by a cheap fork of it
         multiprocessing.set_forkserver_preload(list(_FORKSERVER_PRELOAD))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,22 +22,10 @@ console = Console()
 RootOpt = Annotated[str, typer.Option("--root", "-r", help="Output root (folder or fsspec URL).")]
 
 
-def _run_nightly(
-    archive: str,
-    root: str,
-    batch_size: int,
-    workers: int,
-    encoders: list[dict[str, Any]] | None = None,
-    encoder_config: str | None = None,
-    dask_address: str | None = None,
-    dask_workers: int | None = None,
-) -> dict[str, Any]:
-    import contextlib
-
-    from flows import nightly as nightly_mod
-
-    runner = nightly_mod._runner(workers, dask_address=dask_address, dask_workers=dask_workers)
-    dask = dask_address is not None or dask_workers is not None
+@contextlib.contextmanager
+def stage_progress(callbacks: dict[str, Any]) -> Iterator[None]:
+    """Progress bars on the console, one per stage, fed by a flow through ``callbacks["cb"]``
+    (a flow module's ``_PROGRESS``: flows take only serialisable parameters)."""
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -51,20 +41,38 @@ def _run_nightly(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        nightly_mod._PROGRESS["cb"] = progress
+        callbacks["cb"] = progress
         try:
-            flow = nightly_mod.nightly.with_options(task_runner=runner)
-            # Dask workers are other processes: they need an API they can reach
-            with nightly_mod.api_for_workers() if dask else contextlib.nullcontext():
-                result: dict[str, Any] = flow(
-                    archive=archive,
-                    root=root,
-                    batch_size=batch_size,
-                    encoders=encoders,
-                    encoder_config=encoder_config,
-                )
+            yield
         finally:
-            nightly_mod._PROGRESS.pop("cb", None)
+            callbacks.pop("cb", None)
+
+
+def _run_nightly(
+    archive: str,
+    root: str,
+    batch_size: int,
+    workers: int,
+    encoders: list[dict[str, Any]] | None = None,
+    encoder_config: str | None = None,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
+) -> dict[str, Any]:
+    from flows import nightly as nightly_mod
+
+    runner = nightly_mod._runner(workers, dask_address=dask_address, dask_workers=dask_workers)
+    dask = dask_address is not None or dask_workers is not None
+    with stage_progress(nightly_mod._PROGRESS):
+        flow = nightly_mod.nightly.with_options(task_runner=runner)
+        # Dask workers are other processes: they need an API they can reach
+        with nightly_mod.api_for_workers() if dask else contextlib.nullcontext():
+            result: dict[str, Any] = flow(
+                archive=archive,
+                root=root,
+                batch_size=batch_size,
+                encoders=encoders,
+                encoder_config=encoder_config,
+            )
     return result
 
 

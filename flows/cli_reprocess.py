@@ -141,13 +141,6 @@ def reprocess_cmd(
 
 
 def _run_flow(root: str, config: str | None, encoder: str | None, workers: int) -> dict[str, Any]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     from flows import reprocess as mod
     from flows.nightly import _runner, default_workers, resolve_specs
@@ -158,26 +151,11 @@ def _run_flow(root: str, config: str | None, encoder: str | None, workers: int) 
     except ValueError as e:
         console.print(f"[red]reprocess:[/red] {e}")
         raise typer.Exit(2) from e
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        tasks: dict[str, Any] = {}
+    from flows.cli import stage_progress
 
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        mod._PROGRESS["cb"] = progress
-        try:
-            flow = mod.reprocess.with_options(task_runner=_runner(workers or default_workers()))
-            result: dict[str, Any] = flow(root=root, encoder_config=config, encoder=encoder)
-        finally:
-            mod._PROGRESS.pop("cb", None)
+    with stage_progress(mod._PROGRESS):
+        flow = mod.reprocess.with_options(task_runner=_runner(workers or default_workers()))
+        result: dict[str, Any] = flow(root=root, encoder_config=config, encoder=encoder)
     return result
 
 

@@ -9,6 +9,7 @@ for ``t``, 1 for ``c``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -630,6 +631,75 @@ class OpenedImage:
 
     def read(self, level: int = 0) -> np.ndarray:
         return np.asarray(self.levels[level][...])
+
+    def level_scales(self) -> list[list[float]]:
+        """Each level's voxel size along its axes (OME-Zarr ``scale``), level 0 first."""
+        datasets = self.attrs["ome"]["multiscales"][0]["datasets"]
+        out = []
+        for d in datasets:
+            scale = next(t["scale"] for t in d["coordinateTransformations"] if t["type"] == "scale")
+            out.append([float(v) for v in scale])
+        return out
+
+    def level_meta(self, level: int) -> ImageMeta:
+        """The metadata of pyramid level ``level``: its spacing, origin and affine.
+
+        A level-``level`` voxel is the block mean of ``f`` level-0 voxels along each axis, so
+        its centre lies ``(f - 1) / 2`` level-0 voxels further: the affine is level 0's times
+        that scaling and shift (in voxel index order x, y, z).
+        """
+        if level == 0:
+            return self.meta
+        scales = self.level_scales()
+        if not 0 <= level < len(scales):
+            raise ValueError(f"Expected a level in 0..{len(scales) - 1}, got {level} instead.")
+        meta = self.meta
+        factors = {a: s / s0 for a, s, s0 in zip(meta.axes, scales[level], scales[0], strict=True)}
+        step = np.eye(4)
+        for col, axis in enumerate(("x", "y", "z")):
+            f = factors.get(axis, 1.0)
+            step[col, col] = f
+            step[col, 3] = (f - 1.0) / 2.0
+        affine = meta.affine_array @ step
+        origin = tuple(
+            o + (factors[a] - 1.0) * s0 / 2.0 if a in _SPATIAL else o
+            for a, o, s0 in zip(meta.axes, meta.origin, meta.spacing, strict=True)
+        )
+        return dataclasses.replace(
+            meta,
+            spacing=tuple(scales[level]),
+            origin=origin,
+            affine=tuple(tuple(float(v) for v in row) for row in affine),
+        )
+
+    def coarsest_level_within(self, ras_spacing: Sequence[float]) -> int:
+        """The coarsest level that no axis makes coarser than needed for ``ras_spacing``.
+
+        ``ras_spacing``: the voxel size (mm along R, A, S) a consumer resamples to. Each image
+        axis is matched to the RAS direction it runs closest to (through the affine); a level
+        qualifies when along every spatial axis its voxel is no larger than that target, or
+        than level 0's voxel where level 0 is already coarser.
+        """
+        target = [float(v) for v in ras_spacing]
+        if len(target) != 3 or not all(v > 0 for v in target):
+            raise ValueError(f"Expected 3 positive RAS spacings, got {list(ras_spacing)}.")
+        meta = self.meta
+        direction = np.abs(meta.affine_array[:3, :3])
+        limit = {}
+        for col, axis in enumerate(("x", "y", "z")):
+            if axis in meta.axes:
+                limit[axis] = target[int(np.argmax(direction[:, col]))]
+        scales = self.level_scales()
+        best = 0
+        for level, scale in enumerate(scales):
+            ok = all(
+                s <= max(limit[a], s0) + 1e-6
+                for a, s, s0 in zip(meta.axes, scale, scales[0], strict=True)
+                if a in limit
+            )
+            if ok:
+                best = level
+        return best
 
 
 def open_image(path: str) -> OpenedImage:
