@@ -48,9 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from encoders import Encoder, create_encoder
-from encoders._streaming import stream_encode
+from encoders._streaming import load_series, stream_encode
 from encoders.testing import synthetic_ct
-from storage.images import DecodedImage, open_image, write_image
+from storage.images import DecodedImage, write_image
 
 FULL = {"volume": (192, 512, 512), "spacing": (2.5, 0.78125, 0.78125), "roi": None}
 QUICK = {"volume": (48, 128, 128), "spacing": (3.0, 2.0, 2.0), "roi": (96, 96, 48)}
@@ -86,6 +86,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=None, help="reading processes for (c)")
     p.add_argument("--device-threads", type=int, default=4, help="staging threads for (c)")
     p.add_argument("--quick", action="store_true", help="reduced volume and input size")
+    p.add_argument(
+        "--input-level",
+        choices=("full", "pyramid"),
+        default="full",
+        help="Merlin's preprocess.input_level: read level 0, or the coarsest pyramid level "
+        "within its 1.5 x 1.5 x 3 mm grid (everywhere: naive loop, reading only, streaming)",
+    )
+    p.add_argument(
+        "--spacing",
+        default=None,
+        help="voxel size of the synthetic volumes, z,y,x mm (default 2.5,0.78125,0.78125; "
+        "0.7 mm in-plane lets pyramid level 1 qualify)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "encode.md")
     p.add_argument("--data-dir", type=Path, default=None, help="where volumes are written (kept)")
     p.add_argument(
@@ -94,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of streaming modes: workers, device (default: both on cuda, workers on cpu)",
     )
     args = p.parse_args(argv)
+    if args.spacing is not None:
+        try:
+            args.spacing = tuple(float(v) for v in args.spacing.split(","))
+        except ValueError:
+            p.error(f"--spacing expects three numbers z,y,x, got {args.spacing!r}")
+        if len(args.spacing) != 3 or min(args.spacing) <= 0:
+            p.error(f"--spacing expects three positive numbers z,y,x, got {args.spacing}")
     for name in ("n_series", "naive_series", "batch_size", "num_workers"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "num_workers" else 1):
@@ -207,8 +227,8 @@ def naive_loop(enc: Encoder, paths: list[str]) -> Row:
     """(b): read, preprocess on the CPU, encode; one series at a time."""
 
     def one(path: str) -> None:
-        opened = open_image(path)
-        x = enc.preprocess(opened.meta, opened.read(0))
+        meta, volume = load_series(path, ras_spacing=getattr(enc, "input_spacing", None))
+        x = enc.preprocess(meta, volume)
         enc.encode_images(x)
 
     one(paths[0])  # warm-up
@@ -220,14 +240,17 @@ def naive_loop(enc: Encoder, paths: list[str]) -> Row:
     )
 
 
-def _read_nbytes(path: Any) -> Any:
-    return int(open_image(str(path)).read(0).nbytes)
+def _read_nbytes(item: tuple[str, Any]) -> Any:
+    path, ras_spacing = item
+    return int(load_series(str(path), ras_spacing=ras_spacing)[1].nbytes)
 
 
-def loading_only(paths: list[str], workers: int, device: torch.device) -> Row:
+def loading_only(
+    paths: list[str], workers: int, device: torch.device, ras_spacing: Any = None
+) -> Row:
     """Reading the volumes alone, in as many worker processes as (c) uses (the reader limit)."""
     reader: torch.utils.data.DataLoader[Any] = torch.utils.data.DataLoader(
-        paths,  # type: ignore[arg-type]  # a list is a map-style dataset
+        [(p, ras_spacing) for p in paths],  # type: ignore[arg-type]  # a map-style dataset
         batch_size=None,
         num_workers=workers,
         collate_fn=_read_nbytes,
@@ -279,22 +302,22 @@ def preprocess_timing(enc: Encoder, path: str, repeats: int = 3) -> dict[str, fl
     """Seconds per series for reading, CPU preprocessing and (cuda) GPU preprocessing."""
     out: dict[str, float] = {}
     t = time.perf_counter()
+    ras_spacing = getattr(enc, "input_spacing", None)
     for _ in range(repeats):
-        opened = open_image(path)
-        array = opened.read(0)
+        meta, array = load_series(path, ras_spacing=ras_spacing)
     out["read"] = (time.perf_counter() - t) / repeats
-    enc.preprocess(opened.meta, array)  # warm-up (imports, allocator)
+    enc.preprocess(meta, array)  # warm-up (imports, allocator)
     t = time.perf_counter()
     for _ in range(repeats):
-        enc.preprocess(opened.meta, array)
+        enc.preprocess(meta, array)
     out["preprocess_cpu"] = (time.perf_counter() - t) / repeats
     if enc.device.type == "cuda" and hasattr(enc, "preprocess_on_device"):
         vol = torch.from_numpy(array).to(enc.device)
-        enc.preprocess_on_device(opened.meta, vol)
+        enc.preprocess_on_device(meta, vol)
         torch.cuda.synchronize(enc.device)
         t = time.perf_counter()
         for _ in range(repeats):
-            enc.preprocess_on_device(opened.meta, vol)
+            enc.preprocess_on_device(meta, vol)
         torch.cuda.synchronize(enc.device)
         out["preprocess_gpu"] = (time.perf_counter() - t) / repeats
     return out
@@ -315,7 +338,8 @@ def markdown(args: argparse.Namespace, enc: Encoder, rows: list[Row], extra: dic
         f"- torch {torch.__version__}; device {dev}"
         + ("; bf16 autocast, channels-last 3D" if dev.type == "cuda" else "; float32"),
         f"- model: full-size Merlin image tower (ResNet152-I3D, random weights), input "
-        f"{enc.info.extra['input_shape']}",
+        f"{enc.info.extra['input_shape']}; preprocess.input_level "
+        f"{getattr(enc.config, 'input_level', 'full')}",
         f"- volumes: synthetic CT {cfg['volume']} (z, y, x) int16 at {cfg['spacing']} mm, "
         f"{MAX_DISTINCT} distinct at most, cycled",
         "- per series: " + ", ".join(f"{k} {v:.3f} s" for k, v in extra["timing"].items()),
@@ -337,7 +361,15 @@ def markdown(args: argparse.Namespace, enc: Encoder, rows: list[Row], extra: dic
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    enc = create_encoder("merlin", random_weights=True, device=args.device, roi_size=cfg["roi"])
+    enc = create_encoder(
+        "merlin",
+        random_weights=True,
+        device=args.device,
+        roi_size=cfg["roi"],
+        input_level=args.input_level,
+    )
+    if args.spacing is not None:
+        cfg = {**cfg, "spacing": args.spacing}
     cuda = enc.device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its kernels
@@ -380,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             enc.set_channels_last(True)  # type: ignore[attr-defined]
         rows.append(naive_loop(enc, paths[:naive_n]))
         print(rows[-1], flush=True)
-        rows.append(loading_only(paths, workers, enc.device))
+        rows.append(loading_only(paths, workers, enc.device, getattr(enc, "input_spacing", None)))
         print(rows[-1], flush=True)
         for mode in modes:
             rows.append(streaming(enc, paths, batch, workers, mode, args.device_threads))
