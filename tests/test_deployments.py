@@ -233,7 +233,7 @@ def _nightly_cmd(archive: Path, root: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_overlapping_nightly_runs_never_both_write(tmp_path: Path, prefect_api: None) -> None:
-    n = 40  # one series per task: long enough for the second run to meet the lock held
+    n = 40
     archive = _archive(tmp_path / "archive", n)
     root = tmp_path / "out"
     env = _api_env(COLUMNS="200")
@@ -253,8 +253,17 @@ def test_overlapping_nightly_runs_never_both_write(tmp_path: Path, prefect_api: 
         stdin=subprocess.PIPE,
         **popen,
     )
+    # the first run writes slowly (a pause before each series), so that however fast this
+    # machine is, it still holds the lock when the second one tries
+    slow = (
+        "import sys, time, tasks.ingest as ti; one = ti.ingest_series\n"
+        "def paused(*a, **k):\n    time.sleep(0.5)\n    return one(*a, **k)\n"
+        "ti.ingest_series = paused; import flows.cli as cli; cli.main()"
+    )
+    one_by_one = ("--batch-size", "1", "--workers", "1")
     first = subprocess.Popen(
-        _nightly_cmd(archive, root, "--batch-size", "1", "--workers", "1"), **popen
+        [sys.executable, "-c", slow, "nightly", str(archive), "--root", str(root), *one_by_one],
+        **popen,
     )
     try:
         _wait_for(lambda: _lock_holder(root).get("flow") == "nightly", 120, "the lock", first)
