@@ -9,8 +9,9 @@ Steps, all in one run:
    structure of the class (``--scene single``) or 4 to 7 smaller ones (``--scene multi``,
    the default) at random places and sizes (moving across the view in videos);
 2. ingest it with the nightly flow's ingest (``flows.nightly.ingest_archive``, Prefect);
-3. pretrain ``m3ret_tiny`` on it on the CPU, once per objective in ``--objectives`` (MAE,
-   MAE plus the SimDINO-style term), each through ``flows.pretrain.pretrain`` (Prefect),
+3. pretrain ``--encoder`` (default ``m3ret_tiny``; any registered M3Ret config, e.g.
+   ``m3ret_tiny_p4`` with 4 x 4 in-plane patches) on it on the CPU, once per objective in
+   ``--objectives`` (MAE, MAE plus the SimDINO-style term), each through ``flows.pretrain.pretrain`` (Prefect),
    which registers a version;
 4. embed every series through the encode stage (``tasks.encode.encode_items``) with each
    pretrained version and with the same encoder at its random initialisation (the exact
@@ -53,6 +54,11 @@ RAW_GRID = (4, 16, 16)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/m3ret-bench"))
+    p.add_argument(
+        "--encoder",
+        default="m3ret_tiny",
+        help="registered M3Ret encoder to pretrain and compare (e.g. m3ret_tiny_p4)",
+    )
     p.add_argument("--per-class", type=int, default=10, help="series per class and modality")
     p.add_argument("--steps", type=int, default=1000, help="pretraining steps per objective")
     p.add_argument("--batch-size", type=int, default=12)
@@ -267,7 +273,7 @@ def _gradient_histogram(vol: np.ndarray) -> np.ndarray:
     return np.concatenate([hist / (hist.sum() + 1e-9), second, [mag.mean()]])
 
 
-def baseline_embeddings(root: str) -> dict[str, str]:
+def baseline_embeddings(root: str, encoder: str = "m3ret_tiny") -> dict[str, str]:
     """Write the two baselines to the embeddings table; returns their labels by name.
 
     Both start from the encoder's preprocessing (same normalisation and grid, valid slices
@@ -280,7 +286,7 @@ def baseline_embeddings(root: str) -> dict[str, str]:
     from storage.tables import connect, embeddings_schema, utcnow, write_part
 
     out = OutputRoot(root)
-    prep = create_encoder("m3ret_tiny", random_weights=True, device="cpu").preprocessor()
+    prep = create_encoder(encoder, random_weights=True, device="cpu").preprocessor()
     rows = (
         connect(out)
         .execute(
@@ -349,13 +355,13 @@ def _table(reports: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _goals(reports: dict[str, Any], pretrained: list[str]) -> str:
+def _goals(reports: dict[str, Any], pretrained: list[str], random_name: str) -> str:
     """Goal lines: each pretrained encoder's R@1 against random init and raw pixels, per scope.
 
     "Clearly above" means by more than two standard errors of the baseline's R@1 (a share of
     n queries: sqrt(p (1 - p) / n)).
     """
-    random_init = reports["m3ret_tiny random init"]
+    random_init = reports[random_name]
     raw = next(v for k, v in reports.items() if k.startswith("raw pixels"))
     lines = [
         "| scope | encoder | R@1 | random init | raw pixels | clearly above both |",
@@ -375,6 +381,20 @@ def _goals(reports: dict[str, Any], pretrained: list[str]) -> str:
                 f"{base[1].recall[1]:.3f} | {'**met**' if above else '**missed**'} |"
             )
     return "\n".join(lines)
+
+
+def _describe(name: str) -> str:
+    """The encoder's architecture in a few words, from its registered config."""
+    from encoders._registry import get_entry, thaw
+
+    c = thaw(get_entry(name).config)
+    v, d = c["vit"], c["decoder"]
+    x = "x".join
+    return (
+        f"ViT {v['embed_dim']}-d, {v['depth']} blocks, patch {x(map(str, v['patch_size']))}, "
+        f"input {x(map(str, c['input_size']))}; MAE decoder {d['embed_dim']}-d, "
+        f"{d['depth']} block{'s' if d['depth'] != 1 else ''}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     for objective in args.objectives:
         t0 = time.perf_counter()
         settings = {
-            "encoder": "m3ret_tiny",
+            "encoder": args.encoder,
             "steps": args.steps,
             "batch_size": args.batch_size,
             "lr": args.lr,
@@ -428,21 +448,25 @@ def main(argv: list[str] | None = None) -> int:
         records[objective] = pretrain(root=root, config=settings)
         timings[f"pretrain {objective}"] = time.perf_counter() - t0
 
+    enc = args.encoder
+    # embeddings-table labels: unchanged for m3ret_tiny, the encoder name for any other
+    prefix = "m3ret" if enc == "m3ret_tiny" else enc.replace("_", "-")
     specs = {
-        f"m3ret_tiny {objective}": EncoderSpec(
-            name="m3ret_tiny",
+        f"{enc} {objective}": EncoderSpec(
+            name=enc,
             checkpoint=record["weights"],
-            label=f"m3ret-{objective.replace('+', '-')}",
+            label=f"{prefix}-{objective.replace('+', '-')}",
             batch_size=8,
             num_workers=0,
         )
         for objective, record in records.items()
     }
-    specs["m3ret_tiny random init"] = EncoderSpec(
-        name="m3ret_tiny",
+    random_name = f"{enc} random init"
+    specs[random_name] = EncoderSpec(
+        name=enc,
         random_weights=True,
         options={"seed": args.seed},
-        label="m3ret-random",
+        label=f"{prefix}-random",
         batch_size=8,
         num_workers=0,
     )
@@ -451,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[f"encode {name}"] = seconds
         print(f"{name}: {n} series embedded in {seconds:.1f} s")
     t0 = time.perf_counter()
-    baselines = baseline_embeddings(root)
+    baselines = baseline_embeddings(root, enc)
     timings["baselines"] = time.perf_counter() - t0
 
     reports = {
@@ -479,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
 - Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; whole benchmark {total:.0f} s
 - Machine: {os.cpu_count()} cores (shared with other jobs), {platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__} ({args.threads} thread(s)), no GPU
 - Archive (scene `{args.scene}`: {"one structure" if args.scene == "single" else "4 to 7 structures of the class"} per series): {args.per_class} series per class (sphere, cube, stripes) in each of CT (DICOM volumes 24x64x64), DX (DICOM 96x96) and ES (MP4, 24 frames 64x80): {counts.n_labelled} labelled series ingested ({dict(counts.labels)})
-- Pretraining: m3ret_tiny (ViT 96-d, 4 blocks, patch 4x8x8, input 16x64x64; MAE decoder 64-d, 1 block; mask ratio 0.75), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up {max(1, args.steps // 20)} steps, cosine), seed {args.seed}, crops of 0.4..1 of the area and flips; `mae+simdino` adds the SimDINO-style term (weight 1, coding-rate gamma 0.1, 64-d projection, EMA 0.99; two global crops, each student crop against the teacher's other crop, plus {args.local_crops} local crops of 0.05..0.4 of the area at half the grid){" with photometric augmentation (contrast, brightness, gamma, blur or noise)" if args.augment else ""}, one objective per run:
+- Pretraining: {enc} ({_describe(enc)}; mask ratio 0.75), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up {max(1, args.steps // 20)} steps, cosine), seed {args.seed}, crops of 0.4..1 of the area and flips; `mae+simdino` adds the SimDINO-style term (weight 1, coding-rate gamma 0.1, 64-d projection, EMA 0.99; two global crops, each student crop against the teacher's other crop, plus {args.local_crops} local crops of 0.05..0.4 of the area at half the grid){" with photometric augmentation (contrast, brightness, gamma, blur or noise)" if args.augment else ""}, one objective per run:
 {chr(10).join(trained)}
 - Random init: the same encoder at the weights pretraining started from (seed {args.seed}).
 - Raw pixels: the encoder's preprocessing (same normalisation and grid; 2D repeated along depth), average-pooled to {"x".join(map(str, RAW_GRID))}, mean-centred, L2-normalised.
@@ -492,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
 Goal: pretrained clearly above random init and above raw pixels (R@1 higher by more than two
 standard errors of the baseline's R@1):
 
-{_goals(reports, list(specs)[: len(records)])}
+{_goals(reports, list(specs)[: len(records)], random_name)}
 """
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")

@@ -758,6 +758,7 @@ class M3RetEncoder(Encoder):
 
 
 @register_encoder("m3ret_tiny", config="m3ret_tiny.json")
+@register_encoder("m3ret_tiny_p4", config="m3ret_tiny_p4.json")
 @register_encoder("m3ret_s", config="m3ret_s.json")
 @register_encoder("m3ret_b", config="m3ret_b.json")
 def build_m3ret(

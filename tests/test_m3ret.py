@@ -54,6 +54,20 @@ def test_registered_sizes_and_declaration(enc: Any, m3: Any) -> None:
     assert info.extra["input_shape"] == [2, 16, 64, 64]
 
 
+def test_finer_patch_config_builds_with_four_times_the_tokens(m3: Any) -> None:
+    from encoders import create_encoder, list_encoders
+
+    assert "m3ret_tiny_p4" in list_encoders()
+    fine: Any = create_encoder("m3ret_tiny_p4", random_weights=True, device="cpu", seed=3)
+    assert fine.model.patch_size == (4, 4, 4)
+    assert fine.info.extra["input_shape"] == [2, 16, 64, 64]
+    assert dict(fine.info.embedding_dims) == {"mean": 96, "cls": 96}
+    tokens, grid = fine.model.embed(torch.rand(1, 1, 16, 64, 64))
+    assert grid == (4, 16, 16) and tokens.shape == (1, 4 * 16 * 16, 96)  # m3ret_tiny: 256
+    _, grid_2d = fine.model.embed(torch.rand(1, 1, 1, 64, 64))
+    assert grid_2d == (1, 16, 16)
+
+
 def test_token_grids_for_volume_image_and_video(enc: Any) -> None:
     vit = enc.model
     volume = torch.rand(2, 1, 16, 64, 64)  # z as depth
