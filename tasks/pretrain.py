@@ -930,8 +930,18 @@ def run_pretraining(
     cfg = config if isinstance(config, PretrainConfig) else load_pretrain_config(config)
     out = OutputRoot(os.fspath(root))
     directory = run_dir(out, cfg)
+    sampler = archive_sampler(out, cfg)
+    result, model = train_mae(cfg, sampler, directory, on_step=on_step)
+    plot_loss(
+        result.losses, directory / "loss.png", f"{cfg.encoder} {cfg.objective} ({directory.name})"
+    )
+    return result, register_model(out, cfg, model, result)
+
+
+def archive_sampler(out: OutputRoot, cfg: PretrainConfig) -> ArchiveSampler:
+    """The sampler of a pretraining run: the root's ingested series, the run's crop settings."""
     _, mcfg = encoder_config(cfg)
-    sampler = ArchiveSampler(
+    return ArchiveSampler(
         ingested_series(out),
         mcfg,
         crop_scale=cfg.crop_scale,
@@ -940,11 +950,6 @@ def run_pretraining(
         cache_mb=cfg.cache_mb,
         local_crop_scale=cfg.local_crop_scale,
     )
-    result, model = train_mae(cfg, sampler, directory, on_step=on_step)
-    plot_loss(
-        result.losses, directory / "loss.png", f"{cfg.encoder} {cfg.objective} ({directory.name})"
-    )
-    return result, register_model(out, cfg, model, result)
 
 
 @task(
@@ -961,16 +966,7 @@ def train_task(root: str, config: PretrainConfig) -> TrainResult:
     logger = get_run_logger()
     out = OutputRoot(root)
     directory = run_dir(out, config)
-    _, mcfg = encoder_config(config)
-    sampler = ArchiveSampler(
-        ingested_series(out),
-        mcfg,
-        crop_scale=config.crop_scale,
-        flip=config.flip,
-        augment=config.augment,
-        cache_mb=config.cache_mb,
-        local_crop_scale=config.local_crop_scale,
-    )
+    sampler = archive_sampler(out, config)
     logger.info("training on %s (kind/modality: series)", sampler.group_sizes())
     every = max(1, config.steps // 20)
 
