@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -53,9 +54,12 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.charset import default_encoding
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -63,6 +67,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
 from storage.images import DecodedImage, ImageMeta, Restart, slab_rows
 from tasks import SourceError
@@ -232,7 +237,8 @@ def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedI
     """Decode the local files of one series (one object, or single-frame slices) into an image.
 
     Each file is parsed once (pixel data deferred until decoded, straight into one
-    preallocated array). A SOP instance found in several files counts once. A volume's slices
+    preallocated array); files laid out like the first are parsed by matching their bytes
+    against its elements, which gives the data set pydicom's parse would. A SOP instance found in several files counts once. A volume's slices
     must share orientation (within :data:`ORIENTATION_TOLERANCE`), rows, columns and pixel
     spacing, and their steps along the normal must be equal within ``max(SLICE_TOLERANCE_MM,
     SLICE_TOLERANCE_REL * spacing)``: a gap or an irregular step is a :class:`SourceError`
@@ -482,7 +488,7 @@ def _check_fragments(path: str, size: int, fp: Any, pos: int) -> None:
 def _transfer_syntax(ds: Dataset) -> UID:
     """The transfer syntax: from the file meta, else from how the data set was encoded."""
     meta = getattr(ds, "file_meta", None)
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    ts = _value(meta, "TransferSyntaxUID") if meta is not None else None
     if ts:
         return UID(str(ts))
     implicit, little = ds.original_encoding
@@ -494,9 +500,9 @@ def _transfer_syntax(ds: Dataset) -> UID:
 def _header(parsed: _Parsed, path: str, *, require_image: bool) -> DicomHeader:
     ds, size, has_pixels = parsed.ds, parsed.size, parsed.has_pixels
     meta = getattr(ds, "file_meta", None)
-    media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    media_class = str(_value(meta, "MediaStorageSOPClassUID", "")) if meta is not None else ""
     sop_class = _text(ds, "SOPClassUID") or media_class
-    if media_class == _MEDIA_DIRECTORY or (not sop_class and "DirectoryRecordSequence" in ds):
+    if media_class == _MEDIA_DIRECTORY or (not sop_class and _tag("DirectoryRecordSequence") in ds):
         raise SourceError(path, "not an image object: a DICOMDIR (media directory index)")
     if not _valid_uid(sop_class):
         raise SourceError(path, "no valid SOP Class UID: not a storable DICOM object")
@@ -519,7 +525,7 @@ def _header(parsed: _Parsed, path: str, *, require_image: bool) -> DicomHeader:
     study = _text(ds, "StudyInstanceUID")
     series = _text(ds, "SeriesInstanceUID")
     instance = _text(ds, "SOPInstanceUID") or (
-        str(meta.get("MediaStorageSOPInstanceUID", "")) if meta is not None else ""
+        str(_value(meta, "MediaStorageSOPInstanceUID", "")) if meta is not None else ""
     )
     for what, uid in (("Study", study), ("Series", series), ("SOP", instance)):
         if not uid:
@@ -545,10 +551,10 @@ def _header(parsed: _Parsed, path: str, *, require_image: bool) -> DicomHeader:
 
 
 def _has_position(ds: Dataset) -> bool:
-    if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+    if _tag("ImagePositionPatient") in ds and _tag("ImageOrientationPatient") in ds:
         return True
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
-    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    frames = _value(ds, "PerFrameFunctionalGroupsSequence")
     if not frames:
         return False
     item = frames[0]
@@ -560,12 +566,12 @@ def _has_position(ds: Dataset) -> bool:
 
 
 def _ctdivol(ds: Dataset) -> float | None:
-    value = _float_or_none(ds.get("CTDIvol"))
+    value = _float_or_none(_value(ds, "CTDIvol"))
     if value is not None:
         return value
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     exposure = _first_item(shared, "CTExposureSequence")
-    return _float_or_none(exposure.get("CTDIvol")) if exposure is not None else None
+    return _float_or_none(_value(exposure, "CTDIvol")) if exposure is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +582,7 @@ def _text(ds: Dataset | None, keyword: str) -> str | None:
     if ds is None:
         return None
     try:
-        value = ds.get(keyword)
+        value = _value(ds, keyword)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     if value is None:
@@ -585,12 +591,33 @@ def _text(ds: Dataset | None, keyword: str) -> str | None:
     return text or None
 
 
+@functools.cache
+def _tag(keyword: str) -> BaseTag:
+    """The tag of a DICOM keyword (looked up once)."""
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"Expected a DICOM keyword, got {keyword!r} instead.")
+    return BaseTag(tag)
+
+
+def _value(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """``ds.get(keyword, default)``, the same value or error, without its per-call lookups."""
+    tag = _tag(keyword)
+    if tag not in ds:
+        return default
+    try:
+        return ds[tag].value
+    except AttributeError:  # as Dataset.get, which reads it as a missing attribute
+        return default
+
+
 def _valid_uid(value: str | None) -> bool:
     if not value or len(value) > 64:
         return False
     return all(part.isdigit() for part in value.split("."))
 
 
+@functools.lru_cache(maxsize=256)
 def _uid_name(uid: str) -> str:
     name = UID(uid).name
     return name if name != uid else f"unknown SOP class {uid}"
@@ -598,7 +625,7 @@ def _uid_name(uid: str) -> str:
 
 def _int(ds: Dataset, keyword: str, path: str, *, default: int) -> int:
     try:
-        value = ds.get(keyword)
+        value = _value(ds, keyword)
         if value is None or value == "":
             return default
         return int(value)
@@ -618,7 +645,7 @@ def _first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
     if ds is None:
         return None
     try:
-        seq = ds.get(keyword)
+        seq = _value(ds, keyword)
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     return seq[0] if seq else None
@@ -721,9 +748,20 @@ def _open_series(paths: list[str]) -> list[_Instance]:
     seen: set[str] = set()
     series: tuple[str, str] | None = None
     duplicates = 0
+    # files laid out like the first are parsed from its layout, the others by pydicom; should
+    # the second not match, its layout is taken instead (the first file may be the odd one)
+    layout: _Layout | None = None
+    learn = 2 if len(paths) > 1 else 0  # layouts still to learn while none has matched
     for path in paths:
-        parsed = _open(path, pixels=True)
+        parsed = _open_like(path, layout) if layout is not None else None
+        if parsed is not None:
+            learn = 0
+        else:
+            parsed = _open(path, pixels=True)
         header = _header(parsed, path, require_image=True)
+        if learn:
+            learn -= 1
+            layout = _learn_layout(parsed, path) or layout
         key = (header.study_uid, header.series_uid)
         if series is None:
             series = key
@@ -743,12 +781,283 @@ def _open_series(paths: list[str]) -> list[_Instance]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# the other files of a series, read from the first file's layout
+#
+# The files of a series mostly hold the same elements, in the same order, encoded the same way,
+# and differ only in a few values (SOP Instance UID, position, instance number, ...). pydicom's
+# parse of the first file gives each element's place; another file is then matched against it
+# element by element: bytes identical to the first file's take the first file's element (its
+# value converted once for the whole series), an element whose tag and VR are the same but
+# whose value differs becomes a raw element for pydicom to convert on first use, as its own
+# parse would have made it. Anything else (another element, VR, encoding or character set, an
+# undefined length that changed, a different pixel data element) and the file goes to pydicom.
+# The match reads exactly the elements pydicom would, so both ways give the same data set.
+# The data sets of a series share the elements they have in common: they are read-only.
+
+_LAYOUT_SLACK = 4096  # how much longer than the first file's a header may be and still match
+_STRUCTURAL = frozenset({0x00020010, 0x00080005})  # transfer syntax, character set: never vary
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """One top-level element of the first file: its bytes and what a match may change."""
+
+    key: Any  # its tag, as pydicom keys it
+    raw: bytes  # the element as encoded in the first file (header and value)
+    elem: DataElement | RawDataElement  # what a file with the same bytes gets
+    meta: bool  # a file meta element
+    vary: bool  # whether another value (and length) may take its place
+    fixed: int  # header bytes that must match when the value differs: tag (and VR, reserved)
+    length: struct.Struct  # the value length field after them
+    header: int  # header length
+    vr: str | None  # the VR as encoded (None: implicit)
+    implicit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """The first file's elements up to its pixel data, as other files are matched against."""
+
+    slots: tuple[_Slot, ...]
+    pixel: bytes  # the pixel data element's header up to its length field
+    implicit: bool  # the data set's encoding (file meta is always explicit)
+    charset: Any  # the data set's character set, as pydicom read it
+    read: int  # bytes to read from a file to match it
+
+
+def _learn_layout(parsed: _Parsed, path: str) -> _Layout | None:
+    """The layout of a file pydicom parsed, or None where files cannot be matched against it.
+
+    Only uncompressed little-endian files with a preamble, file meta and pixel data read in
+    place qualify. The elements' places come from pydicom's parse and are checked against the
+    file's bytes, so that the slots cover every byte from the file meta to the pixel data.
+    """
+    ds = parsed.ds
+    if parsed.pixel_at is None or not isinstance(ds, FileDataset) or ds.preamble is None:
+        return None
+    meta = ds.file_meta
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None or str(ts) not in _NATIVE_LE:
+        return None
+    implicit = str(ts) == ImplicitVRLittleEndian
+    if ds.original_encoding != (implicit, True):
+        return None
+    offset = parsed.pixel_at[0]
+    at = offset - (8 if implicit else 12)  # where the pixel data element starts
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(offset)
+    except OSError:
+        return None
+    if len(head) != offset:
+        return None
+    places: list[tuple[int, int, bool, Dataset]] = []  # header start, header length, meta, owner
+    sources: tuple[tuple[Dataset, bool], ...] = ((meta, True), (ds, False))
+    for source, is_meta in sources:
+        for tag in tuple(source.keys()):  # iterating a Dataset would convert its elements
+            elem = source.get_item(tag, keep_deferred=True)
+            tell = elem.value_tell if isinstance(elem, RawDataElement) else elem.file_tell
+            if tell is None or int(tag) >> 16 == 0:  # group 0000: a command set, not here
+                return None
+            header = 8 if implicit and not is_meta else _explicit_header(head, tell, int(tag))
+            if header is None:
+                return None
+            places.append((tell - header, header, is_meta, source))
+    order = sorted(range(len(places)), key=lambda k: places[k][0])
+    slots: list[_Slot] = []
+    pos = 132
+    first_in_data = True
+    for n, k in enumerate(order):
+        start, header, is_meta, owner = places[k]
+        end = places[order[n + 1]][0] if n + 1 < len(order) else at
+        if start != pos or end <= start:
+            return None  # not one element after the other (e.g. a repeated tag)
+        slot = _slot(head, start, end, header, is_meta, owner, implicit and not is_meta)
+        if slot is None:
+            return None
+        if implicit and not is_meta and first_in_data:
+            # pydicom tells implicit from explicit VR by the first element: keep it as it is
+            slot = dataclasses.replace(slot, vary=False)
+        first_in_data = first_in_data and is_meta
+        slots.append(slot)
+        pos = end
+    if pos != at:
+        return None
+    return _Layout(
+        slots=tuple(slots),
+        pixel=head[at : offset - 4],
+        implicit=implicit,
+        charset=ds.original_character_set,
+        read=offset + _LAYOUT_SLACK,
+    )
+
+
+def _explicit_header(head: bytes, tell: int, tag: int) -> int | None:
+    """The header length (12 or 8) of the explicit VR element whose value starts at ``tell``.
+
+    As pydicom reads it: tag, VR, then two reserved bytes and a 4-byte length for the VRs with
+    a long length, else a 2-byte length. None if the bytes before ``tell`` are not such a header.
+    """
+    tag_bytes = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    long_vr = head[tell - 8 : tell - 6].decode("latin-1")
+    if tell >= 12 and head[tell - 12 : tell - 8] == tag_bytes and long_vr in EXPLICIT_VR_LENGTH_32:
+        return 12
+    if tell >= 8 and head[tell - 8 : tell - 4] == tag_bytes:
+        vr = head[tell - 4 : tell - 2].decode("latin-1")
+        if vr in STANDARD_VR and vr not in EXPLICIT_VR_LENGTH_32:
+            return 8
+    return None
+
+
+def _slot(
+    head: bytes,
+    start: int,
+    end: int,
+    header: int,
+    is_meta: bool,
+    owner: Dataset,
+    implicit: bool,
+) -> _Slot | None:
+    """The slot of an element of ``owner`` encoded in ``head[start:end]``, header first."""
+    group, element = struct.unpack_from("<HH", head, start)
+    tag = group << 16 | element
+    elem = owner.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return None
+    key = elem.tag
+    if implicit:
+        vr: str | None = None
+        fixed, length = 4, _U32
+    elif header == 12:
+        vr, fixed, length = head[start + 4 : start + 6].decode("latin-1"), 8, _U32
+    else:
+        vr, fixed, length = head[start + 4 : start + 6].decode("latin-1"), 6, _U16
+    (size,) = length.unpack_from(head, start + fixed)
+    defined = not (length is _U32 and size == _UNDEFINED)
+    if defined and start + header + size != end:
+        return None
+    if defined:
+        raw = _raw_element(key, vr, head[start + header : end], start + header, implicit)
+        shared: DataElement | RawDataElement = raw
+        if _context_free(tag, vr):
+            # the value depends on its own bytes only: convert it once for every file
+            try:
+                shared = owner[key]
+            except Exception:  # left for each file to fail on as its own parse would
+                shared = raw
+    elif isinstance(elem, DataElement):
+        shared = elem  # an undefined-length sequence, parsed whole: only ever the same bytes
+    else:
+        return None
+    return _Slot(
+        key=key,
+        raw=head[start:end],
+        elem=shared,
+        meta=is_meta,
+        vary=defined and tag not in _STRUCTURAL,
+        fixed=fixed,
+        length=length,
+        header=header,
+        vr=vr,
+        implicit=implicit,
+    )
+
+
+def _raw_element(
+    key: Any, vr: str | None, value: bytes, tell: int, implicit: bool
+) -> RawDataElement:
+    """The raw element pydicom's parser makes of ``value`` (read from ``tell``)."""
+    empty: Any = None if value else empty_value_for_VR(vr, raw=True)  # as pydicom puts it
+    return RawDataElement(key, vr, len(value), value or empty, tell, implicit, True)
+
+
+def _context_free(tag: int, vr: str | None) -> bool:
+    """Whether pydicom converts the element from its own bytes alone (and the character set).
+
+    Not so for sequences, UN (whose VR pydicom may look up, for private tags through their
+    creator), ambiguous VRs (resolved with Pixel Representation and others), nor for private
+    elements in implicit VR.
+    """
+    if vr is None:
+        if tag >> 16 & 1:
+            return False
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False
+    return vr in STANDARD_VR and vr not in ("SQ", "UN")
+
+
+def _open_like(path: str, layout: _Layout) -> _Parsed | None:
+    """``path`` parsed by matching it against ``layout``, or None if it does not match.
+
+    A file that does not match (or cannot be read) goes through :func:`_open`, which says
+    what is wrong with it if anything is.
+    """
+    try:
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            buf = fp.read(layout.read)
+    except OSError:
+        return None
+    matched = _match(layout, buf)
+    if matched is None:
+        return None
+    meta, data, offset, length = matched
+    if offset + length > size:
+        return None  # truncated pixel data: _open says so
+    file_meta = FileMetaDataset(meta)
+    file_meta.set_original_encoding(False, True, default_encoding)
+    ds = FileDataset(path, data, buf[:128], file_meta, layout.implicit, True)
+    ds.set_original_encoding(layout.implicit, True, layout.charset)
+    return _Parsed(ds, size, has_pixels=True, deferred=True, pixel_at=(offset, length))
+
+
+def _match(layout: _Layout, buf: bytes) -> tuple[dict, dict, int, int] | None:
+    """File meta and data set elements of ``buf`` matched against ``layout``, and where its
+    pixel data starts and its length; None where ``buf`` does not match."""
+    if buf[128:132] != b"DICM":
+        return None
+    meta: dict[Any, DataElement | RawDataElement] = {}
+    data: dict[Any, DataElement | RawDataElement] = {}
+    pos = 132
+    try:
+        for slot in layout.slots:
+            raw = slot.raw
+            n = len(raw)
+            into = meta if slot.meta else data
+            if buf[pos : pos + n] == raw:
+                into[slot.key] = slot.elem
+                pos += n
+                continue
+            if not slot.vary or buf[pos : pos + slot.fixed] != raw[: slot.fixed]:
+                return None
+            (length,) = slot.length.unpack_from(buf, pos + slot.fixed)
+            start = pos + slot.header
+            pos = start + length
+            if (slot.length is _U32 and length == _UNDEFINED) or pos > len(buf):
+                return None
+            into[slot.key] = _raw_element(slot.key, slot.vr, buf[start:pos], start, slot.implicit)
+        pixel = layout.pixel
+        if buf[pos : pos + len(pixel)] != pixel:
+            return None
+        (length,) = _U32.unpack_from(buf, pos + len(pixel))
+    except struct.error:  # the file ends before the pixel data element: not like the first
+        return None
+    if length == _UNDEFINED:
+        return None
+    return meta, data, pos + len(pixel) + 4, length
+
+
 def _spacing_of(ds: Dataset | None, path: str) -> tuple[tuple[float, float] | None, str]:
     """In-plane (row, column) spacing in mm and where it came from."""
     if ds is None:
         return None, "none"
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
+        value = _value(ds, keyword)
         if value:
             try:
                 return parse_spacing_pair(value, keyword), keyword
@@ -758,10 +1067,10 @@ def _spacing_of(ds: Dataset | None, path: str) -> tuple[tuple[float, float] | No
 
 
 def _rescale_of(ds: Dataset | None, path: str) -> tuple[float, float] | None:
-    if ds is None or ("RescaleSlope" not in ds and "RescaleIntercept" not in ds):
+    if ds is None or (_tag("RescaleSlope") not in ds and _tag("RescaleIntercept") not in ds):
         return None
     try:
-        return parse_rescale(ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+        return parse_rescale(_value(ds, "RescaleSlope"), _value(ds, "RescaleIntercept"))
     except ValueError as e:
         raise SourceError(path, f"invalid rescale: {e}") from None
 
@@ -784,7 +1093,7 @@ def _classic_plane(inst: _Instance, index: int = 0) -> _Plane:
         return enhanced[0]
     ds = inst.ds
     pos, ori = _geometry_of(
-        ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), inst.path
+        _value(ds, "ImagePositionPatient"), _value(ds, "ImageOrientationPatient"), inst.path
     )
     spacing, source = _spacing_of(ds, inst.path)
     if spacing is None:
@@ -816,7 +1125,7 @@ def _enhanced_planes(inst: _Instance, index: int = 0) -> list[_Plane] | None:
     do not all have a position and an orientation gives None (it is not a volume).
     """
     ds = inst.ds
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    per_frame = _value(ds, "PerFrameFunctionalGroupsSequence")
     if not per_frame:
         return None
     if len(per_frame) != inst.frames:
@@ -1013,7 +1322,7 @@ def _pixel_format(inst: _Instance) -> _PixelFormat:
     rows = _int(ds, "Rows", path, default=0)
     columns = _int(ds, "Columns", path, default=0)
     photometric = (_text(ds, "PhotometricInterpretation") or "").upper()
-    is_float = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+    is_float = _tag("FloatPixelData") in ds or _tag("DoubleFloatPixelData") in ds
     if rows <= 0 or columns <= 0:
         raise SourceError(path, f"invalid image size: {rows} rows x {columns} columns")
     if samples not in (1, 3):

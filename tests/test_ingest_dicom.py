@@ -14,9 +14,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_color_lut
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from tasks import SourceError
+from tasks import SourceError, ingest_dicom
 from tasks.demo_dicom import (
     AXIAL,
     COMPRESSED_SYNTAXES,
@@ -835,3 +835,227 @@ def test_streamed_slabs_held_by_the_consumer_are_never_reused(tmp_path: Path) ->
     assert img.blocks is not None
     copies = [b.copy() for b in img.blocks]
     np.testing.assert_array_equal(np.concatenate(copies), vol)
+
+
+# ---------------------------------------------------------------------------------------------
+# files after the first of a series, matched against the first file's layout
+
+
+def _elements(ds: pydicom.Dataset) -> list[tuple[object, ...]]:
+    """Every element, nested ones included, as (tag, VR, value): meta first."""
+    meta = getattr(ds, "file_meta", None)
+    out = [(e.tag, e.VR, e.value) for e in (meta.iterall() if meta is not None else [])]
+    return out + [(e.tag, e.VR, e.value) for e in ds.iterall() if e.VR != "SQ"]
+
+
+def _assert_same_parse(fast: object, full: object) -> None:
+    """A file parsed from a layout is what pydicom's own parse of it gives."""
+    assert isinstance(fast, ingest_dicom._Parsed) and isinstance(full, ingest_dicom._Parsed)
+    assert (fast.size, fast.has_pixels, fast.deferred, fast.pixel_at) == (
+        full.size,
+        full.has_pixels,
+        full.deferred,
+        full.pixel_at,
+    )
+    a, b = fast.ds, full.ds
+    assert _elements(a) == _elements(b)
+    assert list(a.keys()) == list(b.keys())
+    assert a.original_encoding == b.original_encoding
+    assert a.original_character_set == b.original_character_set
+    assert (a.preamble, a.filename) == (b.preamble, b.filename)
+
+
+def _layout_of(path: str) -> ingest_dicom._Layout | None:
+    with ingest_dicom._quiet():
+        parsed = ingest_dicom._open(path, pixels=True)
+        ingest_dicom._header(parsed, path, require_image=True)
+        return ingest_dicom._learn_layout(parsed, path)
+
+
+def _full_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths that pydicom parses (rather than a layout match) from now on."""
+    calls: list[str] = []
+    real = ingest_dicom._open
+
+    def spy(path: str, *, pixels: bool) -> object:
+        calls.append(path)
+        return real(path, pixels=pixels)
+
+    monkeypatch.setattr(ingest_dicom, "_open", spy)
+    return calls
+
+
+def _without_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_dicom, "_learn_layout", lambda parsed, path: None)
+
+
+def _as_implicit(paths: Sequence[Path]) -> list[str]:
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(p, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    return _paths(paths)
+
+
+@pytest.mark.parametrize("encoding", ["explicit", "implicit"])
+def test_layout_match_gives_pydicoms_parse(
+    tmp_path: Path, volume: np.ndarray, encoding: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = write_ct_series(tmp_path, volume, SPACING, ORIGIN, ctdivol=7.5)
+    paths = _as_implicit(written) if encoding == "implicit" else _paths(written)
+    layout = _layout_of(paths[0])
+    assert layout is not None
+    with ingest_dicom._quiet():
+        for p in paths[1:]:
+            fast = ingest_dicom._open_like(p, layout)
+            assert fast is not None, p
+            _assert_same_parse(fast, ingest_dicom._open(p, pixels=True))
+    full = _full_parses(monkeypatch)
+    img = read_dicom_series(paths)
+    assert full == paths[:1]  # every other file matched the first one's layout
+    monkeypatch.undo()
+    _without_layouts(monkeypatch)
+    plain = read_dicom_series(paths)
+    assert img.meta == plain.meta
+    assert img.pixels is not None and plain.pixels is not None
+    np.testing.assert_array_equal(img.pixels, plain.pixels)
+    np.testing.assert_array_equal(img.pixels, volume)
+
+
+def _vary(path: str, what: str) -> None:
+    ds = pydicom.dcmread(path)
+    if what == "extra element":
+        ds.ContentTime = "101010"
+    elif what == "longer position":
+        ds.ImagePositionPatient = [f"{float(v):.9f}"[:16] for v in ds.ImagePositionPatient]
+    elif what == "other rescale":
+        ds.RescaleIntercept = "-1000"
+    elif what == "character set":
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    elif what == "private element":  # in the middle of the others
+        ds.private_block(0x0009, "MEDFLOW TEST", create=True).add_new(0x01, "LO", "x")
+    elif what == "trailing element":  # after the last of the others, just before the pixels
+        ds.private_block(0x0029, "MEDFLOW TEST", create=True).add_new(0x01, "LO", "x")
+    elif what == "sequence":
+        item = pydicom.Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        ds.ReferencedImageSequence = [item]
+    elif what == "other VR":
+        ds.add_new(0x00200013, "LO", str(ds.InstanceNumber))  # IS written as LO
+    ds.save_as(path, enforce_file_format=True)
+
+
+VARIATIONS = {  # what differs in one file from the first: whether it still matches
+    "longer position": True,
+    "other rescale": True,
+    "extra element": False,
+    "character set": False,
+    "private element": False,
+    "trailing element": False,
+    "sequence": False,
+    "other VR": False,
+}
+
+
+def test_series_with_varied_layouts_reads_as_pydicom_parses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vol = ct_phantom((len(VARIATIONS) + 2, 24, 20), seed=8)
+    paths = _paths(write_ct_series(tmp_path, vol, SPACING, ORIGIN, shuffle_names=False))
+    for path, what in zip(paths[1:], VARIATIONS, strict=False):
+        _vary(path, what)
+    layout = _layout_of(paths[0])
+    assert layout is not None
+    for path, what in zip(paths[1:], VARIATIONS, strict=False):
+        matched = ingest_dicom._match(layout, Path(path).read_bytes())
+        assert (matched is not None) == VARIATIONS[what], what
+    full = _full_parses(monkeypatch)
+    streamed = read_dicom_series(paths, stream=True)
+    whole = read_dicom_series(paths)
+    others = {p for p, what in zip(paths[1:], VARIATIONS, strict=False) if not VARIATIONS[what]}
+    assert set(full) == {paths[0], *others}  # per read: the first file and the mismatches
+    monkeypatch.undo()
+    _without_layouts(monkeypatch)
+    plain = read_dicom_series(paths)
+    assert whole.meta == plain.meta == streamed.meta
+    assert whole.meta.attrs["rescale_per_slice"] is True
+    assert whole.pixels is not None and plain.pixels is not None and streamed.blocks is not None
+    np.testing.assert_array_equal(whole.pixels, plain.pixels)
+    np.testing.assert_array_equal(np.concatenate(list(streamed.blocks)), plain.pixels)
+
+
+def _break(path: str, how: str) -> None:
+    if how == "truncated pixels":
+        Path(path).write_bytes(Path(path).read_bytes()[:-100])
+    elif how == "truncated header":
+        Path(path).write_bytes(Path(path).read_bytes()[:600])
+    elif how == "not DICOM":
+        Path(path).write_bytes(b"hello, this is a text file\n" * 40)
+    elif how == "no pixel data":
+        ds = pydicom.dcmread(path)
+        del ds.PixelData
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds = pydicom.dcmread(path)
+        if how == "bad geometry":
+            ds.ImagePositionPatient = [0.0, 0.0]
+        elif how == "bad rows":
+            ds.Rows = 7
+        elif how == "other series":
+            ds.SeriesInstanceUID = "1.2.3.4"
+        ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated pixels",
+        "truncated header",
+        "not DICOM",
+        "no pixel data",
+        "bad geometry",
+        "bad rows",
+        "other series",
+    ],
+)
+def test_broken_later_file_fails_as_without_layouts(
+    tmp_path: Path, volume: np.ndarray, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _paths(write_ct_series(tmp_path, volume[:5], SPACING, ORIGIN, shuffle_names=False))
+    _break(paths[3], how)
+    with pytest.raises(SourceError) as matched:
+        read_dicom_series(paths)
+    _without_layouts(monkeypatch)
+    with pytest.raises(SourceError) as plain:
+        read_dicom_series(paths)
+    assert (matched.value.path, matched.value.reason) == (plain.value.path, plain.value.reason)
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_pydicom_file_matches_its_own_layout(name: str, tmp_path: Path) -> None:
+    """Real files (sequences, odd VRs, padding) either give no layout or match a copy exactly."""
+    path = get_testdata_file(name)
+    assert path is not None
+    copy = tmp_path / "copy.dcm"
+    copy.write_bytes(Path(path).read_bytes())
+    layout = _layout_of(path)
+    with ingest_dicom._quiet():
+        if layout is None:
+            return
+        fast = ingest_dicom._open_like(str(copy), layout)
+        assert fast is not None
+        full = ingest_dicom._open(str(copy), pixels=True)
+        _assert_same_parse(fast, full)
+
+
+def test_odd_first_file_takes_the_second_files_layout(
+    tmp_path: Path, volume: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _paths(write_ct_series(tmp_path, volume, SPACING, ORIGIN, shuffle_names=False))
+    _vary(paths[0], "extra element")
+    full = _full_parses(monkeypatch)
+    img = read_dicom_series(paths)
+    assert full == paths[:2]
+    assert img.pixels is not None
+    np.testing.assert_array_equal(img.pixels, volume)
