@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 from prefect import task
@@ -27,6 +27,9 @@ from storage.layout import OutputRoot, Pseudonymizer
 from storage.tables import utcnow
 from tasks import SourceError
 from tasks.discover import Discovery, KnownSource
+
+if TYPE_CHECKING:
+    from tasks.ingest_dicom import DicomHeader
 
 __all__ = [
     "HeaderScan",
@@ -97,30 +100,51 @@ def local_files(archive: str, relpaths: Sequence[str]) -> Iterator[list[str]]:
 def scan_header_files(
     archive: str, relpaths: Sequence[str], keys: Pseudonymizer
 ) -> list[HeaderScan]:
-    """Read DICOM headers (no pixels) and key each file by its Study/Series Instance UIDs."""
-    from tasks.ingest_dicom import read_dicom_header
+    """Read DICOM headers (no pixels) and key each file by its Study/Series Instance UIDs.
 
-    out: list[HeaderScan] = []
+    Files are read in the order given by :func:`~tasks.ingest_dicom.read_dicom_headers`, which
+    reads a file laid out like one before it from that layout; a bad file gets its own error
+    and the scan goes on.
+    """
+    from tasks.ingest_dicom import read_dicom_headers
+
+    out: list[HeaderScan | None] = [None] * len(relpaths)
     with local_files(archive, relpaths) as paths:
-        for rel, path in zip(relpaths, paths, strict=True):
+        todo: list[int] = []  # files for the header reader, in order
+        for i, (rel, path) in enumerate(zip(relpaths, paths, strict=True)):
             try:
                 if os.path.getsize(path) == 0:
-                    raise SourceError(rel, "empty file (0 bytes)")
-                h = read_dicom_header(path)
-                # a non-stackable object (multi-frame, 2D) is a series of its own
-                out.append(
-                    HeaderScan(
-                        rel,
-                        keys.dicom_series_key(*h.grouping_uids()),
-                        keys.dicom_study_key(h.study_uid),
-                        None,
-                    )
+                    out[i] = HeaderScan(rel, None, None, "empty file (0 bytes)")
+                    continue
+            except Exception as e:  # the text may quote the path: the exception's kind only
+                out[i] = HeaderScan(
+                    rel, None, None, f"unreadable DICOM header ({type(e).__name__})"
                 )
-            except SourceError as e:
-                out.append(HeaderScan(rel, None, None, e.reason))
-            except Exception as e:  # a parser bug must not stop the scan of the others
-                out.append(HeaderScan(rel, None, None, f"unreadable DICOM header: {e}"))
-    return out
+                continue
+            todo.append(i)
+        read = read_dicom_headers(paths[i] for i in todo)
+        for i, h in zip(todo, read, strict=True):
+            out[i] = _header_scan(relpaths[i], h, keys)
+    return [s for s in out if s is not None]
+
+
+def _header_scan(rel: str, h: DicomHeader | Exception, keys: Pseudonymizer) -> HeaderScan:
+    """A file's scan from its header (or the error reading it gave), pseudonymised."""
+    try:
+        if isinstance(h, Exception):
+            raise h
+        # a non-stackable object (multi-frame, 2D) is a series of its own
+        return HeaderScan(
+            rel,
+            keys.dicom_series_key(*h.grouping_uids()),
+            keys.dicom_study_key(h.study_uid),
+            None,
+        )
+    except SourceError as e:
+        return HeaderScan(rel, None, None, e.reason)
+    except Exception as e:  # a parser bug must not stop the scan of the others; its text may
+        # quote a value from the file, so only its kind is kept
+        return HeaderScan(rel, None, None, f"unreadable DICOM header ({type(e).__name__})")
 
 
 def _fingerprint(parts: Sequence[tuple[str, str]]) -> str:

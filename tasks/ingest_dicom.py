@@ -80,6 +80,7 @@ __all__ = [
     "group_by_series",
     "is_dicom",
     "read_dicom_header",
+    "read_dicom_headers",
     "read_dicom_series",
 ]
 
@@ -213,6 +214,33 @@ def read_dicom_header(path: str, *, require_image: bool = True) -> DicomHeader:
     with _quiet(), _as_source_error(path):
         parsed = _open(path, pixels=False)
         return _header(parsed, path, require_image=require_image)
+
+
+def read_dicom_headers(
+    paths: Iterable[str], *, require_image: bool = True
+) -> Iterator[DicomHeader | Exception]:
+    """:func:`read_dicom_header` of each of ``paths`` in turn, one outcome per path, in order.
+
+    An outcome is the file's header, or the exception :func:`read_dicom_header` raises for it:
+    a :class:`SourceError` with the same reason (or, for a reader bug, whatever it raised), so
+    that a bad file costs only its own outcome and the others are read on.
+
+    Files laid out like one read before are read by matching their bytes against its element
+    layout, which gives the data set pydicom's parse would (see :func:`read_dicom_series`);
+    pydicom parses the others, and the layout of such a file, if it has one, is kept (the last
+    few, most recently used first). Archives list files folder by folder, so consecutive files
+    mostly share a layout, and a new series is read from its own after one full parse. A file
+    that matches a layout but then fails is read again as :func:`read_dicom_header` reads it,
+    so every error is the single-file reader's own.
+    """
+    layouts = _Layouts()
+    for path in paths:
+        outcome: DicomHeader | Exception | None = layouts.header(path, require_image)
+        if outcome is None:
+            outcome, parsed = _header_parsed(path, require_image)
+            if parsed is not None:
+                layouts.learn(parsed, path)
+        yield outcome
 
 
 def group_by_series(headers: Iterable[DicomHeader]) -> list[tuple[DicomHeader, ...]]:
@@ -352,7 +380,8 @@ def _open(path: str, *, pixels: bool) -> _Parsed:
 
     Uncompressed little-endian pixel data is located (offset and length) by the header-only
     parse and read later straight from the file; other pixel data is deferred in pydicom's
-    data set and read when first accessed.
+    data set and read when first accessed. Headers only (``pixels=False``) locate it too: the
+    data set is then the one a layout is learnt from (see :func:`_learn_layout`).
     """
     follows = False
     pixel_at: tuple[int, int] | None = None
@@ -376,11 +405,11 @@ def _open(path: str, *, pixels: bool) -> _Parsed:
             else:
                 found = _check_pixel_element(ds, path, size, fp)
                 follows = found is not None
-                if pixels and found is not None:
+                if found is not None:
                     tag, offset, length = found
                     if tag == 0x7FE00010 and ts in _NATIVE_LE and length != _UNDEFINED:
                         pixel_at = (offset, length)
-                    else:
+                    elif pixels:
                         ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=not preamble)
     except SourceError:
         raise
@@ -548,6 +577,106 @@ def _header(parsed: _Parsed, path: str, *, require_image: bool) -> DicomHeader:
         ctdivol_mGy=_ctdivol(ds),
         manufacturer_model=_text(ds, "ManufacturerModelName"),
     )
+
+
+_LAYOUTS_KEPT = 8  # layouts a header scan matches files against (a miss costs ~5 us each)
+# the elements _header reads: the only ones a header scan's layouts convert once for all files
+_HEADER_KEYWORDS = (
+    "MediaStorageSOPClassUID",
+    "MediaStorageSOPInstanceUID",
+    "TransferSyntaxUID",
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "Modality",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "BodyPartExamined",
+    "CTDIvol",
+    "ManufacturerModelName",
+)
+_LEARN_SKIP_MAX = 15  # most parsed files left unlearnt in a row while layouts go unused
+
+
+class _Layouts:
+    """The layouts a header scan matches files against, most recently used first.
+
+    Learning a layout costs one to a few of pydicom's parses (more for more elements), and
+    trying a file against a layout it does not fit a few microseconds. While layouts are
+    dropped (for newer ones) without any file having matched them, fewer are learnt: after the
+    n-th such layout since a file last matched one, the next ``2 ** n - 1`` files parsed (at
+    most :data:`_LEARN_SKIP_MAX`) are not learnt.
+    """
+
+    __slots__ = ("kept", "skip", "used", "wasted")
+
+    def __init__(self) -> None:
+        self.kept: list[_Layout] = []
+        self.used: list[bool] = []  # per kept layout: whether a file has matched it
+        self.wasted = 0  # layouts dropped unused since a file last matched one
+        self.skip = 0  # parsed files still to leave unlearnt
+
+    def header(self, path: str, require_image: bool) -> DicomHeader | None:
+        """The header of ``path`` if it matches a kept layout, else None (also where reading
+        it so fails: pydicom's parse of it then says why, as :func:`read_dicom_header`)."""
+        if not self.kept:
+            return None
+        try:
+            with _quiet(), _as_source_error(path):
+                found = _open_like_any(path, self.kept)
+                if found is None:
+                    return None
+                parsed, k = found
+                header = _header(parsed, path, require_image=require_image)
+        except Exception:
+            return None
+        self.kept.insert(0, self.kept.pop(k))
+        self.used.pop(k)
+        self.used.insert(0, True)
+        self.wasted = self.skip = 0
+        return header
+
+    def learn(self, parsed: _Parsed, path: str) -> None:
+        """Keep the layout of a file pydicom parsed (whose header was read), if it has one."""
+        if parsed.pixel_at is None:
+            return
+        if self.skip:
+            self.skip -= 1
+            return
+        try:
+            with _quiet():
+                layout = _learn_layout(parsed, path, _header_tags())
+        except Exception:  # no layout, then: the file's header stands
+            layout = None
+        if layout is None:
+            return
+        self.kept.insert(0, layout)
+        self.used.insert(0, False)
+        if len(self.kept) > _LAYOUTS_KEPT:
+            self.kept.pop()
+            if not self.used.pop():
+                self.wasted += 1
+                self.skip = min(2**self.wasted - 1, _LEARN_SKIP_MAX)
+
+
+@functools.cache
+def _header_tags() -> frozenset[int]:
+    return frozenset(int(_tag(k)) for k in _HEADER_KEYWORDS)
+
+
+def _header_parsed(
+    path: str, require_image: bool
+) -> tuple[DicomHeader | Exception, _Parsed | None]:
+    """What :func:`read_dicom_header` gives for ``path`` (its header, or the exception it
+    raises), and pydicom's parse where the header was read."""
+    try:
+        with _quiet(), _as_source_error(path):
+            parsed = _open(path, pixels=False)
+            return _header(parsed, path, require_image=require_image), parsed
+    except Exception as e:  # the caller's to report, per file
+        return e, None
 
 
 def _has_position(ds: Dataset) -> bool:
@@ -828,8 +957,14 @@ class _Layout:
     read: int  # bytes to read from a file to match it
 
 
-def _learn_layout(parsed: _Parsed, path: str) -> _Layout | None:
+def _learn_layout(
+    parsed: _Parsed, path: str, convert: frozenset[int] | None = None
+) -> _Layout | None:
     """The layout of a file pydicom parsed, or None where files cannot be matched against it.
+
+    The values that depend on their own bytes only are converted once, for every file that
+    holds the same bytes: all of them, or only those of the tags in ``convert`` (the others are
+    left to each file to convert if it is asked for them, as pydicom's parse leaves them).
 
     Only uncompressed little-endian files with a preamble, file meta and pixel data read in
     place qualify. The elements' places come from pydicom's parse and are checked against the
@@ -875,7 +1010,7 @@ def _learn_layout(parsed: _Parsed, path: str) -> _Layout | None:
         end = places[order[n + 1]][0] if n + 1 < len(order) else at
         if start != pos or end <= start:
             return None  # not one element after the other (e.g. a repeated tag)
-        slot = _slot(head, start, end, header, is_meta, owner, implicit and not is_meta)
+        slot = _slot(head, start, end, header, is_meta, owner, implicit and not is_meta, convert)
         if slot is None:
             return None
         if implicit and not is_meta and first_in_data:
@@ -920,8 +1055,10 @@ def _slot(
     is_meta: bool,
     owner: Dataset,
     implicit: bool,
+    convert: frozenset[int] | None = None,
 ) -> _Slot | None:
-    """The slot of an element of ``owner`` encoded in ``head[start:end]``, header first."""
+    """The slot of an element of ``owner`` encoded in ``head[start:end]``, header first;
+    ``convert`` as for :func:`_learn_layout`."""
     group, element = struct.unpack_from("<HH", head, start)
     tag = group << 16 | element
     elem = owner.get_item(tag, keep_deferred=True)
@@ -942,7 +1079,7 @@ def _slot(
     if defined:
         raw = _raw_element(key, vr, head[start + header : end], start + header, implicit)
         shared: DataElement | RawDataElement = raw
-        if _context_free(tag, vr):
+        if (convert is None or tag in convert) and _context_free(tag, vr):
             # the value depends on its own bytes only: convert it once for every file
             try:
                 shared = owner[key]
@@ -1003,6 +1140,27 @@ def _open_like(path: str, layout: _Layout) -> _Parsed | None:
             buf = fp.read(layout.read)
     except OSError:
         return None
+    return _parsed_like(path, layout, buf, size)
+
+
+def _open_like_any(path: str, layouts: Sequence[_Layout]) -> tuple[_Parsed, int] | None:
+    """``path`` parsed by matching it against the first of ``layouts`` it matches, and that
+    layout's index; None if it matches none (or cannot be read). The file is read once."""
+    try:
+        with open(path, "rb") as fp:
+            size = os.fstat(fp.fileno()).st_size
+            buf = fp.read(max(layout.read for layout in layouts))
+    except OSError:
+        return None
+    for k, layout in enumerate(layouts):
+        parsed = _parsed_like(path, layout, buf, size)
+        if parsed is not None:
+            return parsed, k
+    return None
+
+
+def _parsed_like(path: str, layout: _Layout, buf: bytes, size: int) -> _Parsed | None:
+    """The file ``path`` (``size`` bytes, starting with ``buf``) parsed from ``layout``."""
     matched = _match(layout, buf)
     if matched is None:
         return None
