@@ -328,6 +328,8 @@ def markdown(args: argparse.Namespace, enc: Encoder, rows: list[Row], extra: dic
     dev = enc.device
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     cfg = FULL if not args.quick else QUICK
+    if args.spacing is not None:
+        cfg = {**cfg, "spacing": args.spacing}
     lines = [
         f"## {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} -- {gpu or 'CPU'}"
         f"{' (--quick)' if args.quick else ''}",
