@@ -6,8 +6,9 @@ Steps, all in one run:
    structure class (sphere, cube, stripes) in each of three modalities -- CT volumes (DICOM
    24 x 64 x 64, torso phantom at random spacing and noise), chest radiographs (DICOM DX
    96 x 96) and endoscopy-like videos (MP4, 24 frames of 64 x 80) -- with, per series, one
-   structure of the class (``--scene single``) or 4 to 7 smaller ones (``--scene multi``,
-   the default) at random places and sizes (moving across the view in videos);
+   structure of the class (``--scene single``), 4 to 7 smaller ones (``--scene multi``,
+   the default) or 12 to 20 small ones spread over the whole view (``--scene dense``: every
+   crop shows the class) at random places and sizes (moving across the view in videos);
 2. ingest it with the nightly flow's ingest (``flows.nightly.ingest_archive``, Prefect);
 3. pretrain ``--encoder`` (default ``m3ret_tiny``; any registered M3Ret config, e.g.
    ``m3ret_tiny_p4`` with 4 x 4 in-plane patches) on it on the CPU, once per objective in
@@ -70,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "retrieval.md")
     p.add_argument(
         "--scene",
-        choices=("single", "multi"),
+        choices=tuple(SCENES),
         default="multi",
         help="one structure per series, or 4 to 7 of the same class",
     )
@@ -117,12 +118,33 @@ def _write_mp4(path: Path, frames: Iterator[np.ndarray], fps: int, comment: str)
             container.mux(packet)
 
 
+SCENES = {
+    # scene: (structures per series, low, high), CT size share, CT centre spread (z, y, x),
+    # DX size share, video size share
+    "single": ((1, 2), (0.12, 0.2), (0.15, 0.12, 0.22), (0.08, 0.14), (0.09, 0.12)),
+    "multi": ((4, 8), (0.07, 0.1), (0.3, 0.2, 0.3), (0.07, 0.1), (0.09, 0.12)),
+    "dense": ((12, 21), (0.06, 0.1), (0.4, 0.3, 0.35), (0.06, 0.1), (0.07, 0.1)),
+}
+
+
+SCENE_TEXT = {
+    "single": "one structure",
+    "multi": "4 to 7 structures of the class",
+    "dense": "12 to 20 small structures of the class over the whole view",
+}
+
+
 def _structure_counts(rng: np.random.Generator, scene: str) -> int:
-    return 1 if scene == "single" else int(rng.integers(4, 8))
+    lo, hi = SCENES[scene][0]
+    return lo if hi == lo + 1 else int(rng.integers(lo, hi))
 
 
 def _moving_marks(
-    base: Iterator[np.ndarray], label: str, count: int, rng: np.random.Generator
+    base: Iterator[np.ndarray],
+    label: str,
+    count: int,
+    rng: np.random.Generator,
+    share: tuple[float, float] = (0.09, 0.12),
 ) -> Iterator[np.ndarray]:
     """Video frames with ``count`` structures of ``label`` drifting across (demo colours)."""
     from tasks.demo_archive import draw_label_2d
@@ -131,7 +153,7 @@ def _moving_marks(
     ny, nx = frames[0].shape[:2]
     start = rng.uniform((0.2 * ny, 0.1 * nx), (0.8 * ny, 0.6 * nx), size=(count, 2))
     drift = rng.uniform((-0.1 * ny, 0.2 * nx), (0.1 * ny, 0.4 * nx), size=(count, 2))
-    radius = rng.uniform(0.09, 0.12, size=count) * min(ny, nx)
+    radius = rng.uniform(*share, size=count) * min(ny, nx)
     colour = np.array([235, 175, 150], dtype=np.float32)
     for i, frame in enumerate(frames):
         t = i / max(len(frames) - 1, 1)
@@ -148,8 +170,9 @@ def make_labelled_archive(
     """Write the archive; returns the class label of each source, by relative path.
 
     ``scene``: ``"single"``, one structure per series (as the demo archive draws them, larger
-    and at a random place), or ``"multi"``, 4 to 7 smaller ones of the same class. A CT series
-    is labelled by its folder (``.../series``), any other source by its file.
+    and at a random place), ``"multi"``, 4 to 7 smaller ones of the same class, or ``"dense"``,
+    12 to 20 small ones over the whole view (see :data:`SCENES`). A CT series is labelled by
+    its folder (``.../series``), any other source by its file.
     """
     from pydicom.uid import generate_uid
 
@@ -176,11 +199,11 @@ def make_labelled_archive(
         ).astype(np.float32)
         value = float(rng.uniform(150, 400))
         for _ in range(_structure_counts(rng, scene)):
-            spread = (0.15, 0.12, 0.22) if single else (0.3, 0.2, 0.3)
+            spread = SCENES[scene][2]
             centre = tuple(
                 n * (0.5 + rng.uniform(-s, s)) for n, s in zip((24, 64, 64), spread, strict=True)
             )
-            share = rng.uniform(0.12, 0.2) if single else rng.uniform(0.07, 0.1)
+            share = rng.uniform(*SCENES[scene][1])
             draw_label_3d(vol, spacing, label, centre, share * 64 * spacing[2], value=value)
         folder = f"ct/case{i:03d}/series"
         write_ct_series(
@@ -198,7 +221,7 @@ def make_labelled_archive(
         value = float(rng.uniform(2300, 3300))
         for _ in range(_structure_counts(rng, scene)):
             centre = (96 * rng.uniform(0.2, 0.8), 96 * rng.uniform(0.15, 0.85))
-            share = rng.uniform(0.08, 0.14) if single else rng.uniform(0.07, 0.1)
+            share = rng.uniform(*SCENES[scene][3])
             draw_label_2d(img, label, centre, 96 * share, value)
         rel = f"dx/case{i:03d}/DX000001.dcm"
         write_2d(archive / rel, np.clip(img, 0, 4095).astype(np.uint16), "DX", patient=patient)
@@ -210,7 +233,9 @@ def make_labelled_archive(
             frames = endoscopy_frames(24, (64, 80), seed=frame_seed, label=label)
         else:
             base = endoscopy_frames(24, (64, 80), seed=frame_seed)
-            frames = _moving_marks(base, label, _structure_counts(rng, scene), rng)
+            frames = _moving_marks(
+                base, label, _structure_counts(rng, scene), rng, SCENES[scene][4]
+            )
         _write_mp4(archive / rel, frames, 12, "synthetic colonoscopy clip")
         labels[rel] = label
     return labels
@@ -502,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
 - Command: `{cmd}`
 - Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; whole benchmark {total:.0f} s
 - Machine: {os.cpu_count()} cores (shared with other jobs), {platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__} ({args.threads} thread(s)), no GPU
-- Archive (scene `{args.scene}`: {"one structure" if args.scene == "single" else "4 to 7 structures of the class"} per series): {args.per_class} series per class (sphere, cube, stripes) in each of CT (DICOM volumes 24x64x64), DX (DICOM 96x96) and ES (MP4, 24 frames 64x80): {counts.n_labelled} labelled series ingested ({dict(counts.labels)})
+- Archive (scene `{args.scene}`: {SCENE_TEXT[args.scene]} per series): {args.per_class} series per class (sphere, cube, stripes) in each of CT (DICOM volumes 24x64x64), DX (DICOM 96x96) and ES (MP4, 24 frames 64x80): {counts.n_labelled} labelled series ingested ({dict(counts.labels)})
 - Pretraining: {enc} ({_describe(enc)}; mask ratio 0.75), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up {max(1, args.steps // 20)} steps, cosine), seed {args.seed}, crops of 0.4..1 of the area and flips; `mae+simdino` adds the SimDINO-style term (weight 1, coding-rate gamma 0.1, 64-d projection, EMA 0.99; two global crops, each student crop against the teacher's other crop, plus {args.local_crops} local crops of 0.05..0.4 of the area at half the grid){" with photometric augmentation (contrast, brightness, gamma, blur or noise)" if args.augment else ""}, one objective per run:
 {chr(10).join(trained)}
 - Random init: the same encoder at the weights pretraining started from (seed {args.seed}).
