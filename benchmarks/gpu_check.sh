@@ -6,8 +6,8 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# Expects torch with CUDA installed; installs medflow's other requirements from a wheel folder
-# when MEDFLOW_WHEELS names one (machines without an index), else from the package index.
+# Expects torch with CUDA and medflow's requirements installed; on a machine without a package
+# index, MEDFLOW_WHEELS may name a folder of wheels to install first.
 set -euo pipefail
 out="${1:-${OUT:-/tmp/medflow-gpu}}"
 mkdir -p "$out"
@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1 PREFECT_HOME="$out/prefect-home" PREFECT_SERVER_ANALYT
 if [ -n "${MEDFLOW_WHEELS:-}" ]; then
     pip install -q --no-deps "$MEDFLOW_WHEELS"/*.whl
 fi
-pip install -q --no-deps -e . >/dev/null
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import medflow from the tree
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 data="$out/volumes"
 for level in full pyramid; do
