@@ -16,27 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
 import pytest
+from support import nifti_archive as _archive
 
 from storage.layout import OutputRoot
 from storage.lock import run_lock
 from storage.tables import connect
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _nifti(path: Path, seed: int, shape: tuple[int, int, int] = (24, 20, 8)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.random.default_rng(seed).integers(-1000, 1000, shape).astype(np.int16)
-    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
-
-
-def _archive(base: Path, n: int) -> Path:
-    for i in range(n):
-        _nifti(base / f"study{i % 3}" / f"vol{i:03d}.nii.gz", i)
-    return base
 
 
 def _api_env(**extra: str) -> dict[str, str]:

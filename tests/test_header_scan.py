@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_files
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
+from support import full_parses as _full_parses
 
 from storage.layout import Pseudonymizer
 from tasks import SourceError, ingest_dicom
@@ -66,19 +67,6 @@ def _assert_same(paths: Sequence[str], require_image: bool = True) -> list[tuple
     for path, g, e in zip(paths, got, expected, strict=True):
         assert g == e, path
     return got
-
-
-def _full_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The paths pydicom parses (rather than a layout match) from now on."""
-    calls: list[str] = []
-    real = ingest_dicom._open
-
-    def spy(path: str, *, pixels: bool) -> object:
-        calls.append(path)
-        return real(path, pixels=pixels)
-
-    monkeypatch.setattr(ingest_dicom, "_open", spy)
-    return calls
 
 
 def _batch_parses(

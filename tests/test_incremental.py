@@ -10,9 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
+from support import nifti_archive as _archive
+from support import write_nifti as _nifti
 
 from flows.nightly import ingest_archive, nightly
 from storage.images import open_image
@@ -20,18 +21,6 @@ from storage.layout import OutputRoot
 from storage.tables import connect
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-
-
-def _nifti(path: Path, seed: int, shape: tuple[int, int, int] = (24, 20, 8)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.random.default_rng(seed).integers(-1000, 1000, shape).astype(np.int16)
-    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
-
-
-def _archive(base: Path, n: int) -> Path:
-    for i in range(n):
-        _nifti(base / f"study{i % 3}" / f"vol{i:03d}.nii.gz", i)
-    return base
 
 
 def _tree_digest(path: Path) -> dict[str, str]:

@@ -15,6 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_color_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from support import full_parses as _full_parses
 
 from tasks import SourceError, ingest_dicom
 from tasks.demo_dicom import (
@@ -870,19 +871,6 @@ def _layout_of(path: str) -> ingest_dicom._Layout | None:
         parsed = ingest_dicom._open(path, pixels=True)
         ingest_dicom._header(parsed, path, require_image=True)
         return ingest_dicom._learn_layout(parsed, path)
-
-
-def _full_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The paths that pydicom parses (rather than a layout match) from now on."""
-    calls: list[str] = []
-    real = ingest_dicom._open
-
-    def spy(path: str, *, pixels: bool) -> object:
-        calls.append(path)
-        return real(path, pixels=pixels)
-
-    monkeypatch.setattr(ingest_dicom, "_open", spy)
-    return calls
 
 
 def _without_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
