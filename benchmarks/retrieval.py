@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--local-crops", type=int, default=4, help="SimDINO local crops per sample (multi-crop)"
     )
+    p.add_argument(
+        "--mae-weight",
+        type=float,
+        default=1.0,
+        help="weight of the MAE term for mae+simdino (0: the SimDINO term alone)",
+    )
     p.add_argument("--fresh", action="store_true", help="delete the workdir first")
     return p.parse_args(argv)
 
@@ -463,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             "objective": objective,
             "augment": args.augment and objective != "mae",
             "local_crops": args.local_crops if objective != "mae" else 0,
+            "mae_weight": args.mae_weight if objective != "mae" else 1.0,
             "warmup_steps": max(1, args.steps // 20),
             "mask_ratio": 0.75,
             "checkpoint_every": max(1, args.steps // 4),
@@ -528,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
 - Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; whole benchmark {total:.0f} s
 - Machine: {os.cpu_count()} cores (shared with other jobs), {platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__} ({args.threads} thread(s)), no GPU
 - Archive (scene `{args.scene}`: {SCENE_TEXT[args.scene]} per series): {args.per_class} series per class (sphere, cube, stripes) in each of CT (DICOM volumes 24x64x64), DX (DICOM 96x96) and ES (MP4, 24 frames 64x80): {counts.n_labelled} labelled series ingested ({dict(counts.labels)})
-- Pretraining: {enc} ({_describe(enc)}; mask ratio 0.75), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up {max(1, args.steps // 20)} steps, cosine), seed {args.seed}, crops of 0.4..1 of the area and flips; `mae+simdino` adds the SimDINO-style term (weight 1, coding-rate gamma 0.1, 64-d projection, EMA 0.99; two global crops, each student crop against the teacher's other crop, plus {args.local_crops} local crops of 0.05..0.4 of the area at half the grid){" with photometric augmentation (contrast, brightness, gamma, blur or noise)" if args.augment else ""}, one objective per run:
+- Pretraining: {enc} ({_describe(enc)}; mask ratio 0.75), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up {max(1, args.steps // 20)} steps, cosine), seed {args.seed}, crops of 0.4..1 of the area and flips; `mae+simdino` adds the SimDINO-style term (weight 1, MAE term weight {args.mae_weight:g}, coding-rate gamma 0.1, 64-d projection, EMA 0.99; two global crops, each student crop against the teacher's other crop, plus {args.local_crops} local crops of 0.05..0.4 of the area at half the grid){" with photometric augmentation (contrast, brightness, gamma, blur or noise)" if args.augment else ""}, one objective per run:
 {chr(10).join(trained)}
 - Random init: the same encoder at the weights pretraining started from (seed {args.seed}).
 - Raw pixels: the encoder's preprocessing (same normalisation and grid; 2D repeated along depth), average-pooled to {"x".join(map(str, RAW_GRID))}, mean-centred, L2-normalised.
