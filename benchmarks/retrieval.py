@@ -7,8 +7,9 @@ Steps, all in one run:
    24 x 64 x 64, torso phantom at random spacing and noise), chest radiographs (DICOM DX
    96 x 96) and endoscopy-like videos (MP4, 24 frames of 64 x 80) -- with, per series, one
    structure of the class (``--scene single``), 4 to 7 smaller ones (``--scene multi``,
-   the default) or 12 to 20 small ones spread over the whole view (``--scene dense``: every
-   crop shows the class) at random places and sizes (moving across the view in videos);
+   the default), 12 to 20 small ones spread over the whole view (``--scene dense``: every
+   crop shows the class) or 1 or 2 large ones, several tokens across at the encoder's grid
+   (``--scene large``), at random places and sizes (moving across the view in videos);
 2. ingest it with the nightly flow's ingest (``flows.nightly.ingest_archive``, Prefect);
 3. pretrain ``--encoder`` (default ``m3ret_tiny``; any registered M3Ret config, e.g.
    ``m3ret_tiny_p4`` with 4 x 4 in-plane patches) on it on the CPU, once per objective in
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scene",
         choices=tuple(SCENES),
         default="multi",
-        help="one structure per series, or 4 to 7 of the same class",
+        help="structures of the class per series (see the module docstring)",
     )
     p.add_argument(
         "--objectives",
@@ -130,6 +131,7 @@ SCENES = {
     "single": ((1, 2), (0.12, 0.2), (0.15, 0.12, 0.22), (0.08, 0.14), (0.09, 0.12)),
     "multi": ((4, 8), (0.07, 0.1), (0.3, 0.2, 0.3), (0.07, 0.1), (0.09, 0.12)),
     "dense": ((12, 21), (0.06, 0.1), (0.4, 0.3, 0.35), (0.06, 0.1), (0.07, 0.1)),
+    "large": ((1, 3), (0.16, 0.26), (0.15, 0.12, 0.15), (0.14, 0.22), (0.16, 0.22)),
 }
 
 
@@ -137,6 +139,7 @@ SCENE_TEXT = {
     "single": "one structure",
     "multi": "4 to 7 structures of the class",
     "dense": "12 to 20 small structures of the class over the whole view",
+    "large": "1 or 2 large structures of the class (several tokens across at the encoder's grid)",
 }
 
 
