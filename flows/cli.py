@@ -11,10 +11,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
+from tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -147,42 +149,35 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
         t.add_row(f"finding scores by {k}", str(v))
     console.print(t)
     console.print(f"{summary['seconds']:.1f} s; outputs under {root}")
-    if summary["quarantined"]:
-        _print_quarantined(root, run_id=summary["run_id"])
+    _print_reason_groups(tally_groups(summary.get("quarantined")), root, summary.get("run_id"))
 
 
-def _print_quarantined(root: str, run_id: str | None = None) -> None:
-    """Quarantined files with reasons, one line per series (from the restricted table)."""
-    from storage.layout import OutputRoot
-    from storage.tables import SOURCES_SCHEMA, read_table
-
-    t = read_table(OutputRoot(root).sources_dir(), SOURCES_SCHEMA).sort_by("observed_at")
-    latest: dict[str, tuple[str, str, str | None, str | None]] = {}
-    for rel, key, status, error, rid in zip(
-        t["relpath"].to_pylist(),
-        t["series_key"].to_pylist(),
-        t["status"].to_pylist(),
-        t["error"].to_pylist(),
-        t["run_id"].to_pylist(),
-        strict=True,
-    ):
-        latest[rel] = (rid, status, error, key)
-    by_series: dict[str, list[tuple[str, str, str | None]]] = {}
-    for rel, (rid, status, error, key) in latest.items():
-        if status != "ingested" and (run_id is None or rid == run_id):
-            by_series.setdefault(key or rel, []).append((rel, status, error))
-    if not by_series:
+def _print_reason_groups(
+    groups: list[dict[str, Any]], root: str, run_id: str | None = None
+) -> None:
+    """Quarantined and failed series by reason code: counts and a few example keys (no paths:
+    a nightly's console output often ends up in shared logs)."""
+    if not groups:
         return
-    q = Table(title="quarantined (restricted: file paths are shown to you only)")
-    q.add_column("file", overflow="fold")
-    q.add_column("status")
-    q.add_column("reason")
-    for files in sorted(by_series.values()):
-        at_fault = [f for f in files if f[2]] or files
-        rel, status, error = at_fault[0]
-        more = f" (+{len(files) - 1} files of the same series)" if len(files) > 1 else ""
-        q.add_row(rel + more, status, error or "")
+    q = Table(title="quarantined or failed, by reason code")
+    q.add_column("reason code", no_wrap=True)
+    q.add_column("series", justify="right")
+    q.add_column("stage")
+    q.add_column("example reason", overflow="fold", ratio=3)
+    q.add_column("e.g. series key", overflow="fold", ratio=1)
+    for g in groups:
+        q.add_row(
+            g["reason_code"],
+            str(g["count"]),
+            f"{g['stage']} {g['status']}",
+            escape(g["example_reason"]),
+            g["example_keys"][0] if g["example_keys"] else "",
+        )
     console.print(q)
+    which = f" --run {run_id}" if run_id else ""
+    console.print(
+        f"files at fault (restricted, shows archive paths): medflow quarantine --root {root}{which}"
+    )
 
 
 @app.command()
@@ -333,9 +328,10 @@ def query(
 
 @app.command()
 def status(root: RootOpt = "medflow-out") -> None:
-    """Counts by modality and status, the last run, and quarantined files with reasons."""
+    """Counts by modality and status, the last run, quarantined series by reason code, and
+    unexpected errors (restricted: their text may quote paths)."""
     from storage.layout import OutputRoot
-    from storage.tables import connect
+    from storage.tables import INCIDENTS_SCHEMA, connect, read_table
 
     out = OutputRoot(root)
     con = connect(out)
@@ -362,7 +358,123 @@ def status(root: RootOpt = "medflow-out") -> None:
         )
     else:
         console.print("no run recorded yet")
-    _print_quarantined(root)
+    groups = [
+        {
+            "stage": stage,
+            "status": st,
+            "reason_code": code or "unknown",
+            "count": int(n),
+            "example_reason": reason or "",
+            "example_keys": list(keys),
+        }
+        for stage, st, code, n, reason, keys in con.execute(
+            f"""
+            SELECT stage, status, reason_code, count(*), any_value(reason),
+                   list(series_key ORDER BY series_key)[1:{MAX_EXAMPLE_KEYS}]
+            FROM outcomes WHERE status IN ('quarantined', 'failed', 'refused')
+            GROUP BY ALL ORDER BY 4 DESC, 1, 3
+            """
+        ).fetchall()
+    ]
+    _print_reason_groups(groups, out.url)
+    incidents = read_table(out.incidents_dir(), INCIDENTS_SCHEMA)
+    if incidents.num_rows:
+        last = incidents.sort_by([("created_at", "descending")]).slice(0, 5).to_pylist()
+        it = Table(
+            "incident",
+            "where",
+            "exception",
+            "message",
+            "when",
+            title=f"unexpected errors: {incidents.num_rows} (restricted; newest 5)",
+        )
+        for r in last:
+            it.add_row(
+                r["incident_id"],
+                r["where"],
+                r["exception"],
+                escape(str(r["message"])[:300]),
+                f"{r['created_at']:%Y-%m-%d %H:%M:%S}",
+            )
+        console.print(it)
+
+
+@app.command()
+def quarantine(
+    root: RootOpt = "medflow-out",
+    code: Annotated[
+        str | None, typer.Option(help="Only series with this reason code (see docs/SCHEMAS.md).")
+    ] = None,
+    run: Annotated[str | None, typer.Option(help="Only series of this run id.")] = None,
+    csv: Annotated[
+        Path | None,
+        typer.Option(help="Write every file as CSV here ('-' for standard output)."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Series shown on the console.")] = 50,
+) -> None:
+    """List the archive files of quarantined and failed series, for the operator.
+
+    RESTRICTED: this shows archive paths (folder names often hold patient names and IDs).
+    The reason codes and example keys that the report and run summary show are public.
+    """
+    import csv as csv_mod
+    import sys
+
+    from storage.layout import OutputRoot
+    from storage.tables import quarantine_listing
+    from tasks.reasons import parse_reason_code
+
+    wanted = parse_reason_code(code).value if code is not None else None
+    rows = quarantine_listing(OutputRoot(root), code=wanted, run_id=run).to_pylist()
+    if csv is not None:
+        fields = [
+            "relpath",
+            "series_key",
+            "status",
+            "reason_code",
+            "at_fault",
+            "reason",
+            "run_id",
+            "observed_at",
+        ]
+        if str(csv) == "-":
+            writer = csv_mod.DictWriter(sys.stdout, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            return
+        tmp = csv.with_name(f".{csv.name}.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv_mod.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, csv)
+        console.print(f"{len(rows)} files written to {csv}")
+        return
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_series.setdefault(r["series_key"] or r["relpath"], []).append(r)
+    if not by_series:
+        console.print("nothing quarantined" + (f" with code {wanted}" if wanted else ""))
+        return
+    q = Table(title="quarantined or failed (RESTRICTED: archive paths are shown to you only)")
+    q.add_column("file", overflow="fold")
+    q.add_column("status")
+    q.add_column("reason code")
+    q.add_column("reason", overflow="fold")
+    for files in list(by_series.values())[: max(0, limit)]:
+        first = next((f for f in files if f["at_fault"]), files[0])
+        more = f" (+{len(files) - 1} files of the same series)" if len(files) > 1 else ""
+        q.add_row(
+            escape(first["relpath"] + more),
+            first["status"],
+            first["reason_code"] or "",
+            escape(first["reason"] or ""),
+        )
+    console.print(q)
+    if len(by_series) > limit:
+        console.print(
+            f"{len(by_series) - limit} more series: --limit N, --code CODE, or --csv FILE"
+        )
 
 
 @app.command("encoders")

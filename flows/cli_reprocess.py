@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["format_seconds", "prune_cmd", "reprocess_cmd"]
@@ -135,8 +136,12 @@ def reprocess_cmd(
             label, str(result["encoded"].get(label, 0)), str(result["findings"].get(label, 0))
         )
     console.print(t)
-    for f in result["failed"]:
-        console.print(f"[red]{f['status']}[/red] {f['series_key']}: {f['reason']}")
+    for g in result["failed"]:
+        keys = ", ".join(g["example_keys"])
+        console.print(
+            f"[red]{g['stage']} {g['status']}[/red] {g['count']} series, {g['reason_code']}: "
+            f"{escape(g['example_reason'])} (e.g. {keys})"
+        )
     console.print(f"{result['seconds']:.1f} s")
 
 

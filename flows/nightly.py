@@ -45,6 +45,7 @@ from tasks.ingest import (
     scan_headers,
 )
 from tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
+from tasks.reasons import ReasonCode, shielded, tally_add, tally_groups
 from tasks.report import publish_report
 from tasks.tables import commit_outcomes, commit_sources_only, commit_touched
 
@@ -75,7 +76,8 @@ class IngestSummary:
     series_skipped: int = 0
     status: dict[str, int] = field(default_factory=dict)
     modality: dict[str, int] = field(default_factory=dict)
-    quarantined: list[dict[str, str]] = field(default_factory=list)  # series_key, reason
+    # "stage|status|code" -> count, example keys and reason (see tasks.reasons.tally_add)
+    quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)
     denoised: dict[str, int] = field(default_factory=dict)  # outcome -> series
     encoded: dict[str, int] = field(default_factory=dict)  # encoder -> series embedded
     findings: dict[str, int] = field(default_factory=dict)  # encoder -> finding scores written
@@ -84,6 +86,23 @@ class IngestSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def note_failure(
+        self, stage: str, status: str, code: str | None, series_key: str, reason: str | None
+    ) -> None:
+        """Count a series that did not pass ``stage`` (grouped by reason code)."""
+        tally_add(
+            self.quarantined,
+            stage=stage,
+            status=status,
+            code=code,
+            series_key=series_key,
+            reason=reason,
+        )
+
+    @property
+    def n_quarantined(self) -> int:
+        return sum(int(g["count"]) for g in self.quarantined.values())
 
 
 def _run_id() -> str:
@@ -192,15 +211,12 @@ def run_ingest(
     )
     summary.status = dict(status)
     summary.modality = dict(modality)
-    summary.quarantined = [
-        {
-            "series_key": o.catalog["series_key"],
-            "status": o.catalog["status"],
-            "reason": o.catalog["error"] or "",
-        }
-        for o in committed
-        if o.catalog["status"] != "ingested"
-    ]
+    for o in committed:
+        c = o.catalog
+        if c["status"] != "ingested":
+            summary.note_failure(
+                "ingest", c["status"], c.get("reason_code"), c["series_key"], c.get("reason")
+            )
     summary.seconds = time.perf_counter() - t0
     logger.info("ingest: %s in %.1f s", summary.status, summary.seconds)
     return summary
@@ -245,8 +261,12 @@ def publish_summary(summary: IngestSummary) -> None:
     if summary.quarantined:
         create_table_artifact(
             key="nightly-quarantined",
-            table=summary.quarantined,
-            description="Series quarantined or failed in this run, with reasons",
+            table=[
+                {**g, "example_keys": " ".join(g["example_keys"])}
+                for g in tally_groups(summary.quarantined)
+            ],
+            description="Series quarantined or failed in this run, by reason code (example "
+            "keys only; `medflow quarantine` lists the files for the operator)",
         )
 
 
@@ -374,7 +394,8 @@ def run_encode(
                     "study_key": by_key[key].study_key,
                     "stage": "encode",
                     "status": "failed",
-                    "error": reason,
+                    "reason_code": ReasonCode.ENCODER_ERROR.value,
+                    "reason": reason,
                     "modality": by_key[key].modality,
                     "source_fingerprint": by_key[key].source_fingerprint,
                     "attrs_json": json.dumps({"encoder": spec.output_name, "version": tag}),
@@ -390,10 +411,14 @@ def run_encode(
                 CATALOG_SCHEMA,
                 part_id("encode", spec.output_name, tag, sorted(k for k, _ in failures)),
             )
-            summary.quarantined += [
-                {"series_key": k, "status": f"encode failed ({spec.output_name})", "reason": r}
-                for k, r in failures
-            ]
+            for key, reason in failures:
+                summary.note_failure(
+                    f"encode {spec.output_name}",
+                    "failed",
+                    ReasonCode.ENCODER_ERROR.value,
+                    key,
+                    reason,
+                )
         summary.stage_seconds[label] = time.perf_counter() - t0
 
 
@@ -435,12 +460,8 @@ def run_preprocess(
         for r in rows:
             summary.denoised[r["status"]] = summary.denoised.get(r["status"], 0) + 1
             if r["status"] != "denoised":
-                summary.quarantined.append(
-                    {
-                        "series_key": r["series_key"],
-                        "status": f"denoise {r['status']}",
-                        "reason": r["error"] or "",
-                    }
+                summary.note_failure(
+                    "denoise", r["status"], r.get("reason_code"), r["series_key"], r.get("reason")
                 )
         done += len(rows)
         if progress:
@@ -450,6 +471,7 @@ def run_preprocess(
 
 @flow(name="ingest-archive", task_runner=_runner())
 @exclusive_run("ingest-archive")  # one writer per root; a second run returns skipped
+@shielded("ingest-archive")  # no exception text that may quote a path reaches Prefect
 def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
     """Ingest every new or changed series of ``archive`` into OME-Zarr under ``root``."""
     started = utcnow()
@@ -476,11 +498,22 @@ def nightly(
     denoising stage (see tasks.preprocess.DenoiseConfig; on by default, for series with raw
     projections only).
     """
+    specs = resolve_specs(encoders, encoder_config)  # a bad config fails before any work
+    denoise_cfg = DenoiseConfig.from_dict(denoise)
+    return _nightly_stages(archive, root, batch_size, specs, denoise_cfg)
+
+
+@shielded("nightly")  # no exception text that may quote a path reaches Prefect
+def _nightly_stages(
+    archive: str,
+    root: str,
+    batch_size: int,
+    specs: Sequence[EncoderSpec],
+    denoise_cfg: DenoiseConfig,
+) -> dict[str, Any]:
     import time
 
     started = utcnow()
-    specs = resolve_specs(encoders, encoder_config)  # a bad config fails before any work
-    denoise_cfg = DenoiseConfig.from_dict(denoise)
     t0 = time.perf_counter()
     summary = run_ingest(archive, root, batch_size=batch_size, progress=_PROGRESS.get("cb"))
     summary.stage_seconds["ingest"] = time.perf_counter() - t0

@@ -29,6 +29,7 @@ from flows.nightly import (
 from storage.layout import OutputRoot
 from storage.lock import exclusive_run
 from storage.tables import utcnow
+from tasks.reasons import shielded, tally_groups
 from tasks.reprocess import ReprocessPlan, plan_reprocess, select_specs
 
 __all__ = ["plan_rows", "reprocess"]
@@ -93,6 +94,7 @@ def _publish(plan: ReprocessPlan, summary: IngestSummary | None, dry_run: bool) 
 
 @flow(name="reprocess", task_runner=_runner())
 @exclusive_run("reprocess", unless="dry_run")  # one writer per root; a dry run only reads
+@shielded("reprocess")  # no exception text that may quote a path reaches Prefect
 def reprocess(
     root: str,
     encoders: list[dict[str, Any]] | None = None,
@@ -132,7 +134,11 @@ def reprocess(
     summary.seconds = time.perf_counter() - t0
     for ep in plan.encoders:
         done = summary.encoded.get(ep.encoder, 0)
-        failed = sum(1 for q in summary.quarantined if q["status"].endswith(f"({ep.encoder})"))
+        failed = sum(
+            int(g["count"])
+            for g in summary.quarantined.values()
+            if g["stage"] == f"encode {ep.encoder}"
+        )
         if done + failed != len(ep.embed):
             logger.warning(
                 "%s: planned %d to embed, embedded %d (%d failed)",
@@ -147,7 +153,7 @@ def reprocess(
         run_id=summary.run_id,
         encoded=summary.encoded,
         findings=summary.findings,
-        failed=summary.quarantined,
+        failed=tally_groups(summary.quarantined),
         seconds=summary.seconds,
     )
     return result

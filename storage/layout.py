@@ -6,6 +6,7 @@
 <root>/tables/embeddings/encoder=<name>/version=<v>/part-*.parquet
 <root>/tables/findings/encoder=<name>/version=<v>/part-*.parquet
 <root>/restricted/sources/part-*.parquet                         source paths (restricted)
+<root>/restricted/incidents/part-*.parquet                       unexpected errors' full text
 <root>/restricted/key_secret                                     HMAC secret, when not in env
 <root>/models/                                                   registered encoder versions
 ```
@@ -95,6 +96,9 @@ class OutputRoot:
 
     def sources_dir(self) -> str:
         return self.join("restricted", "sources")
+
+    def incidents_dir(self) -> str:
+        return self.join("restricted", "incidents")
 
     def models_dir(self) -> str:
         return self.join("models")

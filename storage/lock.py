@@ -216,7 +216,7 @@ def skipped_result(lock: RunLock) -> dict[str, Any]:
         "series_skipped": 0,
         "status": {},
         "modality": {},
-        "quarantined": [],
+        "quarantined": {},
         "seconds": 0.0,
     }
 

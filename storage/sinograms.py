@@ -79,38 +79,45 @@ class Sinogram:
         }
 
 
-def _parse_meta(meta: Any, where: str) -> dict[str, Any]:
+def _parse_meta(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, Mapping):
-        raise ValueError(f"{where}: expected '{SINOGRAM_ATTR}' attributes, found none.")
+        raise ValueError(f"expected '{SINOGRAM_ATTR}' attributes, found none.")
     for key in ("geometry", "slice_spacing_mm"):
         if key not in meta:
-            raise ValueError(f"{where}: '{SINOGRAM_ATTR}' lacks {key!r}.")
+            raise ValueError(f"'{SINOGRAM_ATTR}' lacks {key!r}.")
     if not isinstance(meta["geometry"], Mapping):
-        raise ValueError(f"{where}: expected 'geometry' as a mapping, got {meta['geometry']!r}.")
+        raise ValueError(
+            f"expected 'geometry' as a mapping, got {type(meta['geometry']).__name__}."
+        )
     return dict(meta)
 
 
 def read_sinogram(path: str) -> Sinogram:
-    """Read a ``.sino.zarr`` group or ``.sino.npz`` file; ValueError names what is wrong."""
+    """Read a ``.sino.zarr`` group or ``.sino.npz`` file; ValueError names what is wrong.
+
+    The error's text never quotes the path (it may reach public tables): the caller knows which
+    file it gave. When a library failed, the text names the exception's kind only; the
+    exception itself (whose message may quote the path) is the error's ``__cause__``.
+    """
     p = os.fspath(path).rstrip("/")
     try:
         if p.endswith(".npz"):
             with np.load(p, allow_pickle=False) as f:
                 if "sinogram" not in f or "meta" not in f:
-                    raise ValueError(f"{p}: expected arrays 'sinogram' and 'meta' in the npz.")
+                    raise ValueError("expected arrays 'sinogram' and 'meta' in the npz.")
                 data = np.asarray(f["sinogram"], dtype=np.float32)
-                meta = _parse_meta(json.loads(str(f["meta"])), p)
+                meta = _parse_meta(json.loads(str(f["meta"])))
         else:
             group = zarr.open_group(p, mode="r")
-            meta = _parse_meta(group.attrs.get(SINOGRAM_ATTR), p)
+            meta = _parse_meta(group.attrs.get(SINOGRAM_ATTR))
             if "sinogram" not in group:
-                raise ValueError(f"{p}: expected an array named 'sinogram' in the group.")
+                raise ValueError("expected an array named 'sinogram' in the group.")
             arr = group["sinogram"]
             if not isinstance(arr, zarr.Array):
-                raise ValueError(f"{p}: expected 'sinogram' to be an array, found a group.")
+                raise ValueError("expected 'sinogram' to be an array, found a group.")
             data = np.asarray(arr[...], dtype=np.float32)
     except (OSError, json.JSONDecodeError, KeyError, zarr.errors.BaseZarrError) as e:
-        raise ValueError(f"{p}: unreadable sinogram ({type(e).__name__}: {e})") from e
+        raise ValueError(f"unreadable sinogram ({type(e).__name__}).") from e
     link = None
     if all(meta.get(k) for k in _LINK_KEYS):
         link = (str(meta[_LINK_KEYS[0]]), str(meta[_LINK_KEYS[1]]))
@@ -124,7 +131,7 @@ def read_sinogram(path: str) -> Sinogram:
             link=link,
         )
     except ValueError as e:
-        raise ValueError(f"{p}: {e}") from e
+        raise ValueError(f"invalid sinogram: {e}") from e
 
 
 def write_sinogram(path: str, sino: Sinogram, *, include_link: bool = False) -> None:

@@ -28,12 +28,14 @@ from storage.layout import OutputRoot, is_object_store
 __all__ = [
     "CATALOG_SCHEMA",
     "FINDINGS_SCHEMA",
+    "INCIDENTS_SCHEMA",
     "RUNS_SCHEMA",
     "SOURCES_SCHEMA",
     "connect",
     "embeddings_schema",
     "export_duckdb",
     "part_id",
+    "quarantine_listing",
     "read_table",
     "text_embeddings_schema",
     "utcnow",
@@ -48,7 +50,8 @@ CATALOG_SCHEMA = pa.schema(
         ("study_key", pa.string()),
         ("stage", pa.string()),  # ingest | preprocess | encode
         ("status", pa.string()),  # ingested | quarantined | failed | denoised | embedded
-        ("error", pa.string()),
+        ("reason_code", pa.string()),  # tasks.reasons.ReasonCode; NULL when nothing went wrong
+        ("reason", pa.string()),  # built from non-identifying facts only: never a path
         ("modality", pa.string()),
         ("source_kind", pa.string()),
         ("source_fingerprint", pa.string()),
@@ -78,9 +81,24 @@ SOURCES_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("series_key", pa.string()),
         ("status", pa.string()),
-        ("error", pa.string()),
+        ("reason_code", pa.string()),
+        ("error", pa.string()),  # the reason with what a library said (may quote the path)
         ("run_id", pa.string()),
         ("observed_at", _TS),
+    ]
+)
+
+
+# restricted: what an unexpected exception said (its text may quote archive paths), by the id
+# the public failure message gives
+INCIDENTS_SCHEMA = pa.schema(
+    [
+        ("incident_id", pa.string()),
+        ("where", pa.string()),  # the task or flow
+        ("exception", pa.string()),  # its type
+        ("message", pa.string()),
+        ("traceback", pa.string()),
+        ("created_at", _TS),
     ]
 )
 
@@ -253,16 +271,30 @@ def read_table(directory: str, schema: pa.Schema, columns: Iterable[str] | None 
             empty = schema.empty_table()
             return empty.select(cols) if cols else empty
         try:
-            tables = [
-                pq.read_table(_fs(p)[1], filesystem=fs, columns=cols, partitioning="hive")
-                for p in parts
-            ]
+            tables = [_read_part(fs, _fs(p)[1], cols) for p in parts]
         except FileNotFoundError:
             if attempt == 2:
                 raise
             continue  # a compaction removed a merged part after the listing: list again
-        return pa.concat_tables(tables, promote_options="default")
+        table = pa.concat_tables(tables, promote_options="default")
+        # a column added to the schema after older parts were written reads as nulls
+        for f in schema:
+            if f.name not in table.column_names and (cols is None or f.name in cols):
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        return table.select(cols) if cols else table
     raise AssertionError("unreachable")
+
+
+def _read_part(fs: Any, path: str, columns: list[str] | None) -> pa.Table:
+    if columns is None:
+        return pq.read_table(path, filesystem=fs, partitioning="hive")
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns, partitioning="hive")
+    except pa.ArrowInvalid:  # a part older than some of the columns asked for
+        present = set(pq.read_schema(path, filesystem=fs).names)
+        return pq.read_table(
+            path, filesystem=fs, columns=[c for c in columns if c in present], partitioning="hive"
+        )
 
 
 def connect(root: OutputRoot, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
@@ -318,7 +350,7 @@ def view_definitions(sources: Mapping[str, str]) -> list[tuple[str, str]]:
         ) WHERE _rn = 1
     """
     views = [
-        ("catalog_history", f"SELECT * FROM {sources['catalog']}"),
+        ("catalog_history", _catalog_history_sql(sources["catalog"])),
         # the newest row per series and stage is the current outcome; ingest defines the series
         ("catalog", newest.format(where=" WHERE stage = 'ingest'")),
         ("outcomes", newest.format(where="")),
@@ -330,6 +362,43 @@ def view_definitions(sources: Mapping[str, str]) -> list[tuple[str, str]]:
     if "findings" in sources:
         views.append(("study_findings", _STUDY_FINDINGS_SQL))
     return views
+
+
+_DUCKDB_TYPES = {
+    pa.string(): "VARCHAR",
+    pa.int32(): "INTEGER",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE",
+    pa.list_(pa.int64()): "BIGINT[]",
+    pa.list_(pa.float64()): "DOUBLE[]",
+    _TS: "TIMESTAMPTZ",
+}
+
+
+def _catalog_history_sql(source: str) -> str:
+    """Every catalog row with the current schema's columns, whichever version wrote its part.
+
+    Parts written before reason codes existed have an ``error`` text instead (it may quote
+    archive paths): it is never shown; such rows read ``reason_code = 'unknown'`` and no reason.
+    The view's ``error`` column is a deprecated alias of ``reason``, kept for stability.
+    """
+    template = ", ".join(
+        f"CAST(NULL AS {_DUCKDB_TYPES[f.type]}) AS {f.name}" for f in CATALOG_SCHEMA
+    )
+    columns = ", ".join(
+        "CASE WHEN reason_code IS NULL AND error IS NOT NULL THEN 'unknown' "
+        "ELSE reason_code END AS reason_code"
+        if f.name == "reason_code"
+        else f.name
+        for f in CATALOG_SCHEMA
+    )
+    return f"""
+        SELECT {columns}, reason AS error FROM (
+            SELECT * FROM {source}
+            UNION ALL BY NAME
+            SELECT {template}, CAST(NULL AS VARCHAR) AS error WHERE false
+        )
+    """
 
 
 # one row per study: its series as the catalog has them now, and when they were first ingested
@@ -450,3 +519,63 @@ def _glob_scan(directory: str) -> str:
 
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
+
+
+def quarantine_listing(
+    root: OutputRoot, *, code: str | None = None, run_id: str | None = None
+) -> pa.Table:
+    """RESTRICTED: the archive files of every series not ingested now, from the sources table.
+
+    One row per file (its newest observation): ``relpath``, ``series_key``, ``status``,
+    ``reason_code`` (the series'), ``at_fault`` (this file is the one the reason is about; when
+    none is singled out, every file is), ``reason`` (the full text, with what a library said:
+    it may quote the path), ``run_id``, ``observed_at``; ordered by code, series and path.
+    ``code`` and ``run_id`` keep only those series. The result holds archive paths: show it to
+    the operator only, never write it under the public tables.
+    """
+    t = read_table(
+        root.sources_dir(),
+        SOURCES_SCHEMA,
+        columns=[
+            "relpath",
+            "series_key",
+            "status",
+            "reason_code",
+            "error",
+            "run_id",
+            "observed_at",
+        ],
+    )
+    con = duckdb.connect()
+    try:
+        con.register("src", t)
+        where, params = ["status <> 'ingested'"], []
+        if code is not None:
+            where.append("series_code = ?")
+            params.append(code)
+        if run_id is not None:
+            where.append("run_id = ?")
+            params.append(run_id)
+        return con.sql(
+            f"""
+            WITH latest AS (
+                SELECT * FROM src QUALIFY row_number() OVER (
+                    PARTITION BY relpath ORDER BY observed_at DESC, run_id DESC) = 1
+            ), coded AS (
+                SELECT *, coalesce(
+                    max(reason_code) OVER (PARTITION BY series_key),
+                    CASE WHEN max(error) OVER (PARTITION BY series_key) IS NOT NULL
+                         THEN 'unknown' END) AS series_code,
+                    count(error) OVER (PARTITION BY series_key) AS n_at_fault
+                FROM latest
+            )
+            SELECT relpath, series_key, status, series_code AS reason_code,
+                   (error IS NOT NULL OR n_at_fault = 0) AS at_fault, error AS reason,
+                   run_id, observed_at
+            FROM coded WHERE {" AND ".join(where)}
+            ORDER BY reason_code, series_key, relpath
+            """,
+            params=params,
+        ).to_arrow_table()
+    finally:
+        con.close()

@@ -5,26 +5,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tasks.reasons import ReasonCode, SourceError
+
 __all__ = ["SourceError", "parse_source_path"]
-
-
-class SourceError(Exception):
-    """A source file (or series) that cannot be ingested: it is quarantined with this reason.
-
-    ``path`` is the file at fault, relative to the archive root where known; ``reason`` says what
-    was wrong in words a user can act on. Neither may hold patient identifiers beyond the path.
-    """
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def parse_source_path(path: Any, suffixes: tuple[str, ...], what: str) -> str:
     """Check ``path`` names an existing, non-empty file with one of ``suffixes``; return it.
 
-    ``what`` names the kind in messages ("NIfTI file", "picture file", "video file").
+    ``what`` names the kind in messages ("NIfTI file", "picture file", "video file"). A path
+    that is not text is a ``TypeError``; a file that cannot be read as one is a
+    :class:`SourceError` (whose reason never quotes the name).
     """
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"Expected a file path (str or os.PathLike), got {type(path).__name__}.")
@@ -32,12 +23,15 @@ def parse_source_path(path: Any, suffixes: tuple[str, ...], what: str) -> str:
     if not isinstance(p, str):
         raise TypeError(f"Expected a text path, got {type(p).__name__}.")
     if not p.lower().endswith(suffixes):
-        raise ValueError(
-            f"not a {what} name: expected one ending in {', '.join(suffixes)}, "
-            f"got {os.path.basename(p)!r}"
+        raise SourceError(
+            p,
+            f"not a {what} name: expected one ending in {', '.join(suffixes)}",
+            code=ReasonCode.UNRECOGNISED_FORMAT,
         )
     if not os.path.isfile(p):
-        raise ValueError("the file does not exist or is not a regular file")
+        raise SourceError(
+            p, "the file does not exist or is not a regular file", code=ReasonCode.IO_ERROR
+        )
     if os.path.getsize(p) == 0:
-        raise ValueError("the file is empty (0 bytes)")
+        raise SourceError(p, "the file is empty (0 bytes)", code=ReasonCode.EMPTY_FILE)
     return p

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from storage.layout import OutputRoot
 from storage.tables import SOURCES_SCHEMA, read_table
+from tasks.reasons import InputError, shielded
 
 __all__ = [
     "ArchiveFile",
@@ -63,6 +64,7 @@ class KnownSource:
     series_key: str | None
     status: str
     error: str | None
+    reason_code: str | None = None
 
 
 @dataclass(slots=True)
@@ -115,7 +117,7 @@ def _url_join(base: str, rel: str) -> str:
 def list_archive(archive: str) -> list[ArchiveFile]:
     """Every regular file under ``archive`` (hidden files and folders skipped), sorted."""
     if "://" not in archive and not os.path.isdir(archive):
-        raise ValueError(f"Expected an archive folder, got {archive!r}: no such folder.")
+        raise InputError(f"Expected an archive folder, got {archive!r}: no such folder.")
     if "://" not in archive:
         return _list_local(os.path.abspath(archive))
     fs, base = fsspec.core.url_to_fs(archive)
@@ -200,6 +202,7 @@ def known_sources(root: OutputRoot) -> dict[str, KnownSource]:
             series_key=cols["series_key"][i],
             status=cols["status"][i],
             error=cols["error"][i],
+            reason_code=cols["reason_code"][i],
         )
     return out
 
@@ -239,6 +242,7 @@ def diff_sources(
     cache_policy=NO_CACHE,
     persist_result=False,
 )
+@shielded("discover")
 def discover(archive: str, root: str) -> tuple[Discovery, dict[str, KnownSource]]:
     """List the archive and diff it against the sources already known under ``root``."""
     out = OutputRoot(root)

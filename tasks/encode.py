@@ -39,6 +39,7 @@ from storage.tables import (
     utcnow,
     write_part,
 )
+from tasks.reasons import clip_text, shielded
 
 __all__ = [
     "EncodeItem",
@@ -428,7 +429,10 @@ def encode_items(
         items, stream_encode(encoder, paths, spec.batch_size, workers), strict=True
     ):
         if not res.ok or res.embeddings is None:
-            manifest.failures.append((item.series_key, res.error or "no embeddings"))
+            # the encoder reads images under the output root, never the archive: its message
+            # names no source file; one line, clipped, for the public catalog
+            error = (res.error or "no embeddings").replace(root.url, "<root>")
+            manifest.failures.append((item.series_key, clip_text(error)))
             continue
         emb = {k: np.asarray(v, dtype=np.float32) for k, v in res.embeddings.items()}
         if not all(np.all(np.isfinite(v)) for v in emb.values()):
@@ -534,6 +538,7 @@ def recompute_findings(
     cache_policy=NO_CACHE,
     persist_result=False,
 )
+@shielded("encode-batch")
 def encode_batch(
     root: str, spec: EncoderSpec, items: list[EncodeItem], run_id: str
 ) -> EncodeManifest:

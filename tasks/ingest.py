@@ -25,8 +25,8 @@ from prefect.cache_policies import NO_CACHE
 from storage.images import DecodedImage, publish_tree, write_image
 from storage.layout import OutputRoot, Pseudonymizer
 from storage.tables import utcnow
-from tasks import SourceError
 from tasks.discover import Discovery, KnownSource
+from tasks.reasons import ReasonCode, SourceError, shielded, unexpected
 
 if TYPE_CHECKING:
     from tasks.ingest_dicom import DicomHeader
@@ -62,12 +62,24 @@ class SeriesJob:
 
 @dataclass(frozen=True, slots=True)
 class HeaderScan:
-    """A DICOM file's grouping, pseudonymised: identifiers never leave the scanning task."""
+    """A DICOM file's grouping, pseudonymised: identifiers never leave the scanning task.
+
+    A file whose header cannot be read has no keys and a reason instead: its ``code``, the
+    public ``reason`` and the restricted ``detail`` (see tasks.reasons).
+    """
 
     relpath: str
     series_key: str | None
     study_key: str | None
-    error: str | None
+    code: ReasonCode | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+    @property
+    def restricted_text(self) -> str | None:
+        if self.reason is None:
+            return None
+        return self.reason if not self.detail else f"{self.reason} [{self.detail}]"
 
 
 @dataclass(slots=True)
@@ -114,11 +126,18 @@ def scan_header_files(
         for i, (rel, path) in enumerate(zip(relpaths, paths, strict=True)):
             try:
                 if os.path.getsize(path) == 0:
-                    out[i] = HeaderScan(rel, None, None, "empty file (0 bytes)")
+                    out[i] = HeaderScan(
+                        rel, None, None, ReasonCode.EMPTY_FILE, "empty file (0 bytes): not DICOM"
+                    )
                     continue
-            except Exception as e:  # the text may quote the path: the exception's kind only
+            except OSError as e:  # the text may quote the path: it goes to the detail only
                 out[i] = HeaderScan(
-                    rel, None, None, f"unreadable DICOM header ({type(e).__name__})"
+                    rel,
+                    None,
+                    None,
+                    ReasonCode.IO_ERROR,
+                    f"cannot read the file ({type(e).__name__})",
+                    str(e),
                 )
                 continue
             todo.append(i)
@@ -141,10 +160,11 @@ def _header_scan(rel: str, h: DicomHeader | Exception, keys: Pseudonymizer) -> H
             None,
         )
     except SourceError as e:
-        return HeaderScan(rel, None, None, e.reason)
+        return HeaderScan(rel, None, None, e.code, e.reason, e.detail)
     except Exception as e:  # a parser bug must not stop the scan of the others; its text may
-        # quote a value from the file, so only its kind is kept
-        return HeaderScan(rel, None, None, f"unreadable DICOM header ({type(e).__name__})")
+        # quote a value from the file: public text names its kind only
+        code, reason, detail = unexpected(e, "while reading the DICOM header")
+        return HeaderScan(rel, None, None, code, reason, detail)
 
 
 def _fingerprint(parts: Sequence[tuple[str, str]]) -> str:
@@ -188,7 +208,7 @@ def plan_jobs(
     study: dict[str, str] = {}
     rejected: list[HeaderScan] = []
     for s in scans:
-        if s.series_key is None or s.study_key is None:
+        if s.series_key is None or s.study_key is None or s.reason is not None:
             rejected.append(s)
             continue
         members.setdefault(s.series_key, []).append(s.relpath)
@@ -245,8 +265,15 @@ def ingest_sinogram(
         with local_files(archive, job.relpaths) as paths:
             try:
                 sino = read_sinogram(paths[0])
-            except ValueError as e:
-                raise SourceError(job.relpaths[0], str(e).split(": ", 1)[-1]) from e
+            except SourceError as e:
+                raise SourceError(job.relpaths[0], e.reason, code=e.code, detail=e.detail) from None
+            except ValueError as e:  # its text may quote the path: the detail only
+                raise SourceError(
+                    job.relpaths[0],
+                    "unreadable raw projections (sinogram file)",
+                    code=ReasonCode.UNRECOGNISED_FORMAT,
+                    detail=str(e),
+                ) from None
         if sino.link is not None:  # the projections of a DICOM series: share its key
             row["series_key"] = keys.dicom_series_key(*sino.link)
             row["study_key"] = keys.dicom_study_key(sino.link[0])
@@ -256,7 +283,6 @@ def ingest_sinogram(
         _replace_dir(staging, path)
         row.update(
             status="ingested",
-            error=None,
             modality="CT",
             axes="zyx",
             shape=list(sino.data.shape),
@@ -265,10 +291,9 @@ def ingest_sinogram(
             zarr_path=root.image_relpath(row["series_key"], derived="sino"),
             attrs_json=json.dumps(sino.public_attrs(), sort_keys=True, default=str),
         )
-    except SourceError as e:
-        row.update(status="quarantined", error=e.reason)
     except Exception as e:  # isolated to this source
-        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+        detail = _fail(row, e, "while storing raw projections")
+        return _finish(row, job, t0, bad_file=None, detail=detail)
     return _finish(row, job, t0, bad_file=None)
 
 
@@ -281,6 +306,14 @@ def _replace_dir(src: str, dst: str) -> None:
         os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fail(row: dict[str, Any], e: BaseException, where: str) -> str:
+    """Mark ``row`` quarantined (bad input) or failed (anything else); the restricted detail."""
+    code, reason, detail = unexpected(e, where)
+    status = "quarantined" if isinstance(e, SourceError) else "failed"
+    row.update(status=status, reason_code=code.value, reason=reason)
+    return detail
 
 
 def _base_row(job: SeriesJob, run_id: str) -> dict[str, Any]:
@@ -318,7 +351,6 @@ def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -
         meta = image.meta
         row.update(
             status="ingested",
-            error=None,
             modality=meta.modality,
             axes="".join(meta.axes),
             shape=list(stored.shape),
@@ -328,25 +360,34 @@ def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -
             nbytes_stored=stored.nbytes_stored,
             attrs_json=json.dumps(dict(meta.attrs), sort_keys=True, default=str),
         )
-    except SourceError as e:
-        bad_file = _relative(e.path, archive, job.relpaths)
-        row.update(status="quarantined", error=e.reason)
     except Exception as e:  # an unexpected failure is isolated to its series, never the batch
-        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+        if isinstance(e, SourceError):
+            bad_file = _relative(e.path, archive, job.relpaths)
+        detail = _fail(row, e, f"while reading the {job.kind} source")
+        return _finish(row, job, t0, bad_file=bad_file, detail=detail)
     return _finish(row, job, t0, bad_file=bad_file)
 
 
-def _finish(row: dict[str, Any], job: SeriesJob, t0: float, *, bad_file: str | None) -> Outcome:
-    """Stamp the catalog row and give each member file its outcome; the reason goes to the
-    file at fault (every file, when none is singled out)."""
+def _finish(
+    row: dict[str, Any],
+    job: SeriesJob,
+    t0: float,
+    *,
+    bad_file: str | None,
+    detail: str | None = None,
+) -> Outcome:
+    """Stamp the catalog row and give each member file its outcome; the reason (with the
+    restricted ``detail``) goes to the file at fault (every file, when none is singled out)."""
     row["seconds"] = time.perf_counter() - t0
     row["created_at"] = utcnow()
+    at_fault = detail or row.get("reason")
     sources = [
         {
             "relpath": rel,
             "series_key": job.series_key,
             "status": row["status"],
-            "error": (row["error"] if bad_file in (None, rel) else None),
+            "reason_code": row.get("reason_code") if bad_file in (None, rel) else None,
+            "error": at_fault if bad_file in (None, rel) else None,
         }
         for rel in job.relpaths
     ]
@@ -372,7 +413,14 @@ def rejected_outcome(scan: HeaderScan, keys: Pseudonymizer, run_id: str) -> Outc
         fingerprint="",
     )
     row = _base_row(job, run_id)
-    row.update(status="quarantined", error=scan.error, seconds=0.0, created_at=utcnow())
+    code = scan.code or ReasonCode.INTERNAL_ERROR
+    row.update(
+        status="quarantined",
+        reason_code=code.value,
+        reason=scan.reason,
+        seconds=0.0,
+        created_at=utcnow(),
+    )
     return Outcome(
         catalog=row,
         sources=[
@@ -380,7 +428,8 @@ def rejected_outcome(scan: HeaderScan, keys: Pseudonymizer, run_id: str) -> Outc
                 "relpath": scan.relpath,
                 "series_key": job.series_key,
                 "status": "quarantined",
-                "error": scan.error,
+                "reason_code": code.value,
+                "error": scan.restricted_text,
             }
         ],
     )
@@ -393,6 +442,7 @@ def rejected_outcome(scan: HeaderScan, keys: Pseudonymizer, run_id: str) -> Outc
     cache_policy=NO_CACHE,
     persist_result=False,
 )
+@shielded("scan-dicom-headers")
 def scan_headers(archive: str, root: str, relpaths: list[str]) -> list[HeaderScan]:
     """Key a batch of DICOM files by series, from their headers."""
     return scan_header_files(archive, relpaths, OutputRoot(root).pseudonymizer())
@@ -405,6 +455,7 @@ def scan_headers(archive: str, root: str, relpaths: list[str]) -> list[HeaderSca
     cache_policy=NO_CACHE,
     persist_result=False,
 )
+@shielded("ingest-batch")
 def ingest_batch(archive: str, root: str, jobs: list[SeriesJob], run_id: str) -> list[Outcome]:
     """Ingest a batch of series into OME-Zarr images."""
     out = OutputRoot(root)

@@ -4,14 +4,18 @@
 Recognising DICOM: a file is DICOM when it has the 128-byte preamble and ``DICM``, or, without
 them, when its first bytes are a plausible data element of group 0002 or 0008 and the parsed
 data set then has a valid SOP Class UID. Everything wrong with a file raises
-:class:`~tasks.SourceError` with the path as given and a reason a user can act on.
+:class:`~tasks.SourceError` (see :mod:`tasks.reasons`): the path as given (for the restricted
+``sources`` table only), a :class:`~tasks.reasons.ReasonCode`, a public ``reason`` a user can act
+on, built only from non-identifying facts (numbers, element keywords, transfer syntax and SOP
+class names; never a path, a file name, a UID or a library's message), and, where a library
+said why, its message as the restricted ``detail``.
 
 Identifiers (patient name and ID, birth date, accession number, institution, descriptions and
 all UIDs) never reach the output: :class:`DicomHeader` keeps the Study/Series/SOP Instance UIDs
 in memory for grouping only (and out of its ``repr``); ``ImageMeta.attrs`` holds only the
 technical facts listed in :func:`read_dicom_series`; messages quoted from pydicom or its decoder
-plugins are scrubbed of the file's identifying values, and pydicom's own log warnings (which
-can quote element values) are silenced.
+plugins go to the restricted detail only, scrubbed of the file's identifying values, and
+pydicom's own log warnings (which can quote element values) are silenced.
 
 What comes out of :func:`read_dicom_series`:
 
@@ -70,7 +74,7 @@ from pydicom.uid import (
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
 from storage.images import DecodedImage, ImageMeta, Restart, slab_rows
-from tasks import SourceError
+from tasks.reasons import ReasonCode, SourceError, format_number, format_values
 
 __all__ = [
     "ORIENTATION_TOLERANCE",
@@ -270,7 +274,7 @@ def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedI
     must share orientation (within :data:`ORIENTATION_TOLERANCE`), rows, columns and pixel
     spacing, and their steps along the normal must be equal within ``max(SLICE_TOLERANCE_MM,
     SLICE_TOLERANCE_REL * spacing)``: a gap or an irregular step is a :class:`SourceError`
-    naming the file before it, with the numbers.
+    whose path is the file before it and whose reason gives the numbers.
 
     ``ImageMeta.attrs`` holds only: sop_class, transfer_syntax, lossy_compression,
     photometric_interpretation, converted_to_rgb, monochrome1_inverted, palette_applied,
@@ -301,6 +305,7 @@ def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedI
                     inst.path,
                     f"a multi-frame object ({inst.frames} frames) cannot be stacked with the "
                     f"{len(instances) - 1} other file(s) of its series: read it on its own",
+                    code=ReasonCode.UNSUPPORTED_CONTENT,
                 )
         planes = [_classic_plane(inst, i) for i, inst in enumerate(instances)]
         for p, inst in zip(planes, instances, strict=True):
@@ -309,6 +314,7 @@ def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedI
                     inst.path,
                     f"no ImagePositionPatient/ImageOrientationPatient: the {len(instances)} "
                     "images of this series cannot be stacked into a volume; read them one by one",
+                    code=ReasonCode.INVALID_GEOMETRY,
                 )
         return _read_volume(instances, planes, stream=stream)
 
@@ -329,13 +335,19 @@ def _quiet() -> Iterator[None]:
 def _as_source_error(path: str) -> Iterator[None]:
     """Turn a conversion error that slipped past the checks into a SourceError for ``path``.
 
-    Only the exception type is kept: its text may quote an element value.
+    Only the exception type is in the reason: its text may quote an element value (it goes to
+    the restricted detail). A :class:`SourceError` (itself a ``ValueError``) passes unchanged.
     """
     try:
         yield
+    except SourceError:
+        raise
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:
         raise SourceError(
-            path, f"unreadable DICOM data ({type(e).__name__} while interpreting the header)"
+            path,
+            f"unreadable DICOM data ({type(e).__name__} while interpreting the header)",
+            code=ReasonCode.INVALID_HEADER,
+            detail=_library_text(e),
         ) from e
 
 
@@ -390,11 +402,15 @@ def _open(path: str, *, pixels: bool) -> _Parsed:
         with open(path, "rb") as fp:
             head = fp.read(132)
             if size == 0:
-                raise SourceError(path, "empty file (0 bytes): not DICOM")
+                raise SourceError(
+                    path, "empty file (0 bytes): not DICOM", code=ReasonCode.EMPTY_FILE
+                )
             preamble = _has_preamble(head)
             if not preamble and not _looks_like_data_set(head, size):
                 raise SourceError(
-                    path, "not DICOM: no 'DICM' marker and no DICOM data set at the start"
+                    path,
+                    "not DICOM: no 'DICM' marker and no DICOM data set at the start",
+                    code=ReasonCode.NOT_DICOM,
                 )
             fp.seek(0)
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not preamble)
@@ -414,16 +430,36 @@ def _open(path: str, *, pixels: bool) -> _Parsed:
     except SourceError:
         raise
     except OSError as e:
-        raise SourceError(path, f"cannot read the file: {e.strerror or e}") from None
+        raise _io_error(path, "cannot read the file", e) from None
     except (EOFError, struct.error) as e:
-        raise SourceError(path, f"truncated: the file ends inside its header ({e})") from None
+        raise SourceError(
+            path,
+            "truncated: the file ends inside its header",
+            code=ReasonCode.TRUNCATED,
+            detail=_library_text(e),
+        ) from None
     except InvalidDicomError as e:
-        raise SourceError(path, f"unreadable DICOM header: {_clip(str(e))}") from None
+        raise SourceError(
+            path,
+            "unreadable DICOM header (InvalidDicomError)",
+            code=ReasonCode.INVALID_HEADER,
+            detail=_library_text(e),
+        ) from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-        # the text of these may quote an element value: keep only the type
-        raise SourceError(path, f"unreadable DICOM header ({type(e).__name__})") from None
+        # the text of these may quote an element value: the type in the reason, the text in
+        # the restricted detail
+        raise SourceError(
+            path,
+            f"unreadable DICOM header ({type(e).__name__})",
+            code=ReasonCode.INVALID_HEADER,
+            detail=_library_text(e),
+        ) from None
     if not preamble and not _valid_uid(_text(ds, "SOPClassUID")):
-        raise SourceError(path, "not DICOM: no 'DICM' marker and no SOP Class UID in the data")
+        raise SourceError(
+            path,
+            "not DICOM: no 'DICM' marker and no SOP Class UID in the data",
+            code=ReasonCode.NOT_DICOM,
+        )
     _check_elements(ds, path, size)
     has_pixels = follows or any(t in ds for t in _PIXEL_TAGS)
     return _Parsed(ds, size, has_pixels, deferred=pixels, pixel_at=pixel_at)
@@ -443,7 +479,9 @@ def _check_elements(ds: Dataset, path: str, size: int) -> None:
     if have < raw.length:
         what = "its pixel data" if int(keys[-1]) in _PIXEL_TAGS else f"element {keys[-1]}"
         raise SourceError(
-            path, f"truncated: {what} needs {raw.length} bytes but the file holds {have}"
+            path,
+            f"truncated: {what} needs {raw.length} bytes but the file holds {have}",
+            code=ReasonCode.TRUNCATED,
         )
 
 
@@ -478,7 +516,9 @@ def _check_pixel_element(ds: Dataset, path: str, size: int, fp: Any) -> tuple[in
     elif at + header + length > size:
         have = max(size - at - header, 0)
         raise SourceError(
-            path, f"truncated: its pixel data needs {length} bytes but the file holds {have}"
+            path,
+            f"truncated: its pixel data needs {length} bytes but the file holds {have}",
+            code=ReasonCode.TRUNCATED,
         )
     return (tag, at + header, length)
 
@@ -494,6 +534,7 @@ def _check_fragments(path: str, size: int, fp: Any, pos: int) -> None:
                 path,
                 f"truncated: the compressed pixel data stops after {items} item(s) at byte "
                 f"{size}, before its end marker",
+                code=ReasonCode.TRUNCATED,
             )
         group, elem, length = struct.unpack("<HHI", head)
         if (group, elem) == (0xFFFE, 0xE0DD):
@@ -503,6 +544,7 @@ def _check_fragments(path: str, size: int, fp: Any, pos: int) -> None:
                 path,
                 f"corrupt compressed pixel data: item {items + 1} has tag "
                 f"({group:04X},{elem:04X}) where (FFFE,E000) was expected",
+                code=ReasonCode.DECODE_ERROR,
             )
         pos += 8 + length
         items += 1
@@ -511,6 +553,7 @@ def _check_fragments(path: str, size: int, fp: Any, pos: int) -> None:
                 path,
                 f"truncated: compressed pixel data item {items} needs {length} bytes but the "
                 f"file holds {max(size - (pos - length), 0)}",
+                code=ReasonCode.TRUNCATED,
             )
 
 
@@ -532,25 +575,45 @@ def _header(parsed: _Parsed, path: str, *, require_image: bool) -> DicomHeader:
     media_class = str(_value(meta, "MediaStorageSOPClassUID", "")) if meta is not None else ""
     sop_class = _text(ds, "SOPClassUID") or media_class
     if media_class == _MEDIA_DIRECTORY or (not sop_class and _tag("DirectoryRecordSequence") in ds):
-        raise SourceError(path, "not an image object: a DICOMDIR (media directory index)")
+        raise SourceError(
+            path,
+            "not an image object: a DICOMDIR (media directory index)",
+            code=ReasonCode.NOT_AN_IMAGE,
+        )
     if not _valid_uid(sop_class):
-        raise SourceError(path, "no valid SOP Class UID: not a storable DICOM object")
+        raise SourceError(
+            path,
+            "no valid SOP Class UID: not a storable DICOM object",
+            code=ReasonCode.NOT_DICOM,
+        )
     name = _uid_name(sop_class)
     if require_image:
+        # an unknown (private) SOP class is named by its UID: in the restricted detail only
+        known = _uid_known(sop_class)
+        words = name if known else "unknown"
+        uid_detail = None if known else f"SOP Class UID {sop_class}"
         if sop_class in _NOT_PICTURES:
             raise SourceError(
-                path, f"not an image object: SOP class {name} holds {_NOT_PICTURES[sop_class]}"
+                path,
+                f"not an image object: SOP class {name} holds {_NOT_PICTURES[sop_class]}",
+                code=ReasonCode.NOT_AN_IMAGE,
             )
         if not has_pixels:
             if "Image Storage" in name and parsed.deferred:
                 _open(path, pixels=False)  # the header-only parse says why, if truncated
-            if "Image Storage" in name:
+            if "Image Storage" in name:  # an image object cut short (mostly) or stripped
                 raise SourceError(
                     path,
                     f"no pixel data in a {name} object (file of {size} bytes): truncated "
                     "before its pixel data or stripped",
+                    code=ReasonCode.TRUNCATED,
                 )
-            raise SourceError(path, f"not an image object: SOP class {name}")
+            raise SourceError(
+                path,
+                f"not an image object: SOP class {words}",
+                code=ReasonCode.NOT_AN_IMAGE,
+                detail=uid_detail,
+            )
     study = _text(ds, "StudyInstanceUID")
     series = _text(ds, "SeriesInstanceUID")
     instance = _text(ds, "SOPInstanceUID") or (
@@ -558,7 +621,11 @@ def _header(parsed: _Parsed, path: str, *, require_image: bool) -> DicomHeader:
     )
     for what, uid in (("Study", study), ("Series", series), ("SOP", instance)):
         if not uid:
-            raise SourceError(path, f"no {what} Instance UID: the file cannot be grouped")
+            raise SourceError(
+                path,
+                f"no {what} Instance UID: the file cannot be grouped",
+                code=ReasonCode.INVALID_HEADER,
+            )
     frames = _int(ds, "NumberOfFrames", path, default=1)
     return DicomHeader(
         path=path,
@@ -752,14 +819,44 @@ def _uid_name(uid: str) -> str:
     return name if name != uid else f"unknown SOP class {uid}"
 
 
+def _uid_known(uid: str) -> bool:
+    """Whether pydicom names ``uid`` (a standard UID): else only the UID itself names it."""
+    return UID(uid).name != uid
+
+
+# elements of the Image Pixel module (and the frame count): invalid values of these are
+# INVALID_PIXEL_MODULE, of any other element INVALID_HEADER
+_PIXEL_MODULE = frozenset(
+    {
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "NumberOfFrames",
+    }
+)
+
+
 def _int(ds: Dataset, keyword: str, path: str, *, default: int) -> int:
     try:
         value = _value(ds, keyword)
         if value is None or value == "":
             return default
         return int(value)
-    except (ValueError, TypeError) as e:
-        raise SourceError(path, f"invalid {keyword}: {_clip(str(e))}") from None
+    except (ValueError, TypeError) as e:  # the text quotes the value: the detail only
+        raise SourceError(
+            path,
+            f"invalid {keyword}: not a whole number ({type(e).__name__})",
+            code=(
+                ReasonCode.INVALID_PIXEL_MODULE
+                if keyword in _PIXEL_MODULE
+                else ReasonCode.INVALID_HEADER
+            ),
+            detail=_library_text(e),
+        ) from None
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -784,10 +881,13 @@ def parse_vector(value: Any, n: int, what: str) -> np.ndarray:
     """``n`` finite numbers from a multi-valued DS element."""
     try:
         out = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"Expected {what} as {n} numbers, got {value!r} instead.") from None
+    except (TypeError, ValueError) as e:
+        # the raw value (text) is the cause's, for the restricted detail; this text is public
+        raise ValueError(f"Expected {what} as {n} numbers, got other values.") from e
     if out.shape != (n,) or not np.all(np.isfinite(out)):
-        raise ValueError(f"Expected {what} as {n} finite numbers, got {value!r} instead.")
+        raise ValueError(
+            f"Expected {what} as {n} finite numbers, got {format_values(out)} instead."
+        )
     return out
 
 
@@ -796,9 +896,11 @@ def parse_orientation(value: Any) -> np.ndarray:
     iop = parse_vector(value, 6, "ImageOrientationPatient")
     row, col = iop[:3], iop[3:]
     if abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01:
-        raise ValueError(f"Expected unit direction cosines, got {list(iop)} instead.")
+        raise ValueError(f"Expected unit direction cosines, got {format_values(iop)} instead.")
     if abs(float(row @ col)) > 0.01:
-        raise ValueError(f"Expected orthogonal row and column cosines, got {list(iop)} instead.")
+        raise ValueError(
+            f"Expected orthogonal row and column cosines, got {format_values(iop)} instead."
+        )
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     return np.concatenate([row, col])
 
@@ -807,18 +909,24 @@ def parse_spacing_pair(value: Any, what: str) -> tuple[float, float]:
     """A (row, column) spacing pair in mm, both positive."""
     pair = parse_vector(value, 2, what)
     if not np.all(pair > 0):
-        raise ValueError(f"Expected positive {what}, got {list(pair)} instead.")
+        raise ValueError(f"Expected positive {what}, got {format_values(pair)} instead.")
     return float(pair[0]), float(pair[1])
 
 
 def parse_rescale(slope: Any, intercept: Any) -> tuple[float, float]:
     """RescaleSlope (default 1, must be non-zero) and RescaleIntercept (default 0)."""
-    s = 1.0 if slope is None or slope == "" else float(slope)
-    b = 0.0 if intercept is None or intercept == "" else float(intercept)
+    try:
+        s = 1.0 if slope is None or slope == "" else float(slope)
+        b = 0.0 if intercept is None or intercept == "" else float(intercept)
+    except (TypeError, ValueError) as e:
+        # the raw value (text) is the cause's, for the restricted detail; this text is public
+        raise ValueError(
+            "Expected a numeric RescaleSlope and RescaleIntercept, got a non-numeric value."
+        ) from e
     if not (math.isfinite(s) and math.isfinite(b)) or s == 0:
         raise ValueError(
             f"Expected a finite non-zero RescaleSlope and finite RescaleIntercept, got "
-            f"{slope!r} and {intercept!r} instead."
+            f"{format_number(s)} and {format_number(b)} instead."
         )
     return s, b
 
@@ -826,6 +934,22 @@ def parse_rescale(slope: Any, intercept: Any) -> tuple[float, float]:
 def _clip(text: str, limit: int = 240) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _library_text(e: BaseException, ds: Dataset | None = None) -> str:
+    """What a library said (type and message, clipped and scrubbed): restricted detail only."""
+    return _scrub(f"{type(e).__name__}: {e}", ds)
+
+
+def _cause_text(e: BaseException) -> str | None:
+    """The library message behind one of this module's own ValueErrors, if any (detail)."""
+    return _library_text(e.__cause__) if e.__cause__ is not None else None
+
+
+def _io_error(path: str, what: str, e: OSError) -> SourceError:
+    """A SourceError for an OSError: its strerror (path-free) public, its text the detail."""
+    why = f"{what}: {e.strerror}" if e.strerror else f"{what} ({type(e).__name__})"
+    return SourceError(path, why, code=ReasonCode.IO_ERROR, detail=_library_text(e))
 
 
 def _scrub(text: str, ds: Dataset | None) -> str:
@@ -896,7 +1020,9 @@ def _open_series(paths: list[str]) -> list[_Instance]:
             series = key
         elif key != series:
             raise SourceError(
-                path, f"belongs to another series than {paths[0]}: group files by series first"
+                path,
+                "belongs to another series than the first file: group files by series first",
+                code=ReasonCode.INCONSISTENT_SERIES,
             )
         if header.sop_instance_uid in seen:
             duplicates += 1
@@ -1220,7 +1346,12 @@ def _spacing_of(ds: Dataset | None, path: str) -> tuple[tuple[float, float] | No
             try:
                 return parse_spacing_pair(value, keyword), keyword
             except ValueError as e:
-                raise SourceError(path, f"invalid {keyword}: {e}") from None
+                raise SourceError(
+                    path,
+                    f"invalid {keyword}: {e}",
+                    code=ReasonCode.INVALID_HEADER,
+                    detail=_cause_text(e),
+                ) from None
     return None, "none"
 
 
@@ -1230,7 +1361,9 @@ def _rescale_of(ds: Dataset | None, path: str) -> tuple[float, float] | None:
     try:
         return parse_rescale(_value(ds, "RescaleSlope"), _value(ds, "RescaleIntercept"))
     except ValueError as e:
-        raise SourceError(path, f"invalid rescale: {e}") from None
+        raise SourceError(
+            path, f"invalid rescale: {e}", code=ReasonCode.INVALID_HEADER, detail=_cause_text(e)
+        ) from None
 
 
 def _geometry_of(
@@ -1241,7 +1374,12 @@ def _geometry_of(
     try:
         return parse_vector(position, 3, "ImagePositionPatient"), parse_orientation(orientation)
     except ValueError as e:
-        raise SourceError(path, f"invalid patient geometry: {e}") from None
+        raise SourceError(
+            path,
+            f"invalid patient geometry: {e}",
+            code=ReasonCode.INVALID_GEOMETRY,
+            detail=_cause_text(e),
+        ) from None
 
 
 def _classic_plane(inst: _Instance, index: int = 0) -> _Plane:
@@ -1290,6 +1428,7 @@ def _enhanced_planes(inst: _Instance, index: int = 0) -> list[_Plane] | None:
         raise SourceError(
             inst.path,
             f"{len(per_frame)} per-frame functional groups for {inst.frames} frames",
+            code=ReasonCode.INVALID_PIXEL_MODULE,
         )
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
 
@@ -1333,7 +1472,9 @@ def _placed(plane: _Plane) -> tuple[np.ndarray, np.ndarray]:
     """The plane's position and orientation (LPS), which a volume's planes must have."""
     if plane.position is None or plane.orientation is None:
         raise SourceError(
-            plane.path, "no ImagePositionPatient/ImageOrientationPatient: cannot place the slice"
+            plane.path,
+            "no ImagePositionPatient/ImageOrientationPatient: cannot place the slice",
+            code=ReasonCode.INVALID_GEOMETRY,
         )
     return plane.position, plane.orientation
 
@@ -1349,7 +1490,8 @@ def _stack(planes: list[_Plane]) -> _Stack:
             raise SourceError(
                 p.path,
                 f"inconsistent orientation in the series: direction cosines differ by {diff:.4f} "
-                f"from the first slice (tolerance {ORIENTATION_TOLERANCE})",
+                f"from the first slice (tolerance {format_number(ORIENTATION_TOLERANCE)})",
+                code=ReasonCode.INVALID_GEOMETRY,
             )
         if (p.pixel_spacing is None) != (ref.pixel_spacing is None) or (
             p.pixel_spacing is not None
@@ -1359,8 +1501,9 @@ def _stack(planes: list[_Plane]) -> _Stack:
         ):
             raise SourceError(
                 p.path,
-                f"inconsistent pixel spacing in the series: {p.pixel_spacing} mm here, "
-                f"{ref.pixel_spacing} mm in the first slice",
+                f"inconsistent pixel spacing in the series: {_spacing_text(p.pixel_spacing)} "
+                f"here, {_spacing_text(ref.pixel_spacing)} in the first slice",
+                code=ReasonCode.INCONSISTENT_SERIES,
             )
     normal = np.cross(ref_orientation[:3], ref_orientation[3:])
     where = np.array([float(position @ normal) for position, _ in placed])
@@ -1370,17 +1513,21 @@ def _stack(planes: list[_Plane]) -> _Stack:
     paths = [planes[i].path for i in order]
     frames = [planes[i].frame for i in order]
 
-    def name(k: int) -> str:
-        return paths[k] if len(set(paths)) > 1 else f"{paths[k]} (frame {frames[k] + 1})"
-
     dup = np.flatnonzero(diffs <= SLICE_TOLERANCE_MM)
     if dup.size:
         k = int(dup[0])
+        # the other file is not named (its name may identify): its frame number, if any, is
+        if len(set(paths)) > 1:
+            what = "two slices at the same position"
+            also = "as another file of the series"
+        else:
+            what = "two frames at the same position"
+            also = f"as another frame (frame {frames[k] + 1})"
         raise SourceError(
             paths[k + 1],
-            f"{'two slices' if len(set(paths)) > 1 else 'two frames'} at the same position "
-            f"({s[k]:.3f} mm along the slice normal, also {name(k)}): the series holds several "
+            f"{what} ({s[k]:.3f} mm along the slice normal, {also}): the series holds several "
             "stacks (e.g. echoes, phases or time points), which is not supported",
+            code=ReasonCode.MULTIPLE_STACKS,
         )
     base = float(diffs.min())
     expected = float(np.median(diffs[diffs <= 1.5 * base]))
@@ -1395,11 +1542,13 @@ def _stack(planes: list[_Plane]) -> _Stack:
                 paths[k],
                 f"missing slice(s): gap of {d:.3f} mm {at}, expected {expected:.3f} mm "
                 f"(about {missing} slice(s) missing; tolerance {tol:.3f} mm)",
+                code=ReasonCode.MISSING_SLICES,
             )
         raise SourceError(
             paths[k],
             f"irregular slice spacing: step of {d:.3f} mm {at}, expected {expected:.3f} mm "
             f"(tolerance {tol:.3f} mm)",
+            code=ReasonCode.IRREGULAR_SPACING,
         )
     n = len(planes)
     first = placed[order[0]][0]
@@ -1411,11 +1560,16 @@ def _stack(planes: list[_Plane]) -> _Stack:
                 paths[k],
                 f"slice positions are not on one line: slice at {s[k]:.3f} mm is "
                 f"{float(np.linalg.norm(off)):.3f} mm off (tolerance {tol:.3f} mm)",
+                code=ReasonCode.INVALID_GEOMETRY,
             )
     spacing = float((s[-1] - s[0]) / (n - 1))
     cos = float(np.clip(step @ normal / np.linalg.norm(step), -1.0, 1.0))
     tilt = math.degrees(math.acos(cos))
     return _Stack(order=order, slice_spacing=spacing, step=step, tilt_deg=tilt)
+
+
+def _spacing_text(pair: tuple[float, float] | None) -> str:
+    return "none" if pair is None else f"{format_values(pair)} mm"
 
 
 def _lps_to_ras(lps: np.ndarray) -> np.ndarray:
@@ -1482,12 +1636,22 @@ def _pixel_format(inst: _Instance) -> _PixelFormat:
     photometric = (_text(ds, "PhotometricInterpretation") or "").upper()
     is_float = _tag("FloatPixelData") in ds or _tag("DoubleFloatPixelData") in ds
     if rows <= 0 or columns <= 0:
-        raise SourceError(path, f"invalid image size: {rows} rows x {columns} columns")
+        raise SourceError(
+            path,
+            f"invalid image size: {rows} rows x {columns} columns",
+            code=ReasonCode.INVALID_PIXEL_MODULE,
+        )
     if samples not in (1, 3):
-        raise SourceError(path, f"unsupported SamplesPerPixel {samples} (expected 1 or 3)")
+        raise SourceError(
+            path,
+            f"unsupported SamplesPerPixel {samples} (expected 1 or 3)",
+            code=ReasonCode.INVALID_PIXEL_MODULE,
+        )
     if not is_float and (allocated not in (1, 8, 16, 32) or not 1 <= stored <= allocated):
         raise SourceError(
-            path, f"invalid bit depth: BitsAllocated {allocated}, BitsStored {stored}"
+            path,
+            f"invalid bit depth: BitsAllocated {allocated}, BitsStored {stored}",
+            code=ReasonCode.INVALID_PIXEL_MODULE,
         )
     if not photometric:
         photometric = "MONOCHROME2" if samples == 1 else "RGB"
@@ -1515,14 +1679,21 @@ def _decoder(inst: _Instance) -> Any:
         meta.TransferSyntaxUID = ts  # preamble-less or meta-less files: as it was parsed
     try:
         decoder = get_decoder(ts)
-    except NotImplementedError:
+    except NotImplementedError as e:
+        # an unknown (private) transfer syntax is named by its UID: in the detail only
+        known = _uid_known(str(ts))
         raise SourceError(
-            inst.path, f"no pixel decoder exists for transfer syntax {ts.name}"
+            inst.path,
+            f"no pixel decoder exists for transfer syntax {ts.name if known else '(unknown)'}",
+            code=ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX,
+            detail=_library_text(e) if known else f"TransferSyntaxUID {ts}; {_library_text(e)}",
         ) from None
     if not decoder.is_available:
         needs = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
         raise SourceError(
-            inst.path, f"no decoder installed for transfer syntax {ts.name} (needs {needs})"
+            inst.path,
+            f"no decoder installed for transfer syntax {ts.name} (needs {needs})",
+            code=ReasonCode.UNSUPPORTED_TRANSFER_SYNTAX,
         )
     return decoder
 
@@ -1546,18 +1717,27 @@ def _frames(inst: _Instance, fmt: _PixelFormat) -> Iterator[np.ndarray]:
             if arr.shape != expected:
                 raise SourceError(
                     inst.path,
-                    f"decoded frame of shape {arr.shape}, expected {expected} from Rows/Columns",
+                    f"decoded frame of shape {format_values(arr.shape)}, expected "
+                    f"{format_values(expected)} from Rows/Columns",
+                    code=ReasonCode.INVALID_PIXEL_MODULE,
                 )
             yield arr
     except SourceError:
         raise
     except (EOFError, struct.error) as e:
         raise SourceError(
-            inst.path, f"truncated pixel data ({ts.name}): {_scrub(str(e), inst.ds)}"
+            inst.path,
+            f"truncated pixel data ({ts.name}): {type(e).__name__}",
+            code=ReasonCode.TRUNCATED,
+            detail=_library_text(e, inst.ds),
         ) from None
     except Exception as e:  # decoder plugins raise anything (RuntimeError, ValueError, ...)
+        # their messages may quote the file or its values: the type public, the text restricted
         raise SourceError(
-            inst.path, f"cannot decode pixel data ({ts.name}): {_scrub(str(e), inst.ds)}"
+            inst.path,
+            f"cannot decode pixel data ({ts.name}): {type(e).__name__}",
+            code=ReasonCode.DECODE_ERROR,
+            detail=_library_text(e, inst.ds),
         ) from None
     finally:
         with contextlib.suppress(KeyError, AttributeError):
@@ -1591,6 +1771,7 @@ def _native_frames(inst: _Instance, fmt: _PixelFormat) -> Iterator[np.ndarray]:
             inst.path,
             f"pixel data holds {length} bytes, {inst.frames} frame(s) of {fmt.rows}x"
             f"{fmt.columns} at {fmt.bits_allocated} bits need {need}",
+            code=ReasonCode.TRUNCATED,
         )
     try:
         with open(inst.path, "rb") as fp:
@@ -1598,12 +1779,16 @@ def _native_frames(inst: _Instance, fmt: _PixelFormat) -> Iterator[np.ndarray]:
             for _ in range(inst.frames):
                 arr = np.empty((fmt.rows, fmt.columns), dtype=dtype)
                 if fp.readinto(arr.data.cast("B")) != arr.nbytes:
-                    raise SourceError(inst.path, "truncated: the file ends inside its pixel data")
+                    raise SourceError(
+                        inst.path,
+                        "truncated: the file ends inside its pixel data",
+                        code=ReasonCode.TRUNCATED,
+                    )
                 if fmt.bits_stored < fmt.bits_allocated:
                     _drop_unused_bits(arr, fmt)
                 yield arr
     except OSError as e:
-        raise SourceError(inst.path, f"cannot read the pixel data: {e.strerror or e}") from None
+        raise _io_error(inst.path, "cannot read the pixel data", e) from None
 
 
 def _attach_pixel_data(inst: _Instance, fmt: _PixelFormat) -> None:
@@ -1615,9 +1800,11 @@ def _attach_pixel_data(inst: _Instance, fmt: _PixelFormat) -> None:
             fp.seek(offset)
             data = fp.read(length)
     except OSError as e:
-        raise SourceError(inst.path, f"cannot read the pixel data: {e.strerror or e}") from None
+        raise _io_error(inst.path, "cannot read the pixel data", e) from None
     if len(data) != length:
-        raise SourceError(inst.path, "truncated: the file ends inside its pixel data")
+        raise SourceError(
+            inst.path, "truncated: the file ends inside its pixel data", code=ReasonCode.TRUNCATED
+        )
     inst.ds.PixelData = data
     inst.ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
 
@@ -1764,7 +1951,9 @@ def _fill(
             sink.put(slots[plane_index], arr, planes[plane_index])
         if got != len(frame_to_plane):
             raise SourceError(
-                inst.path, f"pixel data holds {got} frame(s), the header promises {inst.frames}"
+                inst.path,
+                f"pixel data holds {got} frame(s), the header promises {inst.frames}",
+                code=ReasonCode.INVALID_PIXEL_MODULE,
             )
     return sink.array, fmt
 
@@ -1782,9 +1971,14 @@ def _formats(
                 path,
                 f"inconsistent image size in the series: {other.rows}x{other.columns} here, "
                 f"{fmt.rows}x{fmt.columns} in the first file",
+                code=ReasonCode.INCONSISTENT_SERIES,
             )
         if _is_colour(other) != _is_colour(fmt):
-            raise SourceError(path, "colour and grey images mixed in one series")
+            raise SourceError(
+                path,
+                "colour and grey images mixed in one series",
+                code=ReasonCode.INCONSISTENT_SERIES,
+            )
     return formats, fmt
 
 
@@ -1835,10 +2029,13 @@ def _stream_slices(
                     got += 1
                 if got != 1:
                     raise SourceError(
-                        inst.path, f"pixel data holds {got} frame(s), the header promises 1"
+                        inst.path,
+                        f"pixel data holds {got} frame(s), the header promises 1",
+                        code=ReasonCode.INVALID_PIXEL_MODULE,
                     )
                 if sink.array.dtype != dtype:
-                    raise Restart(restart, f"{inst.path}: a rescaled value beyond {dtype}")
+                    # no path: the writer may quote this text should the restart fail
+                    raise Restart(restart, f"a rescaled value beyond {dtype} (slice {first + k})")
             out = sink.array
             del sink
             yield out
@@ -1898,7 +2095,11 @@ def _read_volume(
 ) -> DecodedImage:
     fmt = _pixel_format(insts[0])
     if _is_colour(fmt):
-        raise SourceError(insts[0].path, "colour volumes are not supported")
+        raise SourceError(
+            insts[0].path,
+            "colour volumes are not supported",
+            code=ReasonCode.UNSUPPORTED_CONTENT,
+        )
     stack = _stack(planes)
     pixels: np.ndarray | None = None
     blocks: Iterator[np.ndarray] | None = None

@@ -22,8 +22,13 @@ What comes out:
   or for a JPEG whose colour channels really differ (a photograph rather than a grey picture
   saved as RGB); otherwise ``"OT"``.
 
-Unreadable input (not one of these formats, a truncated or corrupt file, a picture too large for
-the decompression-bomb guard) raises :class:`~tasks.SourceError` with the reason.
+Unreadable input raises :class:`~tasks.SourceError` with a :class:`~tasks.reasons.ReasonCode`
+and a reason that never quotes the path or the file's name (pillow's message, which may quote
+the path, goes to its ``detail`` only): ``unrecognised_format`` for a name or content that is
+not PNG, JPEG or TIFF; ``truncated`` for a file that ends early; ``decode_error`` for a corrupt
+picture or a TIFF layout pillow cannot decode; ``too_large`` for a picture above the
+decompression-bomb guard; ``empty_file`` and ``io_error`` for a file of 0 bytes, missing or
+unreadable.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from storage.images import DecodedImage, ImageMeta
 from tasks import SourceError, parse_source_path
+from tasks.reasons import ReasonCode, format_number
 
 __all__ = ["IMAGE_FORMATS", "IMAGE_SUFFIXES", "parse_image_path", "read_image"]
 
@@ -65,35 +71,72 @@ def read_image(path: str) -> DecodedImage:
     """Read a PNG, JPEG or TIFF picture as a whole-array :class:`DecodedImage`.
 
     See the module docstring for axes, types, spacing and modality. Raises :class:`SourceError`
-    with the reason for anything that is not a readable picture.
+    with its code and a reason that never quotes the path for anything that is not a readable
+    picture.
     """
     try:
         p = parse_image_path(path)
-    except (TypeError, ValueError) as e:
-        raise SourceError(str(path), str(e)) from e
+    except TypeError as e:  # our own text: it names the argument's type only
+        raise SourceError(str(path), str(e), code=ReasonCode.IO_ERROR) from e
     try:
         # verify() checks what decoding does not (PNG chunk checksums); it leaves the file unusable
         with Image.open(p, formats=IMAGE_FORMATS) as im:
             im.verify()
         with Image.open(p, formats=IMAGE_FORMATS) as im:
             return _decode(im)
-    except UnidentifiedImageError as e:
-        raise SourceError(p, _unidentified_reason(p)) from e
+    except UnidentifiedImageError as e:  # its message quotes the path
+        code, reason = _unidentified_reason(p)
+        raise SourceError(p, reason, code=code, detail=str(e)) from e
     except Image.DecompressionBombError as e:
-        raise SourceError(p, f"the picture is too large to decode safely ({e})") from e
+        limit = format_number(2 * (Image.MAX_IMAGE_PIXELS or 0))
+        raise SourceError(
+            p,
+            f"the picture is too large to decode safely (over {limit} pixels)",
+            code=ReasonCode.TOO_LARGE,
+            detail=str(e),
+        ) from e
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error) as e:
-        raise SourceError(p, f"the picture is corrupt or truncated ({e})") from e
+        raise _decode_failure(p, e) from e
 
 
-def _unidentified_reason(path: str) -> str:
-    with open(path, "rb") as f:
-        head = f.read(4)
+def _unidentified_reason(path: str) -> tuple[ReasonCode, str]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
     if head in _TIFF_MAGIC:
-        return (
+        return ReasonCode.DECODE_ERROR, (
             "a TIFF that cannot be decoded: corrupt, or a layout such as 64-bit or "
             "separate-plane colour samples; convert it to an 8/16-bit PNG or TIFF"
         )
-    return "not a readable PNG, JPEG or TIFF picture (unrecognised content)"
+    return (
+        ReasonCode.UNRECOGNISED_FORMAT,
+        "not a readable PNG, JPEG or TIFF picture (unrecognised content)",
+    )
+
+
+def _decode_failure(path: str, e: BaseException) -> SourceError:
+    """``e`` from pillow (or the OS) while reading ``path``: its kind in the reason, its message
+    (which may quote the path) in the detail.
+
+    An OS error with an errno is ``io_error``; a file that ends early (``EOFError``, or pillow's
+    own "truncated" errors) ``truncated``; anything else a corrupt picture, ``decode_error``.
+    """
+    cls = type(e)
+    kind = f"{cls.__module__}.{cls.__name__}" if cls.__name__ == "error" else cls.__name__
+    detail = str(e) or kind
+    if isinstance(e, OSError) and e.errno is not None:
+        return SourceError(
+            path, f"the file could not be read ({kind})", code=ReasonCode.IO_ERROR, detail=detail
+        )
+    if isinstance(e, EOFError) or "truncated" in detail.lower():
+        return SourceError(
+            path, f"the picture is truncated ({kind})", code=ReasonCode.TRUNCATED, detail=detail
+        )
+    return SourceError(
+        path, f"the picture is corrupt ({kind})", code=ReasonCode.DECODE_ERROR, detail=detail
+    )
 
 
 # ---------------------------------------------------------------------------------------------

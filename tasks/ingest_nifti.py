@@ -25,9 +25,20 @@ What comes out:
   ``FLAIR``, ``BOLD``, ``EPI``, ``DWI``, ``DTI`` give ``"MR"``; ``PET`` gives ``"PT"``. The
   description itself is not kept (it is free text and may hold identifiers).
 
-Anything that cannot be read this way (not NIfTI, a header with impossible dimensions, voxel data
-shorter than the header promises, a ``.gz`` name on a file that is not gzip, CIFTI-2 matrices,
-complex data, 5-D vector/tensor fields) raises :class:`~tasks.SourceError` with the reason.
+Anything that cannot be read this way raises :class:`~tasks.SourceError` with a
+:class:`~tasks.reasons.ReasonCode` and a reason that never quotes the path or the file's name
+(what nibabel, gzip or the OS said, which may quote the path, goes to its ``detail`` only):
+
+* ``unrecognised_format``: not a NIfTI file name, not a NIfTI header (``sizeof_hdr``), an
+  Analyze 7.5 header without the NIfTI magic, CIFTI-2 matrices, a ``.gz`` name on a file that
+  is not gzip, or a file nibabel cannot read as NIfTI;
+* ``invalid_header``: impossible dimensions, a bad NIfTI-2 magic, an unknown datatype code,
+  non-finite scaling, a non-finite or singular affine;
+* ``truncated``: a header or voxel data shorter than the header promises, a cut gzip stream;
+* ``decode_error``: a corrupt gzip stream;
+* ``unsupported_content``: complex data, 5-D vector/tensor fields;
+* ``empty_file`` and ``io_error``: a file of 0 bytes, missing or unreadable (also the ``.img``
+  of a header/image pair).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import numpy as np
 
 from storage.images import DecodedImage, ImageMeta
 from tasks import SourceError, parse_source_path
+from tasks.reasons import ReasonCode, format_number
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -61,6 +73,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")
 _SIZEOF_HDR = {348: 1, 540: 2}
 _GZIP_MAGIC = b"\x1f\x8b"
 _CIFTI_INTENTS = (3000, 3100)  # NIFTI_INTENT_CONNECTIVITY_* codes used by CIFTI-2
+_CIFTI_REASON = "a CIFTI-2 matrix (grayordinates), not an image volume"
+_ANALYZE_REASON = "an Analyze 7.5 header without the NIfTI magic; convert it to NIfTI"
 _SPACE_TO_MM = {"mm": 1.0, "meter": 1000.0, "micron": 1e-3, "unknown": 1.0}
 _TIME_TO_S = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6, "unknown": 1.0}
 # whole words of the header description that name a modality
@@ -86,46 +100,76 @@ def parse_nifti_path(path: Any) -> str:
 def sniff_nifti_header(path: str) -> NiftiHeaderFacts:
     """Read the header bytes of ``path``: which NIfTI version it is, and are its dims possible.
 
-    Raises ValueError with a reason a user can act on when the bytes are not a NIfTI header.
+    Raises :class:`SourceError` (a ``ValueError``) with a code and a reason a user can act on
+    when the bytes are not a usable NIfTI header; an ``OSError`` opening the file propagates.
     """
     with open(path, "rb") as f:
         gzipped = f.read(2) == _GZIP_MAGIC
     if path.lower().endswith(".gz") and not gzipped:
-        raise ValueError("the name ends in .gz but the file is not gzip-compressed")
+        raise SourceError(
+            path,
+            "the name ends in .gz but the file is not gzip-compressed",
+            code=ReasonCode.UNRECOGNISED_FORMAT,
+        )
     try:
         opener = gzip.open if gzipped else open
         with opener(path, "rb") as f:
             head = f.read(540)
     except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"the gzip stream is truncated or corrupt ({e})") from e
+        raise _read_failure(path, "the gzip stream", e) from e
     if len(head) < 4:
-        raise ValueError(f"the file is too short for a NIfTI header ({len(head)} bytes)")
+        raise SourceError(
+            path,
+            f"the file is too short for a NIfTI header ({len(head)} bytes)",
+            code=ReasonCode.TRUNCATED,
+        )
     for order in ("<", ">"):
         (size,) = struct.unpack(order + "i", head[:4])
         if size in _SIZEOF_HDR:
             break
     else:
         (little,) = struct.unpack("<i", head[:4])
-        raise ValueError(
-            f"not a NIfTI header: sizeof_hdr is {little}, expected 348 (NIfTI-1) or 540 (NIfTI-2)"
+        raise SourceError(
+            path,
+            f"not a NIfTI header: sizeof_hdr is {little}, expected 348 (NIfTI-1) or 540 (NIfTI-2)",
+            code=ReasonCode.UNRECOGNISED_FORMAT,
         )
     if len(head) < size:
-        raise ValueError(f"the header is truncated: {len(head)} of {size} bytes")
+        raise SourceError(
+            path,
+            f"the header is truncated: {len(head)} of {size} bytes",
+            code=ReasonCode.TRUNCATED,
+        )
     version = _SIZEOF_HDR[size]
     magic = head[344:348] if version == 1 else head[4:8]
     if magic not in (b"n+1\0", b"ni1\0", b"n+2\0", b"ni2\0"):
         if version == 1:
-            raise ValueError("an Analyze 7.5 header without the NIfTI magic; convert it to NIfTI")
-        raise ValueError(f"the NIfTI-2 magic is {magic!r}, expected b'n+2\\x00' or b'ni2\\x00'")
+            raise SourceError(path, _ANALYZE_REASON, code=ReasonCode.UNRECOGNISED_FORMAT)
+        raise SourceError(
+            path,
+            f"the NIfTI-2 magic is {magic!r}, expected b'n+2\\x00' or b'ni2\\x00'",
+            code=ReasonCode.INVALID_HEADER,
+        )
     if version == 1:
         dim = struct.unpack(order + "8h", head[40:56])
-        (intent,) = struct.unpack(order + "h", head[68:70])
+        (intent, datatype) = struct.unpack(order + "2h", head[68:72])
     else:
         dim = struct.unpack(order + "8q", head[16:80])
         (intent,) = struct.unpack(order + "i", head[504:508])
+        (datatype,) = struct.unpack(order + "h", head[12:14])
     if _CIFTI_INTENTS[0] <= intent < _CIFTI_INTENTS[1]:
-        raise ValueError("a CIFTI-2 matrix (grayordinates), not an image volume")
-    parse_dims(dim)
+        raise SourceError(path, _CIFTI_REASON, code=ReasonCode.UNRECOGNISED_FORMAT)
+    if datatype not in nib.nifti1.data_type_codes.code:
+        raise SourceError(
+            path,
+            f"the header's datatype code {datatype} is not a NIfTI data type",
+            code=ReasonCode.INVALID_HEADER,
+        )
+    try:
+        parse_dims(dim)
+    except SourceError as e:
+        e.path = path
+        raise
     return NiftiHeaderFacts(version=version, byte_order=order, gzipped=gzipped)
 
 
@@ -133,22 +177,35 @@ def parse_dims(dim: Any) -> tuple[int, ...]:
     """The data shape from a header's ``dim`` field: 1 to 7 dimensions, each >= 1.
 
     Trailing singleton dimensions beyond the 4th are dropped; more than 4 real ones is refused.
+    Impossible dimensions raise :class:`SourceError` (a ``ValueError``) with code
+    ``invalid_header``, 5-D and more ``unsupported_content``; its path is empty (the caller's
+    to fill in).
     """
     dim = [int(d) for d in dim]
     if len(dim) != 8:
         raise TypeError(f"Expected the 8 values of a NIfTI dim field, got {len(dim)}.")
     n = dim[0]
     if not 1 <= n <= 7:
-        raise ValueError(f"the header's dim[0] is {n}, expected 1 to 7 dimensions")
+        raise SourceError(
+            "",
+            f"the header's dim[0] is {n}, expected 1 to 7 dimensions",
+            code=ReasonCode.INVALID_HEADER,
+        )
     shape = dim[1 : n + 1]
     if any(s < 1 for s in shape):
-        raise ValueError(f"the header's dimensions {tuple(shape)} include a size < 1")
+        raise SourceError(
+            "",
+            f"the header's dimensions {tuple(shape)} include a size < 1",
+            code=ReasonCode.INVALID_HEADER,
+        )
     while len(shape) > 4 and shape[-1] == 1:
         shape.pop()
     if len(shape) > 4:
-        raise ValueError(
+        raise SourceError(
+            "",
             f"a {len(shape)}-D volume {tuple(shape)} (vector or tensor field); only 2-D, 3-D "
-            "and 4-D (time series) NIfTI are ingested"
+            "and 4-D (time series) NIfTI are ingested",
+            code=ReasonCode.UNSUPPORTED_CONTENT,
         )
     return tuple(shape)
 
@@ -156,18 +213,61 @@ def parse_dims(dim: Any) -> tuple[int, ...]:
 def read_nifti(path: str) -> DecodedImage:
     """Read a NIfTI-1/2 file as a whole-array :class:`DecodedImage` (see the module docstring).
 
-    Raises :class:`SourceError` (with the reason) for anything that is not a readable NIfTI volume.
+    Raises :class:`SourceError` (with its code and a reason that never quotes the path) for
+    anything that is not a readable NIfTI volume.
     """
     try:
         p = parse_nifti_path(path)
-    except (TypeError, ValueError) as e:
-        raise SourceError(str(path), str(e)) from e
+    except TypeError as e:  # our own text: it names the argument's type only
+        raise SourceError(str(path), str(e), code=ReasonCode.IO_ERROR) from e
     try:
         facts = sniff_nifti_header(p)
         img = _load(p, facts)
         return _decode(img, facts)
-    except ValueError as e:
-        raise SourceError(p, str(e)) from e
+    except SourceError as e:
+        e.path = p
+        raise
+    except OSError as e:  # opening the file (permissions, vanished): the message quotes the path
+        raise SourceError(
+            p, f"the file could not be read ({_kind(e)})", code=ReasonCode.IO_ERROR, detail=str(e)
+        ) from e
+    except ValueError as e:  # from nibabel or numpy while decoding: its text stays restricted
+        raise SourceError(
+            p,
+            f"the header or voxel data is unusable ({_kind(e)})",
+            code=ReasonCode.INVALID_HEADER,
+            detail=str(e),
+        ) from e
+
+
+def _kind(e: BaseException) -> str:
+    """An exception's kind for a public reason: ``EOFError``, ``zlib.error``; never its text."""
+    cls = type(e)
+    return f"{cls.__module__}.{cls.__name__}" if cls.__name__ == "error" else cls.__name__
+
+
+def _read_failure(path: str, what: str, e: BaseException) -> SourceError:
+    """A :class:`SourceError` for ``e`` raised while reading ``what`` (a gzip stream, voxels).
+
+    A stream that ends early (``EOFError``, a short ``struct``, or nibabel's ``OSError`` without
+    an errno for a short read) is ``truncated``; undecodable compressed data (``zlib.error``, a
+    gzip CRC or format error) ``decode_error``; an OS error with an errno ``io_error``. The
+    exception's message (it may quote the path) becomes the detail.
+    """
+    kind = _kind(e)
+    detail = str(e) or kind
+    short_read = isinstance(e, OSError) and e.errno is None and not isinstance(e, gzip.BadGzipFile)
+    if isinstance(e, EOFError | struct.error) or short_read:
+        return SourceError(
+            path, f"{what} is truncated ({kind})", code=ReasonCode.TRUNCATED, detail=detail
+        )
+    if isinstance(e, zlib.error | gzip.BadGzipFile):
+        return SourceError(
+            path, f"{what} is corrupt ({kind})", code=ReasonCode.DECODE_ERROR, detail=detail
+        )
+    return SourceError(
+        path, f"{what} could not be read ({kind})", code=ReasonCode.IO_ERROR, detail=detail
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,31 +277,45 @@ def read_nifti(path: str) -> DecodedImage:
 def _load(path: str, facts: NiftiHeaderFacts) -> Any:
     try:
         img = nib.load(path, mmap=False)
-    except nib.filebasedimages.ImageFileError as e:
+    except nib.filebasedimages.ImageFileError as e:  # its message quotes the path
         if facts.gzipped:
             _check_gzip_stream(path)
-        raise ValueError(f"nibabel cannot read it as NIfTI ({e})") from e
+        raise SourceError(
+            path,
+            f"nibabel cannot read it as NIfTI ({_kind(e)})",
+            code=ReasonCode.UNRECOGNISED_FORMAT,
+            detail=str(e),
+        ) from e
     except (OSError, EOFError, zlib.error, struct.error) as e:
-        raise ValueError(f"the header is unreadable or truncated ({e})") from e
+        raise _read_failure(path, "the header", e) from e
     except nib.spatialimages.HeaderDataError as e:
-        raise ValueError(f"the header is invalid ({e})") from e
+        raise SourceError(
+            path,
+            f"the header is invalid ({_kind(e)})",
+            code=ReasonCode.INVALID_HEADER,
+            detail=str(e),
+        ) from e
     if isinstance(img, nib.Cifti2Image):
-        raise ValueError("a CIFTI-2 matrix (grayordinates), not an image volume")
+        raise SourceError(path, _CIFTI_REASON, code=ReasonCode.UNRECOGNISED_FORMAT)
     if isinstance(img, nib.AnalyzeImage) and not isinstance(img, nib.Nifti1Pair):
-        raise ValueError("an Analyze 7.5 header without the NIfTI magic; convert it to NIfTI")
+        raise SourceError(path, _ANALYZE_REASON, code=ReasonCode.UNRECOGNISED_FORMAT)
     if not isinstance(img, nib.Nifti1Pair):  # Nifti1Image, Nifti2Image and pairs derive from it
-        raise ValueError(f"read as {type(img).__name__}, not as NIfTI-1/2")
+        raise SourceError(
+            path,
+            f"read as {type(img).__name__}, not as NIfTI-1/2",
+            code=ReasonCode.UNRECOGNISED_FORMAT,
+        )
     return img
 
 
 def _check_gzip_stream(path: str) -> None:
-    """Decompress ``path`` to its end, raising ValueError if the gzip stream is cut or corrupt."""
+    """Decompress ``path`` to its end, raising SourceError if the gzip stream is cut or corrupt."""
     try:
         with gzip.open(path, "rb") as f:
             while f.read(1 << 20):
                 pass
     except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"the gzip stream is truncated or corrupt ({e})") from e
+        raise _read_failure(path, "the gzip stream", e) from e
 
 
 def _check_data_length(img: Any, facts: NiftiHeaderFacts, shape: tuple[int, ...]) -> None:
@@ -211,15 +325,21 @@ def _check_data_length(img: Any, facts: NiftiHeaderFacts, shape: tuple[int, ...]
     fmap = img.file_map
     image_file = fmap["image"].filename
     if not image_file or not os.path.isfile(image_file):
-        raise ValueError("the image (.img) file of this header/image pair is missing")
+        raise SourceError(
+            "",
+            "the image (.img) file of this header/image pair is missing",
+            code=ReasonCode.IO_ERROR,
+        )
     offset = int(img.dataobj.offset)
     itemsize = img.header.get_data_dtype().itemsize
     need = offset + math.prod(shape) * itemsize
     have = os.path.getsize(image_file)
     if have < need:
-        raise ValueError(
+        raise SourceError(
+            "",
             f"the voxel data is truncated: the header promises {need} bytes "
-            f"(offset {offset} + {math.prod(shape)} voxels x {itemsize} bytes), the file has {have}"
+            f"(offset {offset} + {math.prod(shape)} voxels x {itemsize} bytes), the file has {have}",
+            code=ReasonCode.TRUNCATED,
         )
 
 
@@ -231,7 +351,12 @@ def _read_voxels(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
     slope = float(getattr(img.dataobj, "slope", 1.0))
     inter = float(getattr(img.dataobj, "inter", 0.0))
     if not (math.isfinite(slope) and math.isfinite(inter)):
-        raise ValueError(f"the scaling is not finite (scl_slope {slope}, scl_inter {inter})")
+        raise SourceError(
+            "",
+            f"the scaling is not finite (scl_slope {format_number(slope)}, "
+            f"scl_inter {format_number(inter)})",
+            code=ReasonCode.INVALID_HEADER,
+        )
     identity = slope == 1.0 and inter == 0.0
     notes: dict[str, Any] = {
         "stored_dtype": str(stored.newbyteorder("=")) if stored.fields is None else "rgb",
@@ -242,7 +367,11 @@ def _read_voxels(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
         if stored.fields is not None:
             data = _rgb_voxels(np.asarray(img.dataobj.get_unscaled()))
         elif stored.kind == "c":
-            raise ValueError(f"complex voxel data ({stored}) is not ingested")
+            raise SourceError(
+                "",
+                f"complex voxel data ({stored.newbyteorder('=')}) is not ingested",
+                code=ReasonCode.UNSUPPORTED_CONTENT,
+            )
         elif stored.kind in "iub" and identity:
             raw = np.asarray(img.dataobj.get_unscaled())
             data = raw.astype(stored.newbyteorder("="), copy=False)
@@ -250,8 +379,8 @@ def _read_voxels(img: Any) -> tuple[np.ndarray, dict[str, Any]]:
                 data = data.astype(np.uint8)
         else:
             data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
-    except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"the voxel data is truncated or unreadable ({e})") from e
+    except (OSError, EOFError, zlib.error) as e:  # nibabel's message may quote the path
+        raise _read_failure("", "the voxel data", e) from e
     return data, notes
 
 
@@ -274,10 +403,16 @@ def _affine_mm(img: Any, space_to_mm: float) -> tuple[np.ndarray, str]:
         source = "zooms"
     affine = np.array(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)):
-        raise ValueError(f"the {source} affine has non-finite values")
+        raise SourceError(
+            "", f"the {source} affine has non-finite values", code=ReasonCode.INVALID_HEADER
+        )
     affine[:3, :] *= space_to_mm
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"the {source} affine is singular (a zero voxel size or repeated axis)")
+        raise SourceError(
+            "",
+            f"the {source} affine is singular (a zero voxel size or repeated axis)",
+            code=ReasonCode.INVALID_HEADER,
+        )
     return affine, source
 
 

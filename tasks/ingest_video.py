@@ -18,10 +18,15 @@ What comes out:
   names an endoscopic procedure (endoscopy, colonoscopy, gastroscopy, bronchoscopy, ...);
   otherwise ``"XC"``. The metadata text itself is not kept (it may hold identifiers).
 
-Unreadable input raises :class:`~tasks.SourceError`: at open time for a file that is not a video
-container, has no video stream, or whose first frame cannot be decoded; while streaming for a
-decoding error, or when the video ends well short of the frame count its container records
-(a truncated file). The writer then drops what it had written.
+Unreadable input raises :class:`~tasks.SourceError` with a :class:`~tasks.reasons.ReasonCode`
+and a reason that never quotes the path or the file's name (what FFmpeg said, which may quote
+the path, goes to its ``detail`` only). At open time: ``unrecognised_format`` for a file that is
+not an MP4, MOV or AVI container, ``truncated`` for an MP4/MOV whose index cannot be read (a
+cut file), ``unsupported_content`` for one without a video stream, ``decode_error`` when its
+first frame cannot be decoded, ``empty_file`` and ``io_error`` for a file of 0 bytes, missing or
+unreadable. While streaming: ``decode_error`` for a decoding error, ``truncated`` when the
+stream ends early (FFmpeg's end of file, or well short of the frame count its container
+records). The writer then drops what it had written.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from av.video.reformatter import VideoReformatter
 
 from storage.images import DecodedImage, ImageMeta
 from tasks import SourceError, parse_source_path
+from tasks.reasons import ReasonCode
 
 __all__ = [
     "MAX_SLAB_FRAMES",
@@ -116,31 +122,54 @@ def read_video(path: str, *, slab_frames: int | None = None) -> DecodedImage:
 
     The container is opened and the first frame decoded now (so a bad file fails here); the rest
     is decoded lazily as ``blocks`` is iterated, ``slab_frames`` frames at a time (default: up to
-    64 frames, about 64 MiB). Raises :class:`SourceError` with the reason for unreadable input.
+    64 frames, about 64 MiB). Raises :class:`SourceError` with its code and a reason that never
+    quotes the path for unreadable input.
     """
     try:
         p = parse_video_path(path)
-    except (TypeError, ValueError) as e:
-        raise SourceError(str(path), str(e)) from e
+    except TypeError as e:  # our own text: it names the argument's type only
+        raise SourceError(str(path), str(e), code=ReasonCode.IO_ERROR) from e
     try:
         container = av.open(p, mode="r")
     except _DECODE_ERRORS as e:
-        raise SourceError(p, f"not a readable video container ({_why(e)})") from e
+        if isinstance(e, av.InvalidDataError) and _is_iso_media(p):
+            raise _failure(
+                p,
+                "not a readable video container: an MP4/MOV file whose index cannot be read "
+                "(cut short, or never finalised)",
+                e,
+                ReasonCode.TRUNCATED,
+            ) from e
+        raise _failure(
+            p, "not a readable video container", e, ReasonCode.UNRECOGNISED_FORMAT
+        ) from e
     try:
         demuxer = str(container.format.name)
         if not set(demuxer.split(",")) & _VIDEO_CONTAINERS:
-            raise SourceError(p, f"the content is {demuxer!r}, not an MP4, MOV or AVI video")
+            raise SourceError(
+                p,
+                f"the content is {demuxer!r}, not an MP4, MOV or AVI video",
+                code=ReasonCode.UNRECOGNISED_FORMAT,
+            )
         if not container.streams.video:
-            raise SourceError(p, "the file holds no video stream (audio only, or not a video)")
+            raise SourceError(
+                p,
+                "the file holds no video stream (audio only, or not a video)",
+                code=ReasonCode.UNSUPPORTED_CONTENT,
+            )
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: decoding is the bottleneck
         frames = container.decode(stream)
         try:
             first = next(frames)
         except StopIteration as e:
-            raise SourceError(p, "the video stream holds no decodable frames") from e
+            raise SourceError(
+                p, "the video stream holds no decodable frames", code=ReasonCode.DECODE_ERROR
+            ) from e
         except _DECODE_ERRORS as e:
-            raise SourceError(p, f"the first frame cannot be decoded ({_why(e)})") from e
+            raise _failure(
+                p, "the first frame cannot be decoded", e, ReasonCode.DECODE_ERROR
+            ) from e
         facts = _facts(container, stream, first)
         slab = parse_slab_frames(slab_frames, facts.width, facts.height)
         modality = "ES" if _says_endoscopy(container, stream) else "XC"
@@ -220,10 +249,32 @@ def _says_endoscopy(container: Any, stream: Any) -> bool:
     return any(w in joined for w in _ENDOSCOPY_WORDS)
 
 
-def _why(e: BaseException) -> str:
-    """The error's message without the file path (the path travels beside the reason)."""
-    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return str(text)
+def _is_iso_media(path: str) -> bool:
+    """Whether ``path`` starts with an ISO base media (MP4, MOV) ``ftyp`` box."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[4:8] == b"ftyp"
+    except OSError:
+        return False
+
+
+def _failure(path: str, what: str, e: BaseException, code: ReasonCode) -> SourceError:
+    """A :class:`SourceError` for ``e`` (from FFmpeg or the OS): ``what`` went wrong, and ``e``'s
+    kind, in the reason; its message, which may quote the path, in the detail only.
+
+    ``code`` is the usual reading; whatever the step, an OS error with an errno (missing file,
+    permissions, I/O) is ``io_error``, an end of file ``truncated`` and running out of memory
+    ``too_large``.
+    """
+    kind = type(e).__name__
+    detail = str(e) or kind
+    if isinstance(e, MemoryError):
+        code = ReasonCode.TOO_LARGE
+    elif isinstance(e, EOFError):
+        code = ReasonCode.TRUNCATED
+    elif isinstance(e, OSError) and e.errno is not None:
+        code = ReasonCode.IO_ERROR
+    return SourceError(path, f"{what} ({kind})", code=code, detail=detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +309,9 @@ def _slabs(
             try:
                 frame = next(frames, None)
             except _DECODE_ERRORS as e:
-                raise SourceError(path, f"decoding failed after frame {decoded} ({_why(e)})") from e
+                raise _failure(
+                    path, f"decoding failed after frame {decoded}", e, ReasonCode.DECODE_ERROR
+                ) from e
         if filled:
             yield buf[:filled]
         expected = facts.frame_count if facts.frame_count_source == "container" else 0
@@ -268,6 +321,7 @@ def _slabs(
                 path,
                 f"the video ends after {decoded} of the {expected} frames its container "
                 "records (truncated file?)",
+                code=ReasonCode.TRUNCATED,
             )
     finally:
         container.close()

@@ -26,6 +26,7 @@ from storage.images import DecodedImage, ImageMeta, open_image, write_image
 from storage.layout import OutputRoot
 from storage.sinograms import read_sinogram
 from storage.tables import connect, utcnow
+from tasks.reasons import ReasonCode, clip_text, shielded
 
 __all__ = [
     "DenoiseConfig",
@@ -224,7 +225,6 @@ def denoise_series(
         )
         row.update(
             status="denoised",
-            error=None,
             axes="zyx",
             shape=list(stored.shape),
             dtype=stored.dtype,
@@ -242,9 +242,12 @@ def denoise_series(
             ),
         )
     except Exception as e:  # a scan that cannot be denoised keeps its noisy reconstruction
+        # the images read live under the output root, not the archive: the message names no
+        # source file, and says what was refused (a geometry, a size)
         row.update(
             status="refused" if isinstance(e, ValueError) else "failed",
-            error=f"{type(e).__name__}: {e}",
+            reason_code=ReasonCode.DENOISE_ERROR.value,
+            reason=clip_text(f"{type(e).__name__}: {e}"),
             attrs_json=json.dumps({"params_hash": cfg.params_hash()}),
         )
     row["seconds"] = time.perf_counter() - t0
@@ -259,6 +262,7 @@ def denoise_series(
     cache_policy=NO_CACHE,
     persist_result=False,
 )
+@shielded("denoise-batch")
 def denoise_batch(
     root: str, items: list[DenoiseItem], cfg: DenoiseConfig, run_id: str
 ) -> list[dict[str, Any]]:

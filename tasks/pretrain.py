@@ -71,6 +71,7 @@ from encoders.m3ret import (
 from storage.images import open_image
 from storage.layout import OutputRoot
 from storage.tables import connect, utcnow
+from tasks.reasons import shielded
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -959,6 +960,7 @@ def archive_sampler(out: OutputRoot, cfg: PretrainConfig) -> ArchiveSampler:
     cache_policy=NO_CACHE,
     persist_result=False,
 )
+@shielded("m3ret-train")
 def train_task(root: str, config: PretrainConfig) -> TrainResult:
     """Train to ``config.steps`` (a retry resumes from the run's last checkpoint) and plot."""
     from prefect import get_run_logger
@@ -984,6 +986,7 @@ def train_task(root: str, config: PretrainConfig) -> TrainResult:
 
 
 @task(name="m3ret-register", cache_policy=NO_CACHE, persist_result=False)
+@shielded("m3ret-register")
 def register_task(root: str, config: PretrainConfig, result: TrainResult) -> ModelRecord:
     """Register the run's final checkpoint as a new encoder version."""
     _, mcfg = encoder_config(config)

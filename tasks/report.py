@@ -6,7 +6,8 @@ a local root; one whole-object write on an object store). The page holds:
 
 * the run's counts (discovered sources, series outcomes, modalities, denoising, encoders);
 * the time per stage;
-* the series quarantined or failed in the run, with reasons;
+* the series quarantined or failed in the run, grouped by reason code: a count, an example
+  reason and a few example keys per code (the page's size does not grow with the archive);
 * thumbnails of a sample of the run's new series: the middle slice of a volume, the first frame
   of a video, read from a coarse pyramid level; CT in a soft-tissue window, other grey images
   between their 1st and 99th percentiles, colour kept;
@@ -14,8 +15,8 @@ a local root; one whole-object write on an object store). The page holds:
   series, and any series rescored after a prompt-bank change) as a strip plot with quartiles.
 
 Everything is inline (PNG data URIs, CSS; a content security policy forbids any fetch), so the
-file opens anywhere. Series appear by pseudonymous key only; quarantine reasons are scrubbed of
-the archive paths of their sources, read from the restricted sources table.
+file opens anywhere. Series appear by pseudonymous key only; reasons are built from
+non-identifying facts (tasks.reasons), so nothing here needs scrubbing.
 
 :func:`publish_report` is what the nightly flow calls: it builds the report and publishes the
 markdown artifact, and a failure there is logged as a warning, never raised.
@@ -40,7 +41,8 @@ import numpy as np
 
 from storage.images import open_image
 from storage.layout import OutputRoot
-from storage.tables import SOURCES_SCHEMA, connect, read_table, utcnow
+from storage.tables import connect, utcnow
+from tasks.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonCode, tally_groups
 
 __all__ = [
     "DEFAULT_CT_WINDOW",
@@ -56,8 +58,6 @@ __all__ = [
 REPORT_ARTIFACT_KEY = "nightly-report"
 DEFAULT_CT_WINDOW = (40.0, 400.0)  # level, width in HU: soft tissue
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_MAX_TABLE_ROWS = 500  # quarantined rows shown in the HTML
-_MAX_MARKDOWN_ROWS = 100  # and in the artifact
 _MAX_STRIP_POINTS = 2000  # points drawn per finding; quartiles use all scores
 
 
@@ -214,7 +214,7 @@ def _thumbnails(
             png = thumbnail(root.image_path(key), size=size, ct_window=ct_window)
             out.append(Thumbnail(key, modality, kind, axes, png=png))
         except Exception as e:  # one unreadable image costs its thumbnail only
-            reason = f"{type(e).__name__}: {e}"
+            reason = type(e).__name__  # its text may quote the image's path
             log.warning("report: no thumbnail for series %s (%s)", key, reason)
             out.append(Thumbnail(key, modality, kind, axes, error=reason))
     return out
@@ -336,45 +336,16 @@ def _stage_rows(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
     return rows
 
 
-def _quarantined(summary: Mapping[str, Any]) -> list[dict[str, str]]:
-    items = summary.get("quarantined") or []
-    if not isinstance(items, Sequence) or isinstance(items, str):
-        raise ValueError(f"Expected summary['quarantined'] to be a list, got {items!r} instead.")
-    out = []
-    for q in items:
-        if not isinstance(q, Mapping) or "series_key" not in q:
-            raise ValueError(f"Expected a quarantined entry with a series_key, got {q!r} instead.")
-        out.append(
-            {
-                "series_key": str(q["series_key"]),
-                "status": str(q.get("status") or "quarantined"),
-                "reason": str(q.get("reason") or ""),
-            }
-        )
-    return out
+def _quarantined(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run's quarantined and failed series grouped by stage, status and reason code."""
+    return tally_groups(summary.get("quarantined"))
 
 
-def _path_needles(root: OutputRoot, keys: set[str]) -> list[str]:
-    """Archive paths (and their folders and file names) of the sources of ``keys``."""
-    if not keys:
-        return []
-    t = read_table(root.sources_dir(), SOURCES_SCHEMA, columns=["relpath", "series_key"])
-    needles: set[str] = set()
-    for rel, key in zip(t["relpath"].to_pylist(), t["series_key"].to_pylist(), strict=True):
-        if key not in keys or not rel:
-            continue
-        parts = [p for p in str(rel).split("/") if p]
-        needles.add(str(rel))
-        for i in range(2, len(parts)):
-            needles.add("/".join(parts[:i]))
-        needles.update(p for p in parts if len(p) >= 4)
-    return sorted(needles, key=len, reverse=True)
-
-
-def _scrub(text: str, needles: Sequence[str]) -> str:
-    for needle in needles:
-        text = re.sub(rf"(?<![\w.-]){re.escape(needle)}(?![\w.-])", "[path]", text)
-    return text
+def _describe(code: str) -> str:
+    try:
+        return REASON_DESCRIPTIONS[ReasonCode(code)]
+    except ValueError:
+        return ""
 
 
 def _md(text: str) -> str:
@@ -383,7 +354,7 @@ def _md(text: str) -> str:
 
 def report_markdown(
     summary: Mapping[str, Any],
-    quarantined: Sequence[Mapping[str, str]],
+    quarantined: Sequence[Mapping[str, Any]],
     *,
     html_path: str,
     new_series: int,
@@ -410,17 +381,22 @@ def report_markdown(
         "|---|---:|",
         *(f"| {_md(k)} | {v:.1f} |" for k, v in _stage_rows(summary)),
         "",
-        f"## Quarantined or failed ({len(quarantined)})",
+        f"## Quarantined or failed ({sum(g['count'] for g in quarantined)} series)",
         "",
     ]
     if quarantined:
-        lines += ["| series | status | reason |", "|---|---|---|"]
         lines += [
-            f"| `{_md(q['series_key'])}` | {_md(q['status'])} | {_md(q['reason'])} |"
-            for q in quarantined[:_MAX_MARKDOWN_ROWS]
+            "| stage | status | reason code | series | example reason | example keys |",
+            "|---|---|---|---:|---|---|",
         ]
-        if len(quarantined) > _MAX_MARKDOWN_ROWS:
-            lines.append(f"\n... and {len(quarantined) - _MAX_MARKDOWN_ROWS} more in the report.")
+        lines += [
+            f"| {_md(g['stage'])} | {_md(g['status'])} | `{_md(g['reason_code'])}` | "
+            f"{g['count']} | {_md(g['example_reason'])} | "
+            + " ".join(f"`{_md(k)}`" for k in g["example_keys"])
+            + " |"
+            for g in quarantined
+        ]
+        lines.append("\nThe files at fault are listed for the operator only: `medflow quarantine`.")
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"
@@ -477,7 +453,7 @@ def _data_uri(png: bytes) -> str:
 
 def _render_html(
     summary: Mapping[str, Any],
-    quarantined: Sequence[Mapping[str, str]],
+    quarantined: Sequence[Mapping[str, Any]],
     new_series: int,
     thumbs: Sequence[Thumbnail],
     plots: Sequence[tuple[_FindingsGroup, bytes]],
@@ -516,22 +492,29 @@ def _render_html(
             f'<tr><td>{_e(name)}</td><td class="n">{secs:.2f}</td>'
             f'<td><span class="bar" style="width:{width}px"></span></td></tr>'
         )
-    out += ["</table>", f'<h2 id="quarantined">Quarantined or failed ({len(quarantined)})</h2>']
+    n_bad = sum(g["count"] for g in quarantined)
+    out += ["</table>", f'<h2 id="quarantined">Quarantined or failed ({n_bad} series)</h2>']
     if quarantined:
         out.append(
-            '<table class="quarantined"><tr><th>series</th><th>status</th><th>reason</th></tr>'
+            '<table class="quarantined"><tr><th>stage</th><th>status</th><th>reason code</th>'
+            "<th>series</th><th>example reason</th><th>example keys</th></tr>"
         )
         out += [
-            f"<tr><td><code>{_e(q['series_key'])}</code></td><td>{_e(q['status'])}</td>"
-            f"<td>{_e(q['reason'])}</td></tr>"
-            for q in quarantined[:_MAX_TABLE_ROWS]
+            f'<tr data-reason-code="{_e(g["reason_code"])}"><td>{_e(g["stage"])}</td>'
+            f"<td>{_e(g['status'])}</td>"
+            f'<td><code title="{_e(_describe(g["reason_code"]))}">{_e(g["reason_code"])}</code>'
+            f'</td><td class="n">{g["count"]}</td><td>{_e(g["example_reason"])}</td><td>'
+            + " ".join(f"<code>{_e(k)}</code>" for k in g["example_keys"])
+            + "</td></tr>"
+            for g in quarantined
         ]
         out.append("</table>")
-        if len(quarantined) > _MAX_TABLE_ROWS:
-            out.append(
-                f'<p class="note">... and {len(quarantined) - _MAX_TABLE_ROWS} more: '
-                "see the catalog (status quarantined or failed) for this run id.</p>"
-            )
+        out.append(
+            f'<p class="note">Up to {MAX_EXAMPLE_KEYS} example series keys per reason code; '
+            "every series is in the catalog (<code>reason_code</code>, <code>reason</code>) "
+            "for this run id, and the files at fault are listed for the operator only by "
+            "<code>medflow quarantine</code>.</p>"
+        )
     else:
         out.append('<p class="note">None.</p>')
     out.append(f'<h2 id="series">New series ({new_series})</h2>')
@@ -621,9 +604,6 @@ def build_report(
 
     out = OutputRoot(root)
     quarantined = _quarantined(summary)
-    if quarantined:
-        needles = _path_needles(out, {q["series_key"] for q in quarantined})
-        quarantined = [{**q, "reason": _scrub(q["reason"], needles)} for q in quarantined]
     con = connect(out)
     try:
         new_series, sample = _new_series(con, run_id, max_thumbnails)
@@ -681,8 +661,8 @@ def publish_report(root: str, summary: Mapping[str, Any], **kwargs: Any) -> RunR
             markdown=report.markdown,
             description=f"medflow run report {summary.get('run_id')}",
         )
-    except Exception as e:
-        log.warning("run report not written: %s: %s", type(e).__name__, e)
+    except Exception as e:  # its text may quote a path: the kind only
+        log.warning("run report not written: %s", type(e).__name__)
         return None
     log.info(
         "run report: %s (%d thumbnails, %d plots) in %.1f s",

@@ -77,6 +77,7 @@ def _write_sources(
                 "kind": kind,
                 "series_key": s["series_key"],
                 "status": s["status"],
+                "reason_code": s.get("reason_code"),
                 "error": s["error"],
                 "run_id": run_id,
                 "observed_at": now,
@@ -100,6 +101,7 @@ def commit_sources_only(
             "relpath": rel,
             "series_key": j.series_key,
             "status": recorded[j.series_key][1],
+            "reason_code": None,
             "error": None,
         }
         for j in jobs
@@ -131,6 +133,7 @@ def commit_touched(
                 "kind": k.kind,
                 "series_key": k.series_key,
                 "status": k.status,
+                "reason_code": k.reason_code,
                 "error": k.error,
                 "run_id": run_id,
                 "observed_at": now,

@@ -30,6 +30,7 @@ from tasks.demo_dicom import (
 )
 from tasks.ingest import HeaderScan, scan_header_files
 from tasks.ingest_dicom import DicomHeader, read_dicom_header, read_dicom_headers
+from tasks.reasons import ReasonCode, unexpected
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
 
@@ -43,11 +44,12 @@ def volume() -> np.ndarray:
 
 
 def _outcome(o: object) -> tuple[object, ...]:
-    """A header as all its fields, an error as its type and, for a SourceError, path and reason."""
+    """A header as all its fields, an error as its type and, for a SourceError, path, code,
+    reason and detail."""
     if isinstance(o, DicomHeader):
         return ("header", {f.name: getattr(o, f.name) for f in dataclasses.fields(o)})
     if isinstance(o, SourceError):
-        return ("SourceError", o.path, o.reason)
+        return ("SourceError", o.path, o.code, o.reason, o.detail)
     assert isinstance(o, Exception), o
     return (type(o).__name__, str(o))
 
@@ -146,7 +148,8 @@ def test_interleaved_series_are_each_read_from_their_layout(
         assert len(keys) == 1
         uids += keys
     assert len(set(uids)) == len(series)
-    assert str(_single(sr)[2]).startswith("not an image object: SOP class Basic Text SR")
+    assert _single(sr)[2] == ReasonCode.NOT_AN_IMAGE
+    assert str(_single(sr)[3]).startswith("not an image object: SOP class Basic Text SR")
     _assert_same(paths, require_image=False)
 
 
@@ -210,18 +213,21 @@ def _broken(tmp_path: Path, source: str, how: str) -> str:
     return str(path)
 
 
-BROKEN = {  # how a file is broken: what its error says
-    "truncated pixels": "truncated",
-    "truncated header": "truncated",
-    "zero bytes": "empty file (0 bytes)",
-    "not DICOM": "not DICOM",
-    "random bytes": "not DICOM",
-    "structured report": "not an image object: SOP class Basic Text SR",
-    "missing": "cannot read the file",
-    "no pixel data": "no pixel data in a CT Image Storage object",
-    "segmentation class": "segmentation labels",
-    "no series UID": "no Series Instance UID",
-    "pixel data too long": "truncated: its pixel data needs",
+BROKEN = {  # how a file is broken: its error's code and what its reason says
+    "truncated pixels": (ReasonCode.TRUNCATED, "truncated"),
+    "truncated header": (ReasonCode.TRUNCATED, "truncated"),
+    "zero bytes": (ReasonCode.EMPTY_FILE, "empty file (0 bytes)"),
+    "not DICOM": (ReasonCode.NOT_DICOM, "not DICOM"),
+    "random bytes": (ReasonCode.NOT_DICOM, "not DICOM"),
+    "structured report": (
+        ReasonCode.NOT_AN_IMAGE,
+        "not an image object: SOP class Basic Text SR",
+    ),
+    "missing": (ReasonCode.IO_ERROR, "cannot read the file"),
+    "no pixel data": (ReasonCode.TRUNCATED, "no pixel data in a CT Image Storage object"),
+    "segmentation class": (ReasonCode.NOT_AN_IMAGE, "segmentation labels"),
+    "no series UID": (ReasonCode.INVALID_HEADER, "no Series Instance UID"),
+    "pixel data too long": (ReasonCode.TRUNCATED, "truncated: its pixel data needs"),
 }
 
 
@@ -240,7 +246,14 @@ def test_broken_files_amid_matching_ones(
     for path, how in zip(bad, BROKEN, strict=True):
         outcome = got[paths.index(path)]
         assert outcome[:2] == ("SourceError", path), how
-        assert BROKEN[how] in str(outcome[2]), (how, outcome)
+        code, text = BROKEN[how]
+        assert outcome[2] == code, (how, outcome)
+        reason = str(outcome[3])
+        assert text in reason, (how, outcome)
+        # the public reason names neither the file nor its folder
+        assert os.path.basename(path) not in reason and tmp_path.name not in reason, reason
+    missing = got[paths.index(bad[list(BROKEN).index("missing")])]
+    assert "No such file" in str(missing[4])  # the OS's message: in the restricted detail
     assert all(got[paths.index(g)][0] == "header" for g in good[: len(bad) + 1])
 
 
@@ -350,7 +363,14 @@ def _old_scan(archive: str, relpaths: Sequence[str], keys: Pseudonymizer) -> lis
         path = os.path.join(archive, rel)
         try:
             if os.path.getsize(path) == 0:
-                raise SourceError(rel, "empty file (0 bytes)")
+                why = "empty file (0 bytes): not DICOM"
+                out.append(HeaderScan(rel, None, None, ReasonCode.EMPTY_FILE, why))
+                continue
+        except OSError as e:
+            why = f"cannot read the file ({type(e).__name__})"
+            out.append(HeaderScan(rel, None, None, ReasonCode.IO_ERROR, why, str(e)))
+            continue
+        try:
             h = read_dicom_header(path)
             out.append(
                 HeaderScan(
@@ -361,9 +381,10 @@ def _old_scan(archive: str, relpaths: Sequence[str], keys: Pseudonymizer) -> lis
                 )
             )
         except SourceError as e:
-            out.append(HeaderScan(rel, None, None, e.reason))
+            out.append(HeaderScan(rel, None, None, e.code, e.reason, e.detail))
         except Exception as e:
-            out.append(HeaderScan(rel, None, None, f"unreadable DICOM header ({type(e).__name__})"))
+            code, reason, detail = unexpected(e, "while reading the DICOM header")
+            out.append(HeaderScan(rel, None, None, code, reason, detail))
     return out
 
 
@@ -389,15 +410,25 @@ def test_scan_header_files(
     assert scans == expected
     assert len(full) <= 10 < len(relpaths)
     by_rel = {s.relpath: s for s in scans}
-    assert by_rel["p1/b/empty.dcm"].error == "empty file (0 bytes)"
-    assert by_rel["p1/a/gone.dcm"].error == "unreadable DICOM header (FileNotFoundError)"
-    assert "truncated" in str(by_rel["p1/a/cut.dcm"].error)
-    assert "not an image object" in str(by_rel["p2/a/sr.dcm"].error)
-    assert "not DICOM" in str(by_rel["p1/b/notes.dcm"].error)
+    empty, gone = by_rel["p1/b/empty.dcm"], by_rel["p1/a/gone.dcm"]
+    assert (empty.code, empty.reason) == (ReasonCode.EMPTY_FILE, "empty file (0 bytes): not DICOM")
+    assert (gone.code, gone.reason) == (
+        ReasonCode.IO_ERROR,
+        "cannot read the file (FileNotFoundError)",
+    )
+    assert "gone.dcm" in str(gone.detail)  # the OS's message, for the restricted table only
+    cut, sr, notes = by_rel["p1/a/cut.dcm"], by_rel["p2/a/sr.dcm"], by_rel["p1/b/notes.dcm"]
+    assert cut.code == ReasonCode.TRUNCATED and "truncated" in str(cut.reason)
+    assert sr.code == ReasonCode.NOT_AN_IMAGE and "not an image object" in str(sr.reason)
+    assert notes.code == ReasonCode.NOT_DICOM and "not DICOM" in str(notes.reason)
+    for s in scans:  # no public reason names a file or a folder
+        if s.reason is not None:
+            assert Path(s.relpath).name not in s.reason, s
+            assert str(archive) not in s.reason, s
     series = {s.series_key for s in scans if s.series_key is not None}
     assert len(series) == 4  # a, b, c, and the enhanced object on its own
     assert len({by_rel[str(Path(p).relative_to(archive))].series_key for p in c}) == 1
-    assert sum(s.error is None for s in scans) == len(a) + len(b) + len(c) + 1
+    assert sum(s.reason is None for s in scans) == len(a) + len(b) + len(c) + 1
     # nothing identifying in what the scan gives out
     forbidden = {DEMO_PATIENT.name, DEMO_PATIENT.patient_id, DEMO_PATIENT.accession_number}
     for p in archive.rglob("*.dcm"):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -36,6 +38,7 @@ from tasks.ingest_dicom import (
     read_dicom_header,
     read_dicom_series,
 )
+from tasks.reasons import ReasonCode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
 
@@ -557,6 +560,218 @@ def test_corrupt_compressed_data_names_the_transfer_syntax(
 
 
 # ---------------------------------------------------------------------------------------------
+# reason codes, and public reasons that name no file
+
+
+IDENTIFYING_FOLDER = "DOE_JOHN_123456"  # a folder named after the patient, as archives have
+
+
+def _same_series(folder: Path, volume: np.ndarray, first: Sequence[Path], **kw: Any) -> list[Path]:
+    """Another set of files of the series of ``first[0]`` (same Study/Series UIDs)."""
+    ds = pydicom.dcmread(first[0], stop_before_pixels=True)
+    return write_ct_series(
+        folder,
+        volume,
+        SPACING,
+        kw.pop("origin", ORIGIN),
+        study_uid=ds.StudyInstanceUID,
+        series_uid=ds.SeriesInstanceUID,
+        **kw,
+    )
+
+
+def _quarantine_case(case: str, root: Path, volume: np.ndarray) -> list[Path]:
+    """The files of a quarantine case, in an identifying folder; read as one series."""
+    folder = root / IDENTIFYING_FOLDER
+    folder.mkdir(parents=True)
+    if case == "empty":
+        path = folder / "DOE_JOHN_scan.dcm"
+        path.write_bytes(b"")
+        return [path]
+    if case == "not DICOM":
+        path = folder / "DOE_JOHN_notes.dcm"
+        path.write_bytes(b"hello, this is a text file\n" * 40)
+        return [path]
+    if case == "truncated":
+        source = write_ct_series(root / "DOE_source", volume[:1], SPACING, ORIGIN)[0]
+        return [write_truncated(folder / "DOE_JOHN_cut.dcm", source)]
+    if case == "unreadable":  # a folder where a file was expected: open() fails
+        path = folder / "DOE_JOHN_dir.dcm"
+        path.mkdir()
+        return [path]
+    if case == "not an image":
+        return [write_sr(folder / "DOE_JOHN_report.dcm")]
+    if case == "two slices at one position":
+        first = write_ct_series(folder / "DOE_stack_A", volume[:3], SPACING, ORIGIN)
+        return [*first, *_same_series(folder / "DOE_stack_B", volume[:3], first)]
+    if case == "missing slice":
+        return write_ct_series(
+            folder / "DOE_series", volume[:6], SPACING, ORIGIN, missing_slices=[2]
+        )
+    if case == "irregular spacing":
+        paths = write_ct_series(
+            folder / "DOE_series", volume[:6], SPACING, ORIGIN, shuffle_names=False
+        )
+        z = ORIGIN[2] + 3 * SPACING[0] + 0.7
+        _edit(str(paths[3]), ImagePositionPatient=[ORIGIN[0], ORIGIN[1], z])
+        return paths
+    if case == "another series":
+        a = write_ct_series(folder / "DOE_series_A", volume[:2], SPACING, ORIGIN)
+        return [*a, *write_ct_series(folder / "DOE_series_B", volume[:2], SPACING, ORIGIN)]
+    if case == "inconsistent size":
+        first = write_ct_series(folder / "DOE_series_A", volume[:3], SPACING, ORIGIN)
+        origin = (ORIGIN[0], ORIGIN[1], ORIGIN[2] + 3 * SPACING[0])
+        second = _same_series(
+            folder / "DOE_series_B", ct_phantom((2, 20, 32)), first, origin=origin
+        )
+        return [*first, *second]
+    if case == "corrupt compressed data":
+        jpeg_ls = COMPRESSED_SYNTAXES[2]
+        path = write_ct_series(folder, volume[:1], SPACING, ORIGIN, transfer_syntax=jpeg_ls)[0]
+        data = bytearray(path.read_bytes())
+        start = data.rfind(b"\xff\xd8\xff\xf7")  # JPEG-LS start of image and frame
+        data[start + 40 : start + 400] = bytes(range(256)) + bytes(104)
+        path.write_bytes(bytes(data))
+        return [path]
+    if case == "bad geometry":
+        paths = write_ct_series(folder / "DOE_series", volume[:3], SPACING, ORIGIN)
+        _edit(str(paths[1]), ImagePositionPatient=[0.0, 0.0])
+        return paths
+    raise AssertionError(case)
+
+
+QUARANTINE_CASES = {  # case: its code and what its reason says
+    "empty": (ReasonCode.EMPTY_FILE, "empty file (0 bytes)"),
+    "not DICOM": (ReasonCode.NOT_DICOM, "not DICOM"),
+    "truncated": (ReasonCode.TRUNCATED, "truncated: its pixel data needs"),
+    "unreadable": (ReasonCode.IO_ERROR, "cannot read the file"),
+    "not an image": (ReasonCode.NOT_AN_IMAGE, "not an image object: SOP class Basic Text SR"),
+    "two slices at one position": (
+        ReasonCode.MULTIPLE_STACKS,
+        "two slices at the same position (40.000 mm along the slice normal, as another file of "
+        "the series)",
+    ),
+    "missing slice": (ReasonCode.MISSING_SLICES, "missing slice(s): gap of 5.000 mm"),
+    "irregular spacing": (ReasonCode.IRREGULAR_SPACING, "irregular slice spacing"),
+    "another series": (ReasonCode.INCONSISTENT_SERIES, "belongs to another series than the first"),
+    "inconsistent size": (ReasonCode.INCONSISTENT_SERIES, "inconsistent image size"),
+    "corrupt compressed data": (
+        ReasonCode.DECODE_ERROR,
+        "cannot decode pixel data (JPEG-LS Lossless Image Compression): ",
+    ),
+    "bad geometry": (
+        ReasonCode.INVALID_GEOMETRY,
+        "invalid patient geometry: Expected ImagePositionPatient as 3 finite numbers, got 0 x 0",
+    ),
+}
+
+
+def _identifiers(root: Path, files: Sequence[Path]) -> set[str]:
+    """What a public reason must not hold: names of files and folders, and the files' UIDs."""
+    out = {IDENTIFYING_FOLDER, "DOE_JOHN", str(root)}
+    for f in root.rglob("*"):
+        out |= {f.name, f.stem, str(f)}
+    for f in files:
+        if not f.is_file():
+            continue
+        with contextlib.suppress(Exception):
+            ds = pydicom.dcmread(f, stop_before_pixels=True, force=True)
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                out.add(str(ds.get(keyword, "")))
+    out.discard("")
+    return out
+
+
+@pytest.mark.parametrize("case", list(QUARANTINE_CASES))
+def test_quarantine_reason_codes_name_no_file(
+    tmp_path: Path, volume: np.ndarray, case: str
+) -> None:
+    code, text = QUARANTINE_CASES[case]
+    files = _quarantine_case(case, tmp_path, volume)
+    paths = _paths(files)
+    forbidden = _identifiers(tmp_path, files)
+    readers: list[Callable[[], object]] = [lambda: read_dicom_series(paths)]
+    if len(paths) == 1 and case != "corrupt compressed data":  # whose header reads well
+        readers.append(lambda: read_dicom_header(paths[0]))
+    for read in readers:
+        err = _raises(read, text)
+        assert err.code == code, (err.code, err.reason)
+        assert err.path in paths  # the file at fault: for the restricted table
+        assert str(err) == f"{code.value}: {err.reason}"
+        for public in (err.reason, str(err), *(str(a) for a in err.args)):
+            assert "np." not in public and "[" not in public, public
+            for secret in forbidden:
+                assert secret not in public, f"{secret!r} in {public!r}"
+
+
+def test_restricted_detail_keeps_the_library_message(tmp_path: Path, volume: np.ndarray) -> None:
+    # a decoder's failure: its kind in the reason, its message in the detail
+    files = _quarantine_case("corrupt compressed data", tmp_path / "decode", volume)
+    err = _raises(lambda: read_dicom_series(_paths(files)), "cannot decode pixel data")
+    kind = err.reason.rsplit(": ", 1)[-1]
+    assert kind.isidentifier()  # an exception's type name, nothing the decoder said
+    assert err.detail is not None and err.detail.startswith(f"{kind}: ")
+    assert len(err.detail) > len(kind) + 2 and err.detail not in err.reason
+    assert err.detail in err.restricted_text and err.reason in err.restricted_text
+
+    # the OS's message (which quotes the path): the detail only
+    files = _quarantine_case("unreadable", tmp_path / "io", volume)
+    err = _raises(lambda: read_dicom_header(str(files[0])), "cannot read the file: Is a directory")
+    assert err.detail is not None and "IsADirectoryError" in err.detail
+    assert IDENTIFYING_FOLDER in err.detail and IDENTIFYING_FOLDER not in err.reason
+
+    # pydicom's conversion of a malformed value (quoting it): the detail only
+    path = write_ct_series(tmp_path / "value" / IDENTIFYING_FOLDER, volume[:1], SPACING, ORIGIN)[0]
+    data = path.read_bytes()
+    assert data.count(b"0.6\\0.8 ") == 1  # PixelSpacing, padded to even length
+    path.write_bytes(data.replace(b"0.6\\0.8 ", b"Z0E\\0.8 "))
+    err = _raises(lambda: read_dicom_series([str(path)]))
+    assert err.code == ReasonCode.INVALID_HEADER
+    assert "Z0E" not in err.reason and err.detail is not None and "Z0E" in err.detail
+
+
+def test_reason_numbers_are_plain_text(tmp_path: Path, volume: np.ndarray) -> None:
+    path = write_ct_series(tmp_path / IDENTIFYING_FOLDER, volume[:1], SPACING, ORIGIN)[0]
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"0.6\\0.8 ", b"-0.6\\0.8"))
+    err = _raises(
+        lambda: read_dicom_series([str(path)]),
+        "invalid PixelSpacing: Expected positive PixelSpacing, got -0.6 x 0.8 instead.",
+    )
+    assert err.code == ReasonCode.INVALID_HEADER and "np." not in err.reason
+    paths = _paths(write_ct_series(tmp_path / "s", volume[:3], SPACING, ORIGIN))
+    _edit(paths[1], PixelSpacing=[0.5, 0.8])
+    _raises(
+        lambda: read_dicom_series(paths),
+        "inconsistent pixel spacing in the series: ",
+        "0.5 x 0.8 mm",
+        "0.6 x 0.8 mm",
+    )
+    _edit(paths[1], PixelSpacing=[0.6, 0.8], RescaleSlope=0)
+    err = _raises(lambda: read_dicom_series(paths), "invalid rescale: ", "got 0 and -1024")
+    assert err.code == ReasonCode.INVALID_HEADER
+
+
+def test_restart_names_no_file(tmp_path: Path) -> None:
+    from storage.images import Restart
+
+    vol = ct_phantom((3, 8, 8), seed=5)
+    folder = tmp_path / IDENTIFYING_FOLDER
+    paths = _paths(write_ct_series(folder, vol, SPACING, ORIGIN, shuffle_names=False))
+    ds = pydicom.dcmread(paths[-1])
+    px = ds.pixel_array.astype(np.uint16)
+    px[0, 0] = 40000
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 0
+    ds.PixelData = px.astype("<u2").tobytes()
+    ds.save_as(paths[-1])
+    img = read_dicom_series(paths, stream=True)
+    assert img.blocks is not None
+    with pytest.raises(Restart) as info:
+        list(img.blocks)
+    assert "beyond int16" in str(info.value) and IDENTIFYING_FOLDER not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
 # no identifiers out
 
 
@@ -647,34 +862,59 @@ GOOD = [
 ]
 
 # files quarantined, with why
-QUARANTINED = {
+QUARANTINED = {  # name: its code and what its reason says
     # 12-bit JPEG Extended: neither pillow nor GDCM's wheel decodes it (pylibjpeg-libjpeg would)
-    "JPEG-lossy.dcm": "cannot decode pixel data (JPEG Extended",
-    "JPGExtended.dcm": "cannot decode pixel data (JPEG Extended",
+    "JPEG-lossy.dcm": (ReasonCode.DECODE_ERROR, "cannot decode pixel data (JPEG Extended"),
+    "JPGExtended.dcm": (ReasonCode.DECODE_ERROR, "cannot decode pixel data (JPEG Extended"),
     # a deliberately malformed JPEG 2000 stream
-    "JPEG2000-embedded-sequence-delimiter.dcm": "cannot decode pixel data (JPEG 2000",
-    "MR_truncated.dcm": "truncated: its pixel data needs 8192 bytes but the file holds 8130",
-    "rtplan_truncated.dcm": "truncated",
+    "JPEG2000-embedded-sequence-delimiter.dcm": (
+        ReasonCode.DECODE_ERROR,
+        "cannot decode pixel data (JPEG 2000",
+    ),
+    "MR_truncated.dcm": (
+        ReasonCode.TRUNCATED,
+        "truncated: its pixel data needs 8192 bytes but the file holds 8130",
+    ),
+    "rtplan_truncated.dcm": (ReasonCode.TRUNCATED, "truncated"),
     # not images
-    "rtplan.dcm": "not an image object: SOP class RT Plan Storage",
-    "rtstruct.dcm": "not an image object: SOP class RT Structure Set Storage",
-    "ExplVR_LitEndNoMeta.dcm": "not an image object: SOP class RT Ion Plan Storage",
-    "ExplVR_BigEndNoMeta.dcm": "not an image object: SOP class RT Ion Plan Storage",
-    "reportsi.dcm": "not an image object: SOP class Basic Text SR Storage",
-    "test-SR.dcm": "not an image object: SOP class Comprehensive SR Storage",
-    "waveform_ecg.dcm": "not an image object: SOP class 12-lead ECG Waveform Storage",
-    "rtdose.dcm": "radiotherapy dose grid",
-    "rtdose_rle_1frame.dcm": "radiotherapy dose grid",
-    "badVR.dcm": "radiotherapy dose grid",
-    "liver_1frame.dcm": "segmentation labels",
+    "rtplan.dcm": (ReasonCode.NOT_AN_IMAGE, "not an image object: SOP class RT Plan Storage"),
+    "rtstruct.dcm": (
+        ReasonCode.NOT_AN_IMAGE,
+        "not an image object: SOP class RT Structure Set Storage",
+    ),
+    "ExplVR_LitEndNoMeta.dcm": (
+        ReasonCode.NOT_AN_IMAGE,
+        "not an image object: SOP class RT Ion Plan Storage",
+    ),
+    "ExplVR_BigEndNoMeta.dcm": (
+        ReasonCode.NOT_AN_IMAGE,
+        "not an image object: SOP class RT Ion Plan Storage",
+    ),
+    "reportsi.dcm": (
+        ReasonCode.NOT_AN_IMAGE,
+        "not an image object: SOP class Basic Text SR Storage",
+    ),
+    "test-SR.dcm": (
+        ReasonCode.NOT_AN_IMAGE,
+        "not an image object: SOP class Comprehensive SR Storage",
+    ),
+    "waveform_ecg.dcm": (
+        ReasonCode.NOT_AN_IMAGE,
+        "not an image object: SOP class 12-lead ECG Waveform Storage",
+    ),
+    "rtdose.dcm": (ReasonCode.NOT_AN_IMAGE, "radiotherapy dose grid"),
+    "rtdose_rle_1frame.dcm": (ReasonCode.NOT_AN_IMAGE, "radiotherapy dose grid"),
+    "badVR.dcm": (ReasonCode.NOT_AN_IMAGE, "radiotherapy dose grid"),
+    "liver_1frame.dcm": (ReasonCode.NOT_AN_IMAGE, "segmentation labels"),
     # fragments of data sets made to exercise the parser: no image to take
-    "JPEGLSNearLossless_08.dcm": "no Study Instance UID",
-    "SC_rgb_jls_lossy_line.dcm": "no Study Instance UID",
-    "UN_sequence.dcm": "no pixel data in a CT Image Storage object",
-    "priv_SQ.dcm": "no pixel data in a MR Image Storage object",
-    "empty_charset_LEI.dcm": "no valid SOP Class UID",
-    "meta_missing_tsyntax.dcm": "no valid SOP Class UID",
-    "no_meta.dcm": "not DICOM",  # starts with a stray byte before its first element
+    "JPEGLSNearLossless_08.dcm": (ReasonCode.INVALID_HEADER, "no Study Instance UID"),
+    "SC_rgb_jls_lossy_line.dcm": (ReasonCode.INVALID_HEADER, "no Study Instance UID"),
+    "UN_sequence.dcm": (ReasonCode.TRUNCATED, "no pixel data in a CT Image Storage object"),
+    "priv_SQ.dcm": (ReasonCode.TRUNCATED, "no pixel data in a MR Image Storage object"),
+    "empty_charset_LEI.dcm": (ReasonCode.NOT_DICOM, "no valid SOP Class UID"),
+    "meta_missing_tsyntax.dcm": (ReasonCode.NOT_DICOM, "no valid SOP Class UID"),
+    # starts with a stray byte before its first element
+    "no_meta.dcm": (ReasonCode.NOT_DICOM, "not DICOM"),
 }
 
 
@@ -712,8 +952,9 @@ def test_pydicom_file_decodes(name: str) -> None:
 def test_pydicom_file_quarantined(name: str) -> None:
     path = get_testdata_file(name)
     assert path is not None
-    err = _raises(lambda: read_dicom_series([path]), QUARANTINED[name])
-    assert err.path == path
+    code, text = QUARANTINED[name]
+    err = _raises(lambda: read_dicom_series([path]), text)
+    assert err.path == path and err.code == code, (err.code, err.reason)
 
 
 def test_single_slice_keeps_patient_geometry() -> None:
@@ -817,6 +1058,7 @@ def test_streamed_truncated_slice_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as err:
         write_image(img, str(tmp_path / "out" / "img.zarr"), name="s")
     assert err.value.path == last and "truncated" in str(err.value)
+    assert err.value.code == ReasonCode.TRUNCATED
     assert not (tmp_path / "out" / "img.zarr").exists()
     assert not list((tmp_path / "out" / ".staging").glob("*"))
 

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from tasks import SourceError
 from tasks.ingest_image import read_image
+from tasks.reasons import ReasonCode
 
 _SKIMAGE_DIR = os.path.dirname(skimage.data.__file__)
 _RNG = np.random.default_rng(7)
@@ -216,8 +217,11 @@ def test_skimage_shipped_files(name: str) -> None:
 
 
 def test_skimage_float_planar_tiff_is_refused_with_a_reason() -> None:
-    with pytest.raises(SourceError, match="TIFF that cannot be decoded"):
+    with pytest.raises(SourceError, match="TIFF that cannot be decoded") as err:
         read_image(os.path.join(_SKIMAGE_DIR, "multipage_rgb.tif"))
+    assert err.value.code is ReasonCode.DECODE_ERROR
+    assert "multipage_rgb" not in str(err.value)
+    assert err.value.detail and "multipage_rgb" in err.value.detail  # pillow's message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,14 +239,19 @@ def _flip(data: bytes, at: int) -> bytes:
     return bytes(out)
 
 
+_C = ReasonCode
 _BAD = {
-    "truncated.png": (lambda png, jpg: png[: len(png) // 2], "corrupt or truncated"),
-    "header_only.png": (lambda png, jpg: png[:60], "corrupt or truncated"),
-    "bad_crc.png": (lambda png, jpg: _flip(png, len(png) // 2), "corrupt or truncated"),
-    "garbage.png": (lambda png, jpg: bytes(range(256)) * 4, "not a readable"),
-    "empty.png": (lambda png, jpg: b"", "empty"),
-    "truncated.jpg": (lambda png, jpg: jpg[: len(jpg) // 2], "corrupt or truncated"),
-    "text.tif": (lambda png, jpg: b"II*\x00 not really a tiff", "TIFF"),
+    "truncated.png": (lambda png, jpg: png[: len(png) // 2], "truncated", _C.TRUNCATED),
+    "header_only.png": (lambda png, jpg: png[:60], "truncated", _C.TRUNCATED),
+    "bad_crc.png": (lambda png, jpg: _flip(png, len(png) // 2), "corrupt", _C.DECODE_ERROR),
+    "garbage.png": (
+        lambda png, jpg: bytes(range(256)) * 4,
+        "not a readable",
+        _C.UNRECOGNISED_FORMAT,
+    ),
+    "empty.png": (lambda png, jpg: b"", "empty", _C.EMPTY_FILE),
+    "truncated.jpg": (lambda png, jpg: jpg[: len(jpg) // 2], "truncated", _C.TRUNCATED),
+    "text.tif": (lambda png, jpg: b"II*\x00 not really a tiff", "TIFF", _C.DECODE_ERROR),
 }
 
 
@@ -250,24 +259,97 @@ _BAD = {
 @pytest.mark.parametrize("name", sorted(_BAD))
 def test_bad_input_is_source_error(tmp_path: Path, png_bytes: bytes, name: str) -> None:
     jpg_bytes = _save(tmp_path / "good.jpg", _RGB).read_bytes()
-    make, keyword = _BAD[name]
+    make, keyword, code = _BAD[name]
     path = tmp_path / name
     path.write_bytes(make(png_bytes, jpg_bytes))
     with pytest.raises(SourceError) as err:
         read_image(str(path))
     assert keyword in err.value.reason
+    assert err.value.code is code
     assert err.value.path == str(path)
+    assert name not in err.value.reason and name not in str(err.value)
 
 
 def test_wrong_name_and_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="not a picture file name"):
+    with pytest.raises(SourceError, match="not a picture file name") as err:
         read_image(str(_save(tmp_path / "pic.bmp", _GREY8)))
-    with pytest.raises(SourceError, match="does not exist"):
+    assert err.value.code is ReasonCode.UNRECOGNISED_FORMAT
+    with pytest.raises(SourceError, match="does not exist") as err:
         read_image(str(tmp_path / "absent.png"))
+    assert err.value.code is ReasonCode.IO_ERROR
 
 
 def test_picture_too_large_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _save(tmp_path / "big.png", _GREY8)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 37 x 53 is over twice that
-    with pytest.raises(SourceError, match="too large"):
+    with pytest.raises(SourceError, match="too large") as err:
         read_image(str(path))
+    assert err.value.code is ReasonCode.TOO_LARGE
+    assert err.value.reason == "the picture is too large to decode safely (over 200 pixels)"
+    assert err.value.detail and "1961" in err.value.detail  # pillow's own count
+
+
+# ---------------------------------------------------------------------------------------------
+# no path, file name or library message in a public reason
+
+_PATIENT_DIR = "DOE_JOHN_123456"
+_PATIENT_STEM = "SMITH_ACC998877"
+
+
+def _refusal(path: Path, code: ReasonCode) -> SourceError:
+    """read_image's SourceError for ``path``: its code, its path, and no name in its texts."""
+    with pytest.raises(SourceError) as err:
+        read_image(str(path))
+    e = err.value
+    assert e.code is code, (e.code, e.reason)
+    assert e.path == str(path)
+    for text in (e.reason, str(e), *(str(a) for a in e.args)):
+        for name in (_PATIENT_DIR, _PATIENT_STEM, path.name, str(path.parent)):
+            assert name not in text, (name, text)
+    return e
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_reasons_hold_no_path(tmp_path: Path, png_bytes: bytes) -> None:
+    folder = tmp_path / _PATIENT_DIR
+    folder.mkdir()
+    stem = folder / _PATIENT_STEM
+
+    wrong = Path(f"{stem}.bmp")
+    wrong.write_bytes(png_bytes)
+    _refusal(wrong, ReasonCode.UNRECOGNISED_FORMAT)
+
+    empty = Path(f"{stem}.png")
+    empty.write_bytes(b"")
+    _refusal(empty, ReasonCode.EMPTY_FILE)
+    _refusal(Path(f"{stem}_absent.png"), ReasonCode.IO_ERROR)
+
+    garbage = Path(f"{stem}.png")
+    garbage.write_bytes(bytes(range(256)) * 4)
+    e = _refusal(garbage, ReasonCode.UNRECOGNISED_FORMAT)
+    # pillow's message quotes the path: it stays in the restricted detail
+    assert e.detail is not None and _PATIENT_STEM in e.detail and _PATIENT_DIR in e.detail
+    assert _PATIENT_STEM in e.restricted_text
+
+    cut = Path(f"{stem}.png")
+    cut.write_bytes(png_bytes[: len(png_bytes) // 2])
+    e = _refusal(cut, ReasonCode.TRUNCATED)
+    assert e.reason == "the picture is truncated (OSError)"
+    assert e.detail  # pillow's own words
+
+    jpg = _save(folder / "good.jpg", _RGB).read_bytes()
+    cut_jpg = Path(f"{stem}.jpeg")
+    cut_jpg.write_bytes(jpg[: len(jpg) // 2])
+    e = _refusal(cut_jpg, ReasonCode.TRUNCATED)
+    assert e.detail and "truncated" in e.detail
+
+    corrupt = Path(f"{stem}.png")
+    corrupt.write_bytes(_flip(png_bytes, len(png_bytes) // 2))
+    e = _refusal(corrupt, ReasonCode.DECODE_ERROR)
+    assert e.reason == "the picture is corrupt (SyntaxError)"
+    assert e.detail and "IDAT" in e.detail
+
+    tiff = Path(f"{stem}.tif")
+    tiff.write_bytes(b"II*\x00 not really a tiff")
+    e = _refusal(tiff, ReasonCode.DECODE_ERROR)
+    assert e.detail is not None and _PATIENT_STEM in e.detail

@@ -16,6 +16,7 @@ from nibabel.testing import data_path
 
 from tasks import SourceError
 from tasks.ingest_nifti import parse_dims, read_nifti
+from tasks.reasons import ReasonCode
 
 
 def _rotated_affine(zooms: tuple[float, float, float]) -> np.ndarray:
@@ -196,11 +197,11 @@ _SHIPPED_OK = [
     "standard.nii.gz",
 ]
 _SHIPPED_BAD = {
-    "nifti1.hdr": "image (.img) file",  # header only: its .img is not shipped
-    "nifti2.hdr": "image (.img) file",
-    "analyze.hdr": "Analyze",
-    "row_major.dconn.nii": "CIFTI",
-    "test.mgz": "not a NIfTI file name",
+    "nifti1.hdr": ("image (.img) file", ReasonCode.IO_ERROR),  # its .img is not shipped
+    "nifti2.hdr": ("image (.img) file", ReasonCode.IO_ERROR),
+    "analyze.hdr": ("Analyze", ReasonCode.UNRECOGNISED_FORMAT),
+    "row_major.dconn.nii": ("CIFTI", ReasonCode.UNRECOGNISED_FORMAT),
+    "test.mgz": ("not a NIfTI file name", ReasonCode.UNRECOGNISED_FORMAT),
 }
 
 
@@ -219,11 +220,16 @@ def test_nibabel_shipped_files_match_nibabel(name: str) -> None:
     np.testing.assert_allclose(image.meta.spacing[-3:], [float(z) for z in zooms[2::-1]])
 
 
-@pytest.mark.parametrize(("name", "keyword"), sorted(_SHIPPED_BAD.items()))
-def test_nibabel_shipped_non_nifti_are_refused(name: str, keyword: str) -> None:
+@pytest.mark.parametrize("name", sorted(_SHIPPED_BAD))
+def test_nibabel_shipped_non_nifti_are_refused(name: str) -> None:
+    keyword, code = _SHIPPED_BAD[name]
+    path = os.path.join(str(data_path), name)
     with pytest.raises(SourceError) as err:
-        read_nifti(os.path.join(str(data_path), name))
+        read_nifti(path)
     assert keyword in err.value.reason
+    assert err.value.code is code
+    assert err.value.path == path
+    assert name not in err.value.reason and name not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,45 +248,177 @@ def _patch(data: bytes, offset: int, fmt: str, value: int) -> bytes:
     return bytes(out)
 
 
+def _flip(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0xFF
+    return bytes(out)
+
+
+def _zero_sform(data: bytes) -> bytes:
+    """The srow_x, srow_y and srow_z rows (bytes 280 to 328) set to 0: a singular sform."""
+    return data[:280] + bytes(48) + data[328:]
+
+
+_C = ReasonCode
 _BAD_CASES = {
-    "sizeof_hdr.nii": (lambda g: _patch(g, 0, "<i", 1234), "sizeof_hdr is 1234"),
-    "negative_dim.nii": (lambda g: _patch(g, 42, "<h", -6), "size < 1"),
-    "dim0.nii": (lambda g: _patch(g, 40, "<h", 9), "dim[0] is 9"),
-    "no_magic.nii": (lambda g: g[:344] + b"xxxx" + g[348:], "Analyze"),
-    "bad_datatype.nii": (lambda g: _patch(g, 70, "<h", 999), "999"),
-    "short_header.nii": (lambda g: g[:200], "header is truncated"),
-    "truncated.nii": (lambda g: g[:-20], "truncated"),
-    "not_gzip.nii.gz": (lambda g: g, "not gzip"),
-    "truncated.nii.gz": (lambda g: gzip.compress(g)[:-40], "truncated or corrupt"),
-    "garbage.nii": (lambda g: bytes(range(256)) * 3, "sizeof_hdr"),
-    "empty.nii": (lambda g: b"", "empty"),
-    "five_d.nii": (lambda g: _patch(_patch(g, 40, "<h", 5), 50, "<h", 3), "5-D"),
+    "sizeof_hdr.nii": (
+        lambda g: _patch(g, 0, "<i", 1234),
+        "sizeof_hdr is 1234",
+        _C.UNRECOGNISED_FORMAT,
+    ),
+    "negative_dim.nii": (lambda g: _patch(g, 42, "<h", -6), "size < 1", _C.INVALID_HEADER),
+    "dim0.nii": (lambda g: _patch(g, 40, "<h", 9), "dim[0] is 9", _C.INVALID_HEADER),
+    "no_magic.nii": (lambda g: g[:344] + b"xxxx" + g[348:], "Analyze", _C.UNRECOGNISED_FORMAT),
+    "bad_datatype.nii": (lambda g: _patch(g, 70, "<h", 999), "999", _C.INVALID_HEADER),
+    "singular_sform.nii": (_zero_sform, "sform affine is singular", _C.INVALID_HEADER),
+    "short_header.nii": (lambda g: g[:200], "header is truncated", _C.TRUNCATED),
+    "truncated.nii": (lambda g: g[:-20], "voxel data is truncated", _C.TRUNCATED),
+    "not_gzip.nii.gz": (lambda g: g, "not gzip", _C.UNRECOGNISED_FORMAT),
+    "truncated.nii.gz": (
+        lambda g: gzip.compress(g)[:-40],
+        "gzip stream is truncated",
+        _C.TRUNCATED,
+    ),
+    "short_data.nii.gz": (
+        lambda g: gzip.compress(g[:-20]),
+        "voxel data is truncated",
+        _C.TRUNCATED,
+    ),
+    "corrupt.nii.gz": (
+        lambda g: _flip(gzip.compress(g), len(gzip.compress(g)) // 2),
+        "corrupt",
+        _C.DECODE_ERROR,
+    ),
+    "garbage.nii": (lambda g: bytes(range(256)) * 3, "sizeof_hdr", _C.UNRECOGNISED_FORMAT),
+    "empty.nii": (lambda g: b"", "empty", _C.EMPTY_FILE),
+    "five_d.nii": (
+        lambda g: _patch(_patch(g, 40, "<h", 5), 50, "<h", 3),
+        "5-D",
+        _C.UNSUPPORTED_CONTENT,
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(_BAD_CASES))
 def test_bad_input_is_source_error(tmp_path: Path, good_bytes: bytes, name: str) -> None:
-    make, keyword = _BAD_CASES[name]
+    make, keyword, code = _BAD_CASES[name]
     path = tmp_path / name
     path.write_bytes(make(good_bytes))
     with pytest.raises(SourceError) as err:
         read_nifti(str(path))
     assert keyword in err.value.reason
+    assert err.value.code is code
     assert err.value.path == str(path)
+    assert name not in err.value.reason and name not in str(err.value)
 
 
 def test_complex_data_is_refused(tmp_path: Path) -> None:
     path = _save(tmp_path / "c.nii", np.ones((2, 2, 2), np.complex64), np.eye(4))
-    with pytest.raises(SourceError, match="complex"):
+    with pytest.raises(SourceError, match="complex") as err:
         read_nifti(str(path))
+    assert err.value.code is ReasonCode.UNSUPPORTED_CONTENT
 
 
 def test_missing_file_and_wrong_name(tmp_path: Path) -> None:
-    with pytest.raises(SourceError, match="does not exist"):
+    with pytest.raises(SourceError, match="does not exist") as err:
         read_nifti(str(tmp_path / "absent.nii"))
+    assert err.value.code is ReasonCode.IO_ERROR
     (tmp_path / "x.txt").write_text("hello")
-    with pytest.raises(SourceError, match="not a NIfTI file name"):
+    with pytest.raises(SourceError, match="not a NIfTI file name") as err:
         read_nifti(str(tmp_path / "x.txt"))
+    assert err.value.code is ReasonCode.UNRECOGNISED_FORMAT
+
+
+# ---------------------------------------------------------------------------------------------
+# no path, file name or library message in a public reason
+
+_PATIENT_DIR = "DOE_JOHN_123456"
+_PATIENT_STEM = "SMITH_ACC998877"
+
+
+def _public_texts(e: SourceError) -> list[str]:
+    return [e.reason, str(e), *(str(a) for a in e.args)]
+
+
+def _refusal(path: Path, code: ReasonCode) -> SourceError:
+    """read_nifti's SourceError for ``path``: its code, its path, and no name in its texts."""
+    with pytest.raises(SourceError) as err:
+        read_nifti(str(path))
+    e = err.value
+    assert e.code is code, (e.code, e.reason)
+    assert e.path == str(path)
+    for text in _public_texts(e):
+        for name in (_PATIENT_DIR, _PATIENT_STEM, path.name, str(path.parent)):
+            assert name not in text, (name, text)
+    return e
+
+
+@pytest.fixture
+def patient_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / _PATIENT_DIR
+    folder.mkdir()
+    return folder
+
+
+def test_reasons_hold_no_path(patient_dir: Path, good_bytes: bytes) -> None:
+    stem = patient_dir / _PATIENT_STEM
+    wrong = stem.with_suffix(".txt")
+    wrong.write_bytes(good_bytes)
+    _refusal(wrong, ReasonCode.UNRECOGNISED_FORMAT)
+
+    empty = Path(f"{stem}.nii")
+    empty.write_bytes(b"")
+    _refusal(empty, ReasonCode.EMPTY_FILE)
+    _refusal(Path(f"{stem}_absent.nii"), ReasonCode.IO_ERROR)
+
+    garbage = Path(f"{stem}.nii.gz")
+    garbage.write_bytes(gzip.compress(bytes(range(256)) * 3))
+    _refusal(garbage, ReasonCode.UNRECOGNISED_FORMAT)
+
+    short = Path(f"{stem}.nii")
+    short.write_bytes(good_bytes[:-20])
+    e = _refusal(short, ReasonCode.TRUNCATED)
+    assert "the header promises" in e.reason
+
+    cut = Path(f"{stem}.nii.gz")
+    cut.write_bytes(gzip.compress(good_bytes)[:-40])
+    e = _refusal(cut, ReasonCode.TRUNCATED)
+    assert e.reason == "the gzip stream is truncated (EOFError)"
+    assert e.detail and "end-of-stream" in e.detail  # what gzip said
+
+    unreadable = Path(f"{stem}.nii.gz")
+    unreadable.write_bytes(gzip.compress(good_bytes[:-20]))
+    e = _refusal(unreadable, ReasonCode.TRUNCATED)
+    assert e.detail and "bytes" in e.detail  # nibabel's short-read message
+
+
+def test_library_message_goes_to_detail(patient_dir: Path, good_bytes: bytes) -> None:
+    # a NIfTI header named .img with no .hdr beside it: nibabel cannot tell what it is, and
+    # says so quoting the path -- which must stay in the restricted detail
+    img = patient_dir / f"{_PATIENT_STEM}.img"
+    img.write_bytes(good_bytes)
+    e = _refusal(img, ReasonCode.UNRECOGNISED_FORMAT)
+    assert e.reason == "nibabel cannot read it as NIfTI (ImageFileError)"
+    assert e.detail is not None and _PATIENT_STEM in e.detail
+    assert _PATIENT_STEM in e.restricted_text
+
+
+def test_pair_without_its_image_file(patient_dir: Path) -> None:
+    hdr = patient_dir / f"{_PATIENT_STEM}.hdr"
+    nib.save(nib.Nifti1Pair(np.ones((3, 3, 3), np.int16), np.eye(4)), str(hdr))
+    (patient_dir / f"{_PATIENT_STEM}.img").unlink()
+    e = _refusal(hdr, ReasonCode.IO_ERROR)
+    assert "image (.img) file" in e.reason
+
+
+def test_infinite_scaling_is_invalid_header(patient_dir: Path, good_bytes: bytes) -> None:
+    path = patient_dir / f"{_PATIENT_STEM}.nii"
+    # scl_slope (byte 112) 2, scl_inter (byte 116) infinity: nibabel refuses the header
+    data = good_bytes[:112] + struct.pack("<2f", 2.0, math.inf) + good_bytes[120:]
+    path.write_bytes(data)
+    e = _refusal(path, ReasonCode.INVALID_HEADER)
+    assert e.reason == "the header is invalid (HeaderDataError)"
+    assert e.detail  # nibabel's own words
 
 
 def test_parse_dims() -> None:
@@ -288,5 +426,9 @@ def test_parse_dims() -> None:
     assert parse_dims([5, 4, 5, 6, 2, 1, 1, 1]) == (4, 5, 6, 2)
     with pytest.raises(TypeError):
         parse_dims([3, 4, 5])
-    with pytest.raises(ValueError, match="size < 1"):
+    with pytest.raises(ValueError, match="size < 1") as err:
         parse_dims([3, 4, 0, 6, 1, 1, 1, 1])
+    assert isinstance(err.value, SourceError) and err.value.code is ReasonCode.INVALID_HEADER
+    with pytest.raises(SourceError, match="5-D") as err:
+        parse_dims([5, 4, 5, 6, 2, 3, 1, 1])
+    assert err.value.code is ReasonCode.UNSUPPORTED_CONTENT

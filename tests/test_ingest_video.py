@@ -12,6 +12,7 @@ import pytest
 
 from tasks import SourceError
 from tasks.ingest_video import read_video
+from tasks.reasons import ReasonCode
 
 
 def _write(
@@ -147,21 +148,28 @@ def test_abandoned_stream_closes_cleanly(clip: Path) -> None:
 
 def test_garbage_empty_and_wrong_name(tmp_path: Path) -> None:
     (tmp_path / "noise.mp4").write_bytes(bytes(range(256)) * 20)
-    with pytest.raises(SourceError, match="not a readable video container"):
+    with pytest.raises(SourceError, match="not a readable video container") as err:
         read_video(str(tmp_path / "noise.mp4"))
+    assert err.value.code is ReasonCode.UNRECOGNISED_FORMAT
     (tmp_path / "empty.mp4").write_bytes(b"")
-    with pytest.raises(SourceError, match="empty"):
+    with pytest.raises(SourceError, match="empty") as err:
         read_video(str(tmp_path / "empty.mp4"))
+    assert err.value.code is ReasonCode.EMPTY_FILE
     (tmp_path / "clip.mkv").write_bytes(b"x")
-    with pytest.raises(SourceError, match="not a video file name"):
+    with pytest.raises(SourceError, match="not a video file name") as err:
         read_video(str(tmp_path / "clip.mkv"))
+    assert err.value.code is ReasonCode.UNRECOGNISED_FORMAT
+    with pytest.raises(SourceError, match="does not exist") as err:
+        read_video(str(tmp_path / "absent.mp4"))
+    assert err.value.code is ReasonCode.IO_ERROR
 
 
 def test_truncated_mp4_fails_at_open(tmp_path: Path, clip: Path) -> None:
     data = clip.read_bytes()  # the index (moov) is at the end: cut, nothing is playable
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SourceError, match="not a readable video container"):
+    with pytest.raises(SourceError, match="not a readable video container") as err:
         read_video(str(tmp_path / "cut.mp4"))
+    assert err.value.code is ReasonCode.TRUNCATED  # an MP4 (ftyp box) whose index is lost
 
 
 def test_truncated_streamable_mp4_fails_while_streaming(tmp_path: Path) -> None:
@@ -170,8 +178,10 @@ def test_truncated_streamable_mp4_fails_while_streaming(tmp_path: Path) -> None:
     cut = tmp_path / "fast_cut.mp4"
     cut.write_bytes(data[: len(data) // 2])
     image = read_video(str(cut), slab_frames=8)  # the index is whole: it opens
-    with pytest.raises(SourceError, match="truncated"):
+    with pytest.raises(SourceError, match="truncated") as err:
         _collect(image.blocks)
+    assert err.value.code is ReasonCode.TRUNCATED
+    assert err.value.path == str(cut)
 
 
 def test_audio_only_and_picture_named_mp4(tmp_path: Path) -> None:
@@ -187,15 +197,17 @@ def test_audio_only_and_picture_named_mp4(tmp_path: Path) -> None:
                 c.mux(packet)
         for packet in s.encode():
             c.mux(packet)
-    with pytest.raises(SourceError, match="no video stream"):
+    with pytest.raises(SourceError, match="no video stream") as err:
         read_video(str(path))
+    assert err.value.code is ReasonCode.UNSUPPORTED_CONTENT
 
     from PIL import Image
 
     picture = tmp_path / "still.mp4"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(picture, format="PNG")
-    with pytest.raises(SourceError, match="not an MP4, MOV or AVI"):
+    with pytest.raises(SourceError, match="not an MP4, MOV or AVI") as err:
         read_video(str(picture))
+    assert err.value.code is ReasonCode.UNRECOGNISED_FORMAT
 
 
 def test_slab_frames_is_checked(clip: Path) -> None:
@@ -203,3 +215,69 @@ def test_slab_frames_is_checked(clip: Path) -> None:
         read_video(str(clip), slab_frames=0)
     with pytest.raises(TypeError, match="slab_frames"):
         read_video(str(clip), slab_frames=2.5)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# no path, file name or library message in a public reason
+
+_PATIENT_DIR = "DOE_JOHN_123456"
+_PATIENT_STEM = "SMITH_ACC998877"
+
+
+def _assert_path_free(e: SourceError, path: Path) -> None:
+    assert e.path == str(path)
+    for text in (e.reason, str(e), *(str(a) for a in e.args)):
+        for name in (_PATIENT_DIR, _PATIENT_STEM, path.name, str(path.parent)):
+            assert name not in text, (name, text)
+
+
+def _refusal(path: Path, code: ReasonCode) -> SourceError:
+    """read_video's SourceError for ``path`` at open: its code, and no name in its texts."""
+    with pytest.raises(SourceError) as err:
+        read_video(str(path))
+    assert err.value.code is code, (err.value.code, err.value.reason)
+    _assert_path_free(err.value, path)
+    return err.value
+
+
+def test_reasons_hold_no_path(tmp_path: Path, clip: Path) -> None:
+    folder = tmp_path / _PATIENT_DIR
+    folder.mkdir()
+    stem = folder / _PATIENT_STEM
+    data = clip.read_bytes()
+
+    wrong = Path(f"{stem}.mkv")
+    wrong.write_bytes(data)
+    _refusal(wrong, ReasonCode.UNRECOGNISED_FORMAT)
+
+    empty = Path(f"{stem}.mp4")
+    empty.write_bytes(b"")
+    _refusal(empty, ReasonCode.EMPTY_FILE)
+    _refusal(Path(f"{stem}_absent.mov"), ReasonCode.IO_ERROR)
+
+    garbage = Path(f"{stem}.avi")
+    garbage.write_bytes(bytes(range(256)) * 20)
+    e = _refusal(garbage, ReasonCode.UNRECOGNISED_FORMAT)
+    assert e.reason == "not a readable video container (InvalidDataError)"
+    # FFmpeg's message quotes the path: it stays in the restricted detail
+    assert e.detail is not None and _PATIENT_STEM in e.detail and _PATIENT_DIR in e.detail
+    assert _PATIENT_STEM in e.restricted_text
+
+    cut = Path(f"{stem}.mp4")
+    cut.write_bytes(data[: len(data) // 2])
+    e = _refusal(cut, ReasonCode.TRUNCATED)
+    assert e.detail is not None and _PATIENT_STEM in e.detail
+
+
+def test_streaming_failure_holds_no_path(tmp_path: Path) -> None:
+    folder = tmp_path / _PATIENT_DIR
+    folder.mkdir()
+    path = _write(folder / "whole.mp4", 60, (48, 64), container_options={"movflags": "faststart"})
+    data = path.read_bytes()
+    cut = folder / f"{_PATIENT_STEM}.m4v"
+    cut.write_bytes(data[: len(data) // 2])
+    image = read_video(str(cut), slab_frames=8)
+    with pytest.raises(SourceError) as err:
+        _collect(image.blocks)
+    assert err.value.code is ReasonCode.TRUNCATED
+    _assert_path_free(err.value, cut)

@@ -27,6 +27,7 @@ from storage.layout import OutputRoot
 from storage.tables import connect
 from tasks.demo_archive import chest_radiograph, endoscopy_frames
 from tasks.demo_dicom import DemoPatient, ct_phantom, write_ct_series
+from tasks.reasons import MAX_EXAMPLE_KEYS, ReasonCode, tally_add, tally_groups
 from tasks.report import REPORT_ARTIFACT_KEY, build_report, publish_report, thumbnail
 
 PATIENT = DemoPatient(
@@ -248,10 +249,13 @@ def test_report_shows_counts_stages_and_quarantine(run: Run) -> None:
     for name, secs in s["stage_seconds"].items():
         assert stages[name] == pytest.approx(secs, abs=0.006)
     quarantined = page.tables["quarantined"][1:]
-    assert len(quarantined) == len(s["quarantined"]) == 1
-    key, status, reason = quarantined[0]
-    assert key == s["quarantined"][0]["series_key"] and status == "quarantined"
-    assert reason and reason == s["quarantined"][0]["reason"].replace("broken_scan.png", "[path]")
+    groups = tally_groups(s["quarantined"])
+    assert len(quarantined) == len(groups) == 1
+    stage, status, code, count, reason, keys = quarantined[0]
+    assert (stage, status, count) == ("ingest", "quarantined", "1")
+    assert code == groups[0]["reason_code"] and code in {c.value for c in ReasonCode}
+    assert keys == groups[0]["example_keys"][0]
+    assert reason and reason == groups[0]["example_reason"]
 
 
 def test_report_thumbnails_are_the_runs_new_series(run: Run) -> None:
@@ -352,7 +356,8 @@ def test_markdown_artifact_is_published(run: Run) -> None:
     assert str(run.html_path) in md
     assert "## Counts" in md and "| series ingested | 3 |" in md
     assert "## Time per stage" in md and "| encode merlin |" in md
-    assert run.summary["quarantined"][0]["series_key"] in md
+    group = tally_groups(run.summary["quarantined"])[0]
+    assert group["example_keys"][0] in md and f"`{group['reason_code']}`" in md
     needles = [*run.needles["identities"], *run.needles["uids"], *run.needles["relpaths"]]
     for needle in needles:
         if needle != str(run.archive):
@@ -412,8 +417,10 @@ def test_report_failure_never_fails_the_run(
 def test_bad_summary_is_refused_with_reason(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="run_id"):
         build_report(str(tmp_path), {"run_id": "../../etc/passwd"})
-    with pytest.raises(ValueError, match="quarantined"):
+    with pytest.raises(ValueError, match="quarantine tally"):
         build_report(str(tmp_path), {"run_id": "r1", "quarantined": [{"reason": "x"}]})
+    with pytest.raises(ValueError, match="with a count"):
+        build_report(str(tmp_path), {"run_id": "r1", "quarantined": {"a|b|c": {"n": 1}}})
 
 
 def test_report_of_a_run_with_nothing_new(tmp_path: Path) -> None:
@@ -426,42 +433,28 @@ def test_report_of_a_run_with_nothing_new(tmp_path: Path) -> None:
     assert "No new series" in "".join(page.text)
 
 
-def test_quarantine_reasons_lose_archive_paths(tmp_path: Path) -> None:
-    from storage.tables import SOURCES_SCHEMA, utcnow, write_part
+def _summary_with(n_series: int) -> dict:
+    tally: dict[str, dict] = {}
+    codes = ["truncated", "empty_file", "not_dicom", "missing_slices", "decode_error"]
+    for i in range(n_series):
+        tally_add(
+            tally,
+            stage="ingest",
+            status="quarantined",
+            code=codes[i % len(codes)],
+            series_key=f"{i:024x}",
+            reason=f"reason of kind {codes[i % len(codes)]}",
+        )
+    return {"run_id": f"r{n_series}", "status": {"quarantined": n_series}, "quarantined": tally}
 
-    root = OutputRoot(str(tmp_path / "out"))
-    rel = "Doe_John_19500101/visit 2/scan_0001.png"
-    write_part(
-        root.sources_dir(),
-        [
-            {
-                "source_key": "s1",
-                "relpath": rel,
-                "size": 10,
-                "mtime_ns": 1,
-                "kind": "image",
-                "series_key": "k1",
-                "status": "quarantined",
-                "run_id": "r1",
-                "observed_at": utcnow(),
-            }
-        ],
-        SOURCES_SCHEMA,
-        "p1",
-    )
-    summary = {
-        "run_id": "r1",
-        "status": {"quarantined": 1},
-        "quarantined": [
-            {"series_key": "k1", "status": "failed", "reason": f"OSError: cannot read {rel}"},
-            {"series_key": "k2", "status": "quarantined", "reason": "gap of 5.0 mm at slice 3"},
-        ],
-    }
-    report = build_report(root.url, summary)
-    text = Path(report.html_path).read_text() + report.markdown
-    assert "Doe_John" not in text and "scan_0001" not in text
-    rows = _parse(Path(report.html_path).read_text()).tables["quarantined"][1:]
-    assert rows == [
-        ["k1", "failed", "OSError: cannot read [path]"],
-        ["k2", "quarantined", "gap of 5.0 mm at slice 3"],
-    ]
+
+def test_report_size_does_not_grow_with_the_archive(tmp_path: Path) -> None:
+    """Quarantined series are grouped by reason code: 50 or 100,000 make the same page."""
+    small = build_report(str(tmp_path / "a"), _summary_with(50))
+    large = build_report(str(tmp_path / "b"), _summary_with(100_000))
+    sizes = [Path(r.html_path).stat().st_size for r in (small, large)]
+    assert abs(sizes[1] - sizes[0]) < 200, sizes  # the counts' digits and the run id differ
+    assert abs(len(large.markdown) - len(small.markdown)) < 200
+    rows = _parse(Path(large.html_path).read_text()).tables["quarantined"][1:]
+    assert [r[3] for r in rows] == ["20000"] * 5
+    assert all(len(r[5].split()) == MAX_EXAMPLE_KEYS for r in rows)
