@@ -88,7 +88,10 @@ def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
     from storage.layout import OutputRoot
     from storage.lock import run_lock
     from storage.tables import utcnow
+    from tasks.dicomweb import is_dicomweb
 
+    if is_dicomweb(archive):  # a PACS is listed by the flow itself (QIDO-RS)
+        return False
     started, t0 = utcnow(), time.perf_counter()
     out = OutputRoot(root)
     if not out.fs.exists(out.table_dir("catalog")):
@@ -182,7 +185,12 @@ def _print_reason_groups(
 
 @app.command()
 def nightly(
-    archive: Annotated[str, typer.Argument(help="Archive folder or fsspec URL.")],
+    archive: Annotated[
+        str,
+        typer.Argument(
+            help="Archive folder, fsspec URL, or DICOMweb service (dicomweb+http://host/path)."
+        ),
+    ],
     root: RootOpt = "medflow-out",
     batch_size: Annotated[int, typer.Option(help="Series per ingest task.")] = 16,
     workers: Annotated[int, typer.Option(help="Concurrent tasks.")] = 0,
@@ -208,17 +216,23 @@ def nightly(
         _runner(workers, dask_address=dask_address, dask_workers=dask_workers)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    if not always_run and _idle(archive, root, config):
-        return
-    summary = _run_nightly(
-        archive,
-        root,
-        batch_size,
-        workers or default_workers(),
-        encoder_config=config,
-        dask_address=dask_address,
-        dask_workers=dask_workers,
-    )
+    from tasks.dicomweb import DicomwebError
+
+    try:
+        if not always_run and _idle(archive, root, config):
+            return
+        summary = _run_nightly(
+            archive,
+            root,
+            batch_size,
+            workers or default_workers(),
+            encoder_config=config,
+            dask_address=dask_address,
+            dask_workers=dask_workers,
+        )
+    except DicomwebError as e:
+        console.print(f"error: {escape(str(e))}")
+        raise typer.Exit(2) from None
     if summary.get("skipped"):
         console.print(f"skipped: {summary['skipped']} ({summary.get('lock_holder', '?')})")
         return

@@ -24,6 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from storage.layout import OutputRoot
 from storage.lock import exclusive_run
 from storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
+from tasks.dicomweb import is_dicomweb
 from tasks.discover import discover
 from tasks.encode import (
     EncoderSpec,
@@ -155,14 +156,21 @@ def run_ingest(
     t0 = time.perf_counter()
     logger = get_run_logger()
     out = OutputRoot(root)
+    pacs = None
+    if is_dicomweb(archive):  # listed before anything is written: a refused login leaves no trace
+        from flows.pacs import open_dicomweb
+
+        pacs = open_dicomweb(archive, out)
     out.ensure()
     keys = out.pseudonymizer()
     run_id = _run_id()
     summary = IngestSummary(run_id=run_id)
     _clear_staging(out)
+    if pacs is not None:  # the retrieved series, in a restricted cache, are the archive
+        archive = pacs.retrieve(out, progress=progress)
 
     disc, known = discover(archive, out.url)
-    summary.discovered = disc.counts()
+    summary.discovered = {**disc.counts(), **(pacs.counts() if pacs is not None else {})}
     logger.info("discovered %s", summary.discovered)
 
     dicom = [f.relpath for f in disc.pending if f.kind == "dicom"]
@@ -204,6 +212,8 @@ def run_ingest(
         if progress:
             progress("ingest", n_done, len(todo))
     commit_touched(out, disc, known, keys, run_id)
+    if pacs is not None:
+        pacs.finish(out, run_id)
 
     status = Counter(o.catalog["status"] for o in committed)
     modality = Counter(

@@ -7,6 +7,8 @@
 <root>/tables/findings/encoder=<name>/version=<v>/part-*.parquet
 <root>/restricted/sources/part-*.parquet                         source paths (restricted)
 <root>/restricted/incidents/part-*.parquet                       unexpected errors' full text
+<root>/restricted/dicomweb/part-*.parquet                        DICOMweb series facts handled
+<root>/restricted/sr_sent/part-*.parquet                         Structured Reports sent
 <root>/restricted/key_secret                                     HMAC secret, when not in env
 <root>/models/                                                   registered encoder versions
 ```
@@ -96,6 +98,12 @@ class OutputRoot:
 
     def sources_dir(self) -> str:
         return self.join("restricted", "sources")
+
+    def dicomweb_dir(self) -> str:
+        return self.join("restricted", "dicomweb")
+
+    def sr_sent_dir(self) -> str:
+        return self.join("restricted", "sr_sent")
 
     def incidents_dir(self) -> str:
         return self.join("restricted", "incidents")

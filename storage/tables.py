@@ -27,10 +27,12 @@ from storage.layout import OutputRoot, is_object_store
 
 __all__ = [
     "CATALOG_SCHEMA",
+    "DICOMWEB_SCHEMA",
     "FINDINGS_SCHEMA",
     "INCIDENTS_SCHEMA",
     "RUNS_SCHEMA",
     "SOURCES_SCHEMA",
+    "SR_SENT_SCHEMA",
     "connect",
     "embeddings_schema",
     "export_duckdb",
@@ -99,6 +101,40 @@ INCIDENTS_SCHEMA = pa.schema(
         ("message", pa.string()),
         ("traceback", pa.string()),
         ("created_at", _TS),
+    ]
+)
+
+
+# restricted: the QIDO-RS facts of each DICOMweb series when it was last handed to ingest
+DICOMWEB_SCHEMA = pa.schema(
+    [
+        ("server_id", pa.string()),
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
+        ("n_instances", pa.int64()),
+        ("facts_fingerprint", pa.string()),
+        ("run_id", pa.string()),
+        ("observed_at", _TS),
+    ]
+)
+
+# restricted: Structured Reports sent to a PACS (UIDs; the SR carries the patient module)
+SR_SENT_SCHEMA = pa.schema(
+    [
+        ("series_key", pa.string()),
+        ("encoder", pa.string()),
+        ("version", pa.string()),
+        ("bank_version", pa.string()),
+        ("server_id", pa.string()),
+        ("study_uid", pa.string()),
+        ("series_uid", pa.string()),
+        ("sr_series_uid", pa.string()),
+        ("sr_sop_uid", pa.string()),
+        ("n_findings", pa.int32()),
+        ("status", pa.string()),  # sent | failed
+        ("error", pa.string()),
+        ("run_id", pa.string()),
+        ("sent_at", _TS),
     ]
 )
 
