@@ -636,6 +636,9 @@ def _register_extra_commands() -> None:
 
     app.command("export-duckdb")(export_duckdb_cmd)
     app.command("compact")(compact_cmd)
+    from flows.cli_pacs import receive_cmd
+
+    app.command("receive")(receive_cmd)
 
 
 _register_extra_commands()
