@@ -76,7 +76,7 @@ class Receiver:
             ds = event.dataset
             study = _safe_uid(ds.get("StudyInstanceUID"))
             series = _safe_uid(ds.get("SeriesInstanceUID"))
-            sop = _safe_uid(event.request.AffectedSOPInstanceUID)
+            sop = _safe_uid(getattr(event.request, "AffectedSOPInstanceUID", None))
         except Exception:  # a data set that cannot be parsed: refused, nothing written
             self.failed += 1
             return _CANNOT_UNDERSTAND
@@ -124,10 +124,14 @@ def start_receiver(
     os.makedirs(staging, exist_ok=True)
     ae = AE(ae_title=validate_ae_title(ae_title))
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     ae.require_calling_aet = [validate_ae_title(a, "allowed calling AE title") for a in allowed]
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs
-    handlers = [(evt.EVT_C_STORE, rec.handle_store), (evt.EVT_C_ECHO, rec.handle_echo)]
+    handlers: list[Any] = [
+        (evt.EVT_C_STORE, rec.handle_store),
+        (evt.EVT_C_ECHO, rec.handle_echo),
+    ]
     server = ae.start_server((host, port), block=block, evt_handlers=handlers)
     return server, rec
