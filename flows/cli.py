@@ -150,6 +150,8 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
         t.add_row(f"series embedded by {k}", str(v))
     for k, v in sorted(summary.get("findings", {}).items()):
         t.add_row(f"finding scores by {k}", str(v))
+    for k, v in sorted(summary.get("reports", {}).items()):
+        t.add_row(f"SR reports {k}", str(v))
     console.print(t)
     console.print(f"{summary['seconds']:.1f} s; outputs under {root}")
     _print_reason_groups(tally_groups(summary.get("quarantined")), root, summary.get("run_id"))

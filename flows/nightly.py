@@ -48,6 +48,7 @@ from tasks.ingest import (
 from tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
 from tasks.reasons import ReasonCode, shielded, tally_add, tally_groups
 from tasks.report import publish_report
+from tasks.sr_export import WriteBack
 from tasks.tables import commit_outcomes, commit_sources_only, commit_touched
 
 __all__ = ["IngestSummary", "default_workers", "ingest_archive", "nightly", "run_ingest"]
@@ -83,6 +84,7 @@ class IngestSummary:
     encoded: dict[str, int] = field(default_factory=dict)  # encoder -> series embedded
     findings: dict[str, int] = field(default_factory=dict)  # encoder -> finding scores written
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, int] = field(default_factory=dict)  # findings sent to a PACS as SRs
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -500,17 +502,24 @@ def nightly(
     encoders: list[dict[str, Any]] | None = None,
     encoder_config: str | None = None,
     denoise: dict[str, Any] | None = None,
+    write_back: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The nightly job: ingest what is new, denoise low-dose CT, embed, score findings.
 
     ``encoders``: encoder specs (see tasks.encode.EncoderSpec); ``encoder_config``: a TOML or
     JSON file of more (with neither, nothing is embedded); ``denoise``: settings of the
     denoising stage (see tasks.preprocess.DenoiseConfig; on by default, for series with raw
-    projections only).
+    projections only). ``write_back``: findings sent to a PACS as DICOM SRs (see
+    tasks.sr_export.WriteBack; off unless enabled here or in the config's ``[write_back]``).
     """
     specs = resolve_specs(encoders, encoder_config)  # a bad config fails before any work
     denoise_cfg = DenoiseConfig.from_dict(denoise)
-    return _nightly_stages(archive, root, batch_size, specs, denoise_cfg)
+    sr_cfg = (
+        WriteBack.from_dict(write_back) if write_back else WriteBack.from_config(encoder_config)
+    )
+    if sr_cfg.enabled:
+        sr_cfg.destination(archive)  # a missing destination fails before any work
+    return _nightly_stages(archive, root, batch_size, specs, denoise_cfg, sr_cfg)
 
 
 @shielded("nightly")  # no exception text that may quote a path reaches Prefect
@@ -520,6 +529,7 @@ def _nightly_stages(
     batch_size: int,
     specs: Sequence[EncoderSpec],
     denoise_cfg: DenoiseConfig,
+    sr_cfg: WriteBack | None = None,
 ) -> dict[str, Any]:
     import time
 
@@ -529,6 +539,13 @@ def _nightly_stages(
     summary.stage_seconds["ingest"] = time.perf_counter() - t0
     run_preprocess(root, denoise_cfg, summary, progress=_PROGRESS.get("cb"))
     run_encode(root, specs, summary, progress=_PROGRESS.get("cb"))
+    if sr_cfg is not None and sr_cfg.enabled:
+        from tasks.sr_export import export_reports
+
+        sent = export_reports(
+            archive, OutputRoot(root), sr_cfg.destination(archive), summary.run_id
+        )
+        summary.reports = sent.to_dict()
     summary.seconds = time.perf_counter() - t0
     publish_summary(summary)
     publish_report(root, summary.to_dict())  # HTML under <root>/reports; never raises

@@ -1,0 +1,386 @@
+"""Findings back to the PACS: one DICOM Comprehensive 3D SR (TID 1500 Measurement Report) per
+(series, encoder version, prompt-bank version), sent with STOW-RS.
+
+Each report identifies the algorithm (TID 4019: the encoder's name and version, the prompt bank
+and its version as parameters), holds one numeric entry per finding (its score, a probability
+in [0, 1]) in one measurement group, and references the source series in its evidence
+(Current Requested Procedure Evidence: every instance of the series). It inherits the patient
+and study modules from the source series, as a PACS requires: a report is built in memory, sent,
+and never written to a shared output. What was sent (UIDs) goes to the restricted ``sr_sent``
+table.
+
+The report's SOP Instance UID is derived from the source Study/Series Instance UIDs, the
+encoder, its version and the bank version (``2.25.<128-bit hash>``): sending again replaces the
+same instance in the PACS rather than adding one, and a new model or bank version makes a new
+report. Its series (one per study and algorithm version) is derived the same way.
+
+Source headers come from the archive the series was ingested from: the PACS's WADO-RS metadata
+for a DICOMweb archive (series matched to their keys through the restricted ``dicomweb``
+table), or the member files' headers for a folder (the restricted ``sources`` table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from storage.layout import OutputRoot, Pseudonymizer
+from storage.tables import (
+    DICOMWEB_SCHEMA,
+    SOURCES_SCHEMA,
+    SR_SENT_SCHEMA,
+    connect,
+    part_id,
+    read_table,
+    utcnow,
+    write_part,
+)
+from tasks.dicomweb import DicomwebError, DicomwebServer, _http_error, is_dicomweb
+from tasks.reasons import InputError
+
+__all__ = [
+    "ReportKey",
+    "SrExport",
+    "WriteBack",
+    "build_report",
+    "export_reports",
+    "pending_reports",
+    "report_uid",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEME = "99MEDFLOW"  # a private coding scheme: findings are named by their prompt bank
+_MANUFACTURER = "medflow"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteBack:
+    """Write-back settings (``[write_back]`` in the encoder config): off unless enabled."""
+
+    enabled: bool = False
+    dicomweb: str | None = None  # the destination; default: the archive when it is DICOMweb
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> WriteBack:
+        d = dict(d or {})
+        unknown = set(d) - {"enabled", "dicomweb"}
+        if unknown:
+            raise InputError(
+                f"Unknown write-back setting(s) {sorted(unknown)}; expected enabled, dicomweb."
+            )
+        enabled = d.get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise InputError(f"Expected write_back.enabled true or false, got {enabled!r}.")
+        dest = d.get("dicomweb")
+        if dest is not None:
+            DicomwebServer.parse(str(dest))
+        return cls(enabled=enabled, dicomweb=None if dest is None else str(dest))
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None) -> WriteBack:
+        if path is None:
+            return cls()
+        import json
+        import tomllib
+
+        p = os.fspath(path)
+        with open(p, "rb") as f:
+            data = tomllib.load(f) if p.endswith(".toml") else json.load(f)
+        return cls.from_dict(data.get("write_back"))
+
+    def destination(self, archive: str) -> str:
+        if self.dicomweb:
+            return self.dicomweb
+        if is_dicomweb(archive):
+            return archive
+        raise InputError(
+            "Expected write_back.dicomweb (a dicomweb+http(s) URL) for an archive that is not a "
+            "DICOMweb service."
+        )
+
+
+def report_uid(kind: str, *parts: str) -> str:
+    """A DICOM UID derived from ``parts``: ``2.25.`` and a 128-bit hash as a decimal."""
+    h = hashlib.sha256("\x1f".join(["medflow-sr", kind, *parts]).encode()).digest()
+    return f"2.25.{int.from_bytes(h[:16], 'big')}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportKey:
+    series_key: str
+    encoder: str
+    version: str
+    bank: str
+    bank_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    name: str
+    score: float
+
+
+def pending_reports(root: OutputRoot) -> dict[ReportKey, list[Finding]]:
+    """Findings per (series, encoder version, bank version), newest score per finding."""
+    con = connect(root)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    if "findings" not in views:
+        return {}
+    rows = con.execute(
+        """
+        SELECT series_key, encoder, version, bank, bank_version, finding,
+               arg_max(score, created_at) AS score
+        FROM findings GROUP BY ALL ORDER BY ALL
+        """
+    ).fetchall()
+    out: dict[ReportKey, list[Finding]] = {}
+    for key, enc, ver, bank, bank_ver, finding, score in rows:
+        out.setdefault(ReportKey(key, enc, ver, bank or "", bank_ver or ""), []).append(
+            Finding(str(finding), float(score))
+        )
+    return out
+
+
+def _sent(root: OutputRoot) -> set[str]:
+    t = read_table(root.sr_sent_dir(), SR_SENT_SCHEMA, columns=["sr_sop_uid", "status"])
+    return {
+        uid
+        for uid, status in zip(t["sr_sop_uid"].to_pylist(), t["status"].to_pylist(), strict=True)
+        if status == "sent"
+    }
+
+
+def _slug(name: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").upper()
+    return s[:16] or "FINDING"
+
+
+def build_report(
+    key: ReportKey,
+    findings: Sequence[Finding],
+    evidence: Sequence[Dataset],
+    series_number: int = 9001,
+) -> Any:
+    """The TID 1500 Comprehensive 3D SR for one series' findings (patient module inherited)."""
+    import highdicom as hd
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        CodedConcept,
+        DeviceObserverIdentifyingAttributes,
+        Measurement,
+        MeasurementReport,
+        MeasurementsAndQualitativeEvaluations,
+        ObservationContext,
+        ObserverContext,
+        TrackingIdentifier,
+    )
+    from pydicom.sr.codedict import codes
+
+    study = str(evidence[0].StudyInstanceUID)
+    series = str(evidence[0].SeriesInstanceUID)
+    ids = (study, series, key.encoder, key.version, key.bank_version)
+    algorithm = AlgorithmIdentification(
+        name=key.encoder,
+        version=key.version,
+        parameters=[f"prompt bank {key.bank} {key.bank_version}"],
+    )
+    device = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=report_uid("device", key.encoder, key.version),
+            name=_MANUFACTURER,
+            manufacturer_name=_MANUFACTURER,
+            model_name=f"{key.encoder} {key.version}"[:64],
+        ),
+    )
+    unit = CodedConcept("1", "UCUM", "no units")
+    measurements = [
+        Measurement(
+            name=CodedConcept(_slug(f.name), SCHEME, f.name[:64]),
+            value=float(f.score),
+            unit=unit,
+            algorithm_id=algorithm,
+        )
+        for f in findings
+    ]
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=report_uid("tracking", *ids), identifier="zero-shot findings"
+        ),
+        finding_type=CodedConcept("FINDINGS", SCHEME, "Zero-shot findings"),
+        algorithm_id=algorithm,
+        measurements=measurements,
+    )
+    content = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=device),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion
+        if str(evidence[0].get("Modality", "")) == "CT"
+        else CodedConcept("363679005", "SCT", "Imaging procedure"),
+        imaging_measurements=[group],
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=list(evidence),
+        content=content,
+        series_instance_uid=report_uid("series", study, key.encoder, key.version, key.bank_version),
+        series_number=series_number,
+        sop_instance_uid=report_uid("instance", *ids),
+        instance_number=1,
+        manufacturer=_MANUFACTURER,
+        is_complete=True,
+        series_description=f"medflow findings {key.encoder} {key.version}"[:64],
+    )
+
+
+class _Sources:
+    """Source headers of a series key, from the archive it was ingested from (restricted)."""
+
+    def __init__(self, archive: str, root: OutputRoot, keys: Pseudonymizer) -> None:
+        self.archive = archive
+        self.root = root
+        self.keys = keys
+        self._uids: dict[str, tuple[str, str]] = {}
+        self._files: dict[str, list[str]] = {}
+        if is_dicomweb(archive):
+            server = DicomwebServer.parse(archive)
+            self.client = server.client()
+            t = read_table(root.dicomweb_dir(), DICOMWEB_SCHEMA)
+            for sid, study, series in zip(
+                t["server_id"].to_pylist(),
+                t["study_uid"].to_pylist(),
+                t["series_uid"].to_pylist(),
+                strict=True,
+            ):
+                if sid == server.server_id:
+                    self._uids[keys.dicom_series_key(study, series)] = (study, series)
+        else:
+            t = read_table(root.sources_dir(), SOURCES_SCHEMA).sort_by("observed_at")
+            latest: dict[str, tuple[str | None, str]] = {}
+            for rel, key, kind in zip(
+                t["relpath"].to_pylist(),
+                t["series_key"].to_pylist(),
+                t["kind"].to_pylist(),
+                strict=True,
+            ):
+                latest[rel] = (key, kind)
+            for rel, (key, kind) in latest.items():
+                if key is not None and kind == "dicom":
+                    self._files.setdefault(key, []).append(rel)
+
+    def evidence(self, series_key: str) -> list[Dataset] | None:
+        if series_key in self._uids:
+            study, series = self._uids[series_key]
+            try:
+                meta = self.client.retrieve_series_metadata(study, series)
+            except Exception as e:
+                raise _http_error(e, "retrieving series metadata (WADO-RS)") from None
+            return [_without_bulk(Dataset.from_json(m, _no_bulk)) for m in meta]
+        rels = self._files.get(series_key)
+        if not rels:
+            return None
+        out: list[Dataset] = []
+        for rel in sorted(rels):
+            path = os.path.join(self.archive, rel)
+            if os.path.exists(path):
+                out.append(pydicom.dcmread(path, stop_before_pixels=True))
+        return out or None
+
+
+def _no_bulk(*_: Any) -> bytes:
+    return b""  # pixel data is not needed to reference an instance
+
+
+def _without_bulk(ds: Dataset) -> Dataset:
+    for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if tag in ds:
+            del ds[tag]
+    return ds
+
+
+@dataclass(slots=True)
+class SrExport:
+    """What a write-back did, in counts (no identifiers)."""
+
+    sent: int = 0
+    already_sent: int = 0
+    no_source: int = 0
+    failed: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "already_sent": self.already_sent,
+            "no_source": self.no_source,
+            "failed": self.failed,
+        }
+
+
+def export_reports(
+    archive: str, root: OutputRoot, destination: str, run_id: str, *, resend: bool = False
+) -> SrExport:
+    """Build and STOW-RS a report for every (series, encoder version, bank version) with
+    findings that has not been sent yet (all of them with ``resend``); record what was sent."""
+    dest = DicomwebServer.parse(destination)
+    client = dest.client()
+    keys = root.pseudonymizer()
+    sources = _Sources(archive, root, keys)
+    done = set() if resend else _sent(root)
+    result = SrExport()
+    rows: list[dict[str, Any]] = []
+    for key, findings in pending_reports(root).items():
+        try:
+            evidence = sources.evidence(key.series_key)
+        except DicomwebError as e:
+            result.failed += 1
+            result.reasons.append(str(e))
+            continue
+        if not evidence:
+            result.no_source += 1  # not a DICOM series of this archive
+            continue
+        study, series = str(evidence[0].StudyInstanceUID), str(evidence[0].SeriesInstanceUID)
+        uid = report_uid("instance", study, series, key.encoder, key.version, key.bank_version)
+        if uid in done:
+            result.already_sent += 1
+            continue
+        row = {
+            "series_key": key.series_key,
+            "encoder": key.encoder,
+            "version": key.version,
+            "bank_version": key.bank_version,
+            "server_id": dest.server_id,
+            "study_uid": study,
+            "series_uid": series,
+            "sr_sop_uid": uid,
+            "n_findings": len(findings),
+            "run_id": run_id,
+        }
+        try:
+            sr = build_report(key, findings, evidence)
+            row["sr_series_uid"] = str(sr.SeriesInstanceUID)
+            client.store_instances([sr])
+        except Exception as e:
+            err = e if isinstance(e, DicomwebError) else _http_error(e, "storing a report")
+            result.failed += 1
+            result.reasons.append(str(err))
+            rows.append({**row, "status": "failed", "error": str(err), "sent_at": utcnow()})
+            continue
+        result.sent += 1
+        rows.append({**row, "status": "sent", "error": None, "sent_at": utcnow()})
+    write_part(
+        root.sr_sent_dir(),
+        rows,
+        SR_SENT_SCHEMA,
+        part_id("sr", run_id, sorted((r["sr_sop_uid"], r["status"]) for r in rows)),
+    )
+    if result.failed:
+        log.warning("write-back: %d reports not sent (%s)", result.failed, result.reasons[0])
+    return result
