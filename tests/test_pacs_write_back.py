@@ -21,13 +21,20 @@ from flows.cli import demo_encoder_specs
 from flows.nightly import nightly
 from storage.layout import KEY_SECRET_ENV, OutputRoot
 from storage.tables import SR_SENT_SCHEMA, connect, read_table
-from tasks.demo_dicom import ct_phantom, write_ct_series
+from tasks.demo_dicom import DemoPatient, ct_phantom, write_ct_series
 from tasks.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV
 from tasks.sr_export import WriteBack, export_reports, report_uid
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 STUDY = "1.2.826.0.1.3680043.8.498.4004"
+PATIENT = DemoPatient(
+    name="PACS^PRIVACY^NEEDLE",
+    patient_id="PACS-PID-424242",
+    accession_number="PACSACC424242",
+    institution="Needle Memorial Hospital",
+    referring_physician="NEEDLE^REFERRER",
+)
 SERIES = (f"{STUDY}.1", f"{STUDY}.2")
 
 
@@ -46,7 +53,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, Pa
         vol = ct_phantom((16, 48, 48), seed=11)
         for i, uid in enumerate(SERIES):
             server.upload(
-                write_ct_series(base / f"s{i}", vol + 10 * i, study_uid=STUDY, series_uid=uid)
+                write_ct_series(
+                    base / f"s{i}", vol + 10 * i, study_uid=STUDY, series_uid=uid, patient=PATIENT
+                )
             )
         yield server, base
 
@@ -122,7 +131,7 @@ def test_findings_go_back_as_structured_reports_once(
         source = str(ref_series.SeriesInstanceUID)
         assert source in SERIES
         assert len(ref_series.ReferencedSOPSequence) == 16  # every instance of the series
-        values, group = _measurements(sr)
+        values, _ = _measurements(sr)
         assert values == pytest.approx(scores[keys.dicom_series_key(STUDY, source)], abs=1e-6)
         assert len(values) == 30
         text = _texts(sr)
@@ -158,10 +167,46 @@ def test_findings_go_back_as_structured_reports_once(
 
 def test_write_back_is_off_unless_enabled_and_needs_a_destination() -> None:
     assert WriteBack.from_dict(None).enabled is False
-    with pytest.raises(ValueError, match="write_back.dicomweb"):
+    with pytest.raises(ValueError, match=r"write_back\.dicomweb"):
         WriteBack(enabled=True).destination("/some/folder")
     assert WriteBack(enabled=True).destination("dicomweb+http://h/dw") == "dicomweb+http://h/dw"
     with pytest.raises(ValueError, match="Unknown write-back"):
         WriteBack.from_dict({"enabled": True, "url": "x"})
     with pytest.raises(ValueError, match="without credentials"):
         WriteBack.from_dict({"dicomweb": "dicomweb+http://u:p@h/dw"})
+
+
+def test_no_identifier_or_credential_leaves_restricted(
+    site: tuple[Orthanc, Path], tmp_path: Path
+) -> None:
+    """The CLI at DEBUG, a PACS archive, write-back on: UIDs, the patient's identity and the
+    password stay out of shared outputs, Prefect's database and the console."""
+    from test_privacy import _env as privacy_env
+    from test_privacy import _hits, _medflow, _prefect_db_texts, _shared_texts
+
+    server, base = site
+    config = tmp_path / "medflow.json"
+    specs = demo_encoder_specs(base / "models")
+    config.write_text(json.dumps({"encoders": specs, "write_back": {"enabled": True}}))
+    env = privacy_env(tmp_path / "prefect-home")
+    env.update({USER_ENV: USER, PASSWORD_ENV: PASSWORD, KEY_SECRET_ENV: "privacy"})
+    root = tmp_path / "out"
+    args = ["nightly", f"dicomweb+{server.dicomweb}", "--root", str(root), "--config", str(config)]
+    console = _medflow(args, env)
+    assert "DEBUG" in console and "SR reports sent" in console
+    needles = [
+        STUDY,
+        *SERIES,
+        PATIENT.name,
+        PATIENT.name.replace("^", " "),
+        PATIENT.patient_id,
+        PATIENT.accession_number,
+        PATIENT.institution,
+        PASSWORD,
+    ]
+    sent = read_table(OutputRoot(str(root)).sr_sent_dir(), SR_SENT_SCHEMA)
+    assert sent.num_rows >= 1  # reports went out (or were found sent by the earlier test)
+    needles += [str(u) for u in sent["sr_sop_uid"].to_pylist()]
+    assert _hits({"console": console}, needles) == []
+    assert _hits(_shared_texts(root), needles) == []
+    assert _hits(_prefect_db_texts(tmp_path / "prefect-home"), needles) == []
