@@ -638,9 +638,10 @@ def _register_extra_commands() -> None:
 
     app.command("export-duckdb")(export_duckdb_cmd)
     app.command("compact")(compact_cmd)
-    from flows.cli_pacs import receive_cmd
+    from flows.cli_pacs import receive_cmd, send_srs_cmd
 
     app.command("receive")(receive_cmd)
+    app.command("send-srs")(send_srs_cmd)
 
 
 _register_extra_commands()

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["receive_cmd"]
+__all__ = ["receive_cmd", "send_srs_cmd"]
 
 console = Console()
 
@@ -51,3 +51,44 @@ def receive_cmd(
     console.print(
         f"stopped: {rec.stored} instances stored, {rec.failed} refused, {rec.echoes} echoes"
     )
+
+
+def send_srs_cmd(
+    archive: Annotated[
+        str, typer.Argument(help="The archive the series were ingested from (folder or DICOMweb).")
+    ],
+    root: Annotated[str, typer.Option("--root", "-r", help="Output root.")] = "medflow-out",
+    to: Annotated[
+        str | None,
+        typer.Option(help="DICOMweb destination (dicomweb+http(s)://...); default: ARCHIVE."),
+    ] = None,
+    resend: Annotated[
+        bool, typer.Option(help="Send every report again (same instance UIDs: replaced).")
+    ] = False,
+) -> None:
+    """Send findings to a PACS as DICOM SRs (TID 1500), STOW-RS; what was sent is recorded.
+
+    The nightly does this itself when the config's write_back table says enabled = true.
+    """
+    import uuid
+
+    from storage.layout import OutputRoot
+    from tasks.dicomweb import DicomwebError
+    from tasks.reasons import InputError
+    from tasks.sr_export import WriteBack, export_reports
+
+    try:
+        dest = WriteBack(enabled=True, dicomweb=to).destination(archive)
+        result = export_reports(
+            archive, OutputRoot(root), dest, f"send-srs-{uuid.uuid4().hex[:12]}", resend=resend
+        )
+    except (DicomwebError, InputError) as e:
+        console.print(f"error: {escape(str(e))}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"reports sent {result.sent}, already sent {result.already_sent}, "
+        f"without a DICOM source {result.no_source}, failed {result.failed}"
+    )
+    if result.failed:
+        console.print(f"first failure: {escape(result.reasons[0])}")
+        raise typer.Exit(1)

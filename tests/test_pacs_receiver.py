@@ -15,10 +15,12 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from orthanc_server import Orthanc, free_port, running_orthanc
+from orthanc_server import PASSWORD, USER, Orthanc, free_port, running_orthanc
 
+from flows.cli import demo_encoder_specs
 from flows.nightly import nightly
 from tasks.demo_dicom import ct_phantom, write_ct_series
+from tasks.dicomweb import PASSWORD_ENV, USER_ENV
 from tasks.receiver import STAGING
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -135,8 +137,27 @@ def test_orthanc_pushes_a_study_and_the_nightly_ingests_it(
     log = rx.log.read_text()
     assert "28 instances stored" in log and "echoes" in log
 
-    summary = nightly(archive=str(archive), root=str(tmp_path / "out"))
+    # the nightly ingests them; the findings go back to Orthanc from the received files
+    specs = demo_encoder_specs(tmp_path / "models")
+    root = tmp_path / "out"
+    summary = nightly(archive=str(archive), root=str(root), encoders=specs)
     assert summary["status"] == {"ingested": 2}
+    assert summary["encoded"] == {"merlin": 2}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(_REPO), env.get("PYTHONPATH", "")])
+    env.update({USER_ENV: USER, PASSWORD_ENV: PASSWORD})
+    cmd = [sys.executable, "-m", "flows.cli", "send-srs", str(archive), "--root", str(root)]
+    cmd += ["--to", f"dicomweb+{orthanc.dicomweb}"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=_REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reports sent 2" in r.stdout
+    refs = set()
+    for iid in orthanc.get("/instances"):  # type: ignore[union-attr]
+        tags = orthanc.get(f"/instances/{iid}/tags?simplify")
+        if isinstance(tags, dict) and tags.get("Modality") == "SR":
+            (ev,) = tags["CurrentRequestedProcedureEvidenceSequence"]
+            refs |= {s["SeriesInstanceUID"] for s in ev["ReferencedSeriesSequence"]}
+    assert refs == {f"{study}.1", f"{study}.2"}
 
 
 def test_a_calling_ae_title_not_allowed_is_refused(orthanc: Orthanc, tmp_path: Path) -> None:
