@@ -148,7 +148,7 @@ def _http_error(e: Exception, what: str) -> DicomwebError:
                 "account allowed to search and retrieve"
             )
         return DicomwebError(f"the DICOMweb server answered HTTP {status} while {what}")
-    if isinstance(e, requests.ConnectionError):
+    if isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
         return DicomwebError(f"the DICOMweb server cannot be reached while {what} (connection)")
     if isinstance(e, requests.Timeout):
         return DicomwebError(f"the DICOMweb server did not answer in time while {what}")
@@ -244,8 +244,8 @@ def retrieve_series_files(client: Any, facts: SeriesFacts, dest: str) -> tuple[i
     """Retrieve one series with WADO-RS into ``dest/<study>/<series>/<sop>.dcm``.
 
     Each instance is written under a hidden temporary name and renamed when whole. Returns
-    (instances, bytes). On any failure the series' folder is removed (nothing partial stays) and
-    a :class:`DicomwebError` is raised.
+    (instances, bytes). On any failure, fewer instances than QIDO-RS listed included, the
+    series' folder is removed (nothing partial stays) and a :class:`DicomwebError` is raised.
     """
     folder = os.path.join(dest, facts.study_uid, facts.series_uid)
     shutil.rmtree(folder, ignore_errors=True)
@@ -260,6 +260,11 @@ def retrieve_series_files(client: Any, facts: SeriesFacts, dest: str) -> tuple[i
             nbytes += os.path.getsize(tmp)
             os.replace(tmp, final)
             n += 1
+        if n < facts.n_instances:  # a response cut short, or instances removed meanwhile
+            raise DicomwebError(
+                f"the DICOMweb server sent {n} of the {facts.n_instances} instances QIDO-RS "
+                "listed for a series"
+            )
     except Exception as e:
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(e, PublicError):

@@ -87,7 +87,7 @@ class WriteBack:
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None) -> WriteBack:
-        if path is None:
+        if not path:  # no config (deployments pass "")
             return cls()
         import json
         import tomllib

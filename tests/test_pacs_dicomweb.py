@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -243,5 +245,58 @@ def test_server_stopped_mid_retrieval_retries_the_rest_next_night(tmp_path: Path
         assert all(r["status"] == "ingested" and r["n_sources"] == 10 for r in rows.values())
         summary = json.dumps(second)
         assert study not in summary  # UIDs never reach the run's summary
+    finally:
+        server.stop()
+
+
+def test_server_killed_while_streaming_a_series_leaves_nothing_half_ingested(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL to Orthanc once the first instances of a large series are in the cache: the
+    response is cut in the middle of the series."""
+    server = Orthanc(tmp_path / "orthanc")
+    server.start()
+    n = 400
+    try:
+        study = "1.2.826.0.1.3680043.8.498.2003"
+        vol = ct_phantom((n, 256, 256), seed=6)
+        assert (
+            server.upload(
+                write_ct_series(tmp_path / "big", vol, study_uid=study, series_uid=f"{study}.1")
+            )
+            == n
+        )
+        del vol
+        root = tmp_path / "out"
+        seen: list[int] = []
+
+        def kill_when_streaming() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                folder = root / "restricted" / "dicomweb-cache"
+                files = list(folder.rglob("*.dcm")) if folder.exists() else []
+                if len(files) >= 3:
+                    assert server.proc is not None
+                    server.proc.kill()
+                    seen.append(len(files))
+                    return
+                time.sleep(0.001)
+
+        killer = threading.Thread(target=kill_when_streaming)
+        killer.start()
+        first = nightly(archive=f"dicomweb+{server.dicomweb}", root=str(root))
+        killer.join()
+        assert seen and seen[0] < n  # killed in the middle of the series
+        assert first["discovered"]["pacs_series_retrieve_failed"] == 1
+        assert _ingest_rows(root) == {}  # nothing half-ingested
+        assert not list((root / "images").glob("*.zarr"))
+        assert not any(p.is_file() for p in (root / "restricted" / "dicomweb-cache").rglob("*"))
+
+        server.stop()
+        server.start()
+        second = nightly(archive=f"dicomweb+{server.dicomweb}", root=str(root))
+        assert second["discovered"]["pacs_series_retrieved"] == 1
+        (row,) = _ingest_rows(root).values()
+        assert row["status"] == "ingested" and row["n_sources"] == n
     finally:
         server.stop()

@@ -165,8 +165,14 @@ def test_findings_go_back_as_structured_reports_once(
     assert sorted(len(_measurements(sr)[0]) for sr in srs) == [3, 3, 30, 30]
 
 
-def test_write_back_is_off_unless_enabled_and_needs_a_destination() -> None:
+def test_write_back_is_off_unless_enabled_and_needs_a_destination(tmp_path: Path) -> None:
     assert WriteBack.from_dict(None).enabled is False
+    assert WriteBack.from_config("").enabled is False  # deployments pass no config as ""
+    toml = tmp_path / "medflow.toml"
+    toml.write_text('[write_back]\nenabled = true\ndicomweb = "dicomweb+https://pacs/dw"\n')
+    assert WriteBack.from_config(toml) == WriteBack(True, "dicomweb+https://pacs/dw")
+    toml.write_text('[[encoders]]\nname = "merlin_tiny"\n')
+    assert WriteBack.from_config(toml).enabled is False
     with pytest.raises(ValueError, match=r"write_back\.dicomweb"):
         WriteBack(enabled=True).destination("/some/folder")
     assert WriteBack(enabled=True).destination("dicomweb+http://h/dw") == "dicomweb+http://h/dw"
