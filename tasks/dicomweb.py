@@ -44,12 +44,14 @@ from tasks.reasons import InputError, PublicError, shielded
 __all__ = [
     "PASSWORD_ENV",
     "SCHEME",
+    "SOP_UID",
     "TOKEN_ENV",
     "USER_ENV",
     "DicomwebError",
     "DicomwebServer",
     "Retrieval",
     "SeriesFacts",
+    "http_error",
     "is_dicomweb",
     "known_series",
     "list_series",
@@ -66,7 +68,7 @@ TOKEN_ENV = "MEDFLOW_DICOMWEB_TOKEN"
 
 _STUDY_UID = "0020000D"
 _SERIES_UID = "0020000E"
-_SOP_UID = "00080018"
+SOP_UID = "00080018"
 _N_INSTANCES = "00201209"  # NumberOfSeriesRelatedInstances
 _MODALITY = "00080060"
 _SERIES_DATE = "00080021"
@@ -137,7 +139,7 @@ def make_session(env: Mapping[str, str] | None = None) -> requests.Session:
     return s
 
 
-def _http_error(e: Exception, what: str) -> DicomwebError:
+def http_error(e: Exception, what: str) -> DicomwebError:
     """A public error for a failed request: status and advice, no URL (it holds UIDs)."""
     if isinstance(e, requests.HTTPError) and e.response is not None:
         status = e.response.status_code
@@ -190,7 +192,7 @@ def list_series(client: Any, page: int = 1000) -> list[SeriesFacts]:
         try:
             items = client.search_for_series(fields=list(_QIDO_FIELDS), limit=page, offset=offset)
         except Exception as e:
-            raise _http_error(e, "searching for series (QIDO-RS)") from None
+            raise http_error(e, "searching for series (QIDO-RS)") from None
         for it in items:
             study, series = _value(it, _STUDY_UID), _value(it, _SERIES_UID)
             if not study or not series:
@@ -269,7 +271,7 @@ def retrieve_series_files(client: Any, facts: SeriesFacts, dest: str) -> tuple[i
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(e, PublicError):
             raise
-        raise _http_error(e, "retrieving a series (WADO-RS)") from None
+        raise http_error(e, "retrieving a series (WADO-RS)") from None
     return n, nbytes
 
 

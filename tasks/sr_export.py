@@ -43,7 +43,7 @@ from storage.tables import (
     utcnow,
     write_part,
 )
-from tasks.dicomweb import DicomwebError, DicomwebServer, _http_error, is_dicomweb
+from tasks.dicomweb import SOP_UID, DicomwebError, DicomwebServer, http_error, is_dicomweb
 from tasks.reasons import InputError
 
 __all__ = [
@@ -117,10 +117,31 @@ def report_uid(kind: str, *parts: str) -> str:
 @dataclass(frozen=True, slots=True)
 class ReportKey:
     series_key: str
+    study_key: str
     encoder: str
     version: str
     bank: str
     bank_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A source's instances (headers) and its id: the Series Instance UID, or
+    ``<series>/<instance>`` for an image medflow keys on its own (2D, multi-frame), as
+    tasks.ingest_dicom groups them."""
+
+    study_uid: str
+    source_id: str
+    evidence: list[Dataset]
+
+    @property
+    def series_uid(self) -> str:
+        return self.source_id.split("/", 1)[0]
+
+    def report_uid(self, key: ReportKey) -> str:
+        return report_uid(
+            "instance", self.study_uid, self.source_id, key.encoder, key.version, key.bank_version
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,16 +158,15 @@ def pending_reports(root: OutputRoot) -> dict[ReportKey, list[Finding]]:
         return {}
     rows = con.execute(
         """
-        SELECT series_key, encoder, version, bank, bank_version, finding,
+        SELECT series_key, study_key, encoder, version, bank, bank_version, finding,
                arg_max(score, created_at) AS score
         FROM findings GROUP BY ALL ORDER BY ALL
         """
     ).fetchall()
     out: dict[ReportKey, list[Finding]] = {}
-    for key, enc, ver, bank, bank_ver, finding, score in rows:
-        out.setdefault(ReportKey(key, enc, ver, bank or "", bank_ver or ""), []).append(
-            Finding(str(finding), float(score))
-        )
+    for key, study_key, enc, ver, bank, bank_ver, finding, score in rows:
+        rk = ReportKey(key, study_key, enc, ver, bank or "", bank_ver or "")
+        out.setdefault(rk, []).append(Finding(str(finding), float(score)))
     return out
 
 
@@ -167,7 +187,7 @@ def _slug(name: str) -> str:
 def build_report(
     key: ReportKey,
     findings: Sequence[Finding],
-    evidence: Sequence[Dataset],
+    source: Source,
     series_number: int = 9001,
 ) -> Any:
     """The TID 1500 Comprehensive 3D SR for one series' findings (patient module inherited)."""
@@ -185,9 +205,8 @@ def build_report(
     )
     from pydicom.sr.codedict import codes
 
-    study = str(evidence[0].StudyInstanceUID)
-    series = str(evidence[0].SeriesInstanceUID)
-    ids = (study, series, key.encoder, key.version, key.bank_version)
+    study, evidence = source.study_uid, source.evidence
+    ids = (study, source.source_id, key.encoder, key.version, key.bank_version)
     algorithm = AlgorithmIdentification(
         name=key.encoder,
         version=key.version,
@@ -241,14 +260,17 @@ def build_report(
 
 
 class _Sources:
-    """Source headers of a series key, from the archive it was ingested from (restricted)."""
+    """The source of a series key, from the archive it was ingested from (restricted)."""
 
     def __init__(self, archive: str, root: OutputRoot, keys: Pseudonymizer) -> None:
         self.archive = archive
-        self.root = root
         self.keys = keys
-        self._uids: dict[str, tuple[str, str]] = {}
+        self._series: dict[str, tuple[str, str]] = {}  # series key -> (study, series)
+        self._by_study: dict[str, list[tuple[str, str]]] = {}  # study key -> its series
+        self._instances: dict[str, tuple[str, str, str]] = {}  # key -> (study, series, sop)
+        self._listed: set[tuple[str, str]] = set()
         self._files: dict[str, list[str]] = {}
+        self.client: Any = None
         if is_dicomweb(archive):
             server = DicomwebServer.parse(archive)
             self.client = server.client()
@@ -259,8 +281,13 @@ class _Sources:
                 t["series_uid"].to_pylist(),
                 strict=True,
             ):
-                if sid == server.server_id:
-                    self._uids[keys.dicom_series_key(study, series)] = (study, series)
+                if sid == server.server_id and (study, series) not in self._listed:
+                    self._listed.add((study, series))
+                    self._series[keys.dicom_series_key(study, series)] = (study, series)
+                    self._by_study.setdefault(keys.dicom_study_key(study), []).append(
+                        (study, series)
+                    )
+            self._listed.clear()
         else:
             t = read_table(root.sources_dir(), SOURCES_SCHEMA).sort_by("observed_at")
             latest: dict[str, tuple[str | None, str]] = {}
@@ -275,23 +302,57 @@ class _Sources:
                 if key is not None and kind == "dicom":
                     self._files.setdefault(key, []).append(rel)
 
-    def evidence(self, series_key: str) -> list[Dataset] | None:
-        if series_key in self._uids:
-            study, series = self._uids[series_key]
-            try:
-                meta = self.client.retrieve_series_metadata(study, series)
-            except Exception as e:
-                raise _http_error(e, "retrieving series metadata (WADO-RS)") from None
-            return [_without_bulk(Dataset.from_json(m, _no_bulk)) for m in meta]
-        rels = self._files.get(series_key)
-        if not rels:
+    def source(self, key: ReportKey) -> Source | None:
+        try:
+            if self.client is None:
+                return self._from_files(key)
+            return self._from_dicomweb(key)
+        except DicomwebError:
+            raise
+        except Exception as e:
+            raise http_error(e, "retrieving source metadata (WADO-RS)") from None
+
+    def _from_dicomweb(self, key: ReportKey) -> Source | None:
+        if key.series_key in self._series:
+            study, series = self._series[key.series_key]
+            meta = self.client.retrieve_series_metadata(study, series)
+            return Source(study, series, [_from_json(m) for m in meta])
+        # an image keyed on its own: list the instances of its study's series once
+        for study, series in self._by_study.get(key.study_key, []):
+            if key.series_key in self._instances:
+                break
+            if (study, series) in self._listed:
+                continue
+            self._listed.add((study, series))
+            found = self.client.search_for_instances(study, series, fields=["SOPInstanceUID"])
+            for item in found:
+                sop = (item.get(SOP_UID, {}).get("Value") or [None])[0]
+                if sop:
+                    k = self.keys.dicom_series_key(study, f"{series}/{sop}")
+                    self._instances[k] = (study, series, str(sop))
+        if key.series_key not in self._instances:
             return None
-        out: list[Dataset] = []
-        for rel in sorted(rels):
-            path = os.path.join(self.archive, rel)
-            if os.path.exists(path):
-                out.append(pydicom.dcmread(path, stop_before_pixels=True))
-        return out or None
+        study, series, sop = self._instances[key.series_key]
+        meta = self.client.retrieve_instance_metadata(study, series, sop)
+        return Source(study, f"{series}/{sop}", [_from_json(meta)])
+
+    def _from_files(self, key: ReportKey) -> Source | None:
+        evidence = [
+            pydicom.dcmread(os.path.join(self.archive, rel), stop_before_pixels=True)
+            for rel in sorted(self._files.get(key.series_key, []))
+            if os.path.exists(os.path.join(self.archive, rel))
+        ]
+        if not evidence:
+            return None
+        study, series = str(evidence[0].StudyInstanceUID), str(evidence[0].SeriesInstanceUID)
+        if self.keys.dicom_series_key(study, series) == key.series_key:
+            return Source(study, series, list(evidence))
+        first = evidence[0]  # an image keyed on its own
+        return Source(study, f"{series}/{first.SOPInstanceUID}", [first])
+
+
+def _from_json(meta: Mapping[str, Any]) -> Dataset:
+    return _without_bulk(Dataset.from_json(dict(meta), _no_bulk))
 
 
 def _no_bulk(*_: Any) -> bytes:
@@ -338,16 +399,16 @@ def export_reports(
     rows: list[dict[str, Any]] = []
     for key, findings in pending_reports(root).items():
         try:
-            evidence = sources.evidence(key.series_key)
+            source = sources.source(key)
         except DicomwebError as e:
             result.failed += 1
             result.reasons.append(str(e))
             continue
-        if not evidence:
+        if source is None:
             result.no_source += 1  # not a DICOM series of this archive
             continue
-        study, series = str(evidence[0].StudyInstanceUID), str(evidence[0].SeriesInstanceUID)
-        uid = report_uid("instance", study, series, key.encoder, key.version, key.bank_version)
+        study, series = source.study_uid, source.series_uid
+        uid = source.report_uid(key)
         if uid in done:
             result.already_sent += 1
             continue
@@ -364,11 +425,11 @@ def export_reports(
             "run_id": run_id,
         }
         try:
-            sr = build_report(key, findings, evidence)
+            sr = build_report(key, findings, source)
             row["sr_series_uid"] = str(sr.SeriesInstanceUID)
             client.store_instances([sr])
         except Exception as e:
-            err = e if isinstance(e, DicomwebError) else _http_error(e, "storing a report")
+            err = e if isinstance(e, DicomwebError) else http_error(e, "storing a report")
             result.failed += 1
             result.reasons.append(str(err))
             rows.append({**row, "status": "failed", "error": str(err), "sent_at": utcnow()})

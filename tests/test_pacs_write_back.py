@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -21,7 +22,7 @@ from flows.cli import demo_encoder_specs
 from flows.nightly import nightly
 from storage.layout import KEY_SECRET_ENV, OutputRoot
 from storage.tables import SR_SENT_SCHEMA, connect, read_table
-from tasks.demo_dicom import DemoPatient, ct_phantom, write_ct_series
+from tasks.demo_dicom import DemoPatient, ct_phantom, write_2d, write_ct_series
 from tasks.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV
 from tasks.sr_export import WriteBack, export_reports, report_uid
 
@@ -57,6 +58,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, Pa
                     base / f"s{i}", vol + 10 * i, study_uid=STUDY, series_uid=uid, patient=PATIENT
                 )
             )
+        # a radiograph: medflow keys it on its own (study, series and instance)
+        pixels = np.random.default_rng(0).integers(0, 4096, (96, 96)).astype(np.uint16)
+        dx = write_2d(base / "dx.dcm", pixels, "DX", patient=PATIENT)
+        ds = pydicom.dcmread(dx)
+        ds.StudyInstanceUID = STUDY
+        ds.save_as(dx)
+        server.upload([dx])
         yield server, base
 
 
@@ -72,12 +80,12 @@ def _sr_instances(server: Orthanc) -> list[pydicom.Dataset]:
     return out
 
 
-def _scores(root: Path, bank_version: str | None = None) -> dict[str, dict[str, float]]:
-    q = "SELECT series_key, finding, score, bank_version FROM findings WHERE encoder = 'merlin'"
-    out: dict[str, dict[str, float]] = {}
-    for key, finding, score, bv in connect(OutputRoot(str(root))).execute(q).fetchall():
-        if bank_version is None or bv == bank_version:
-            out.setdefault(key, {})[finding] = score
+def _scores(root: Path) -> dict[tuple[str, str, str], dict[str, float]]:
+    """Scores by (encoder, series key, bank version) from the findings table."""
+    q = "SELECT encoder, series_key, bank_version, finding, score FROM findings"
+    out: dict[tuple[str, str, str], dict[str, float]] = {}
+    for enc, key, bv, finding, score in connect(OutputRoot(str(root))).execute(q).fetchall():
+        out.setdefault((enc, key, bv), {})[finding] = score
     return out
 
 
@@ -109,47 +117,57 @@ def test_findings_go_back_as_structured_reports_once(
     archive = f"dicomweb+{server.dicomweb}"
     root = tmp_path / "out"
     first = nightly(archive=archive, root=str(root), encoder_config=str(config))
-    assert first["encoded"]["merlin"] == 2
-    assert first["reports"]["sent"] == 2  # two CT series, one encoder with a bank
+    assert first["encoded"] == {"merlin": 2, "clip": 1}
+    assert first["reports"]["sent"] == 3  # two CT series (merlin), a radiograph (clip)
 
     srs = _sr_instances(server)
-    assert len(srs) == 2
+    assert len(srs) == 3
     scores = _scores(root)
     keys = OutputRoot(str(root)).pseudonymizer()
-    (bank_version,) = {
-        r[0]
-        for r in connect(OutputRoot(str(root)))
-        .execute("SELECT DISTINCT bank_version FROM findings WHERE encoder = 'merlin'")
-        .fetchall()
-    }
+    dx = pydicom.dcmread(base / "dx.dcm", stop_before_pixels=True)
+    seen = set()
     for sr in srs:
         assert sr.SOPClassUID == hd.sr.Comprehensive3DSR.from_dataset(sr).SOPClassUID
         assert sr.StudyInstanceUID == STUDY
-        assert sr.PatientID  # the patient module the PACS requires, inherited from the source
+        assert sr.PatientID == PATIENT.patient_id  # the patient module, from the source
         (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
         (ref_series,) = evidence.ReferencedSeriesSequence
-        source = str(ref_series.SeriesInstanceUID)
-        assert source in SERIES
-        assert len(ref_series.ReferencedSOPSequence) == 16  # every instance of the series
-        values, _ = _measurements(sr)
-        assert values == pytest.approx(scores[keys.dicom_series_key(STUDY, source)], abs=1e-6)
-        assert len(values) == 30
+        series = str(ref_series.SeriesInstanceUID)
         text = _texts(sr)
-        assert text["Algorithm Name"] == {"merlin"}
+        (encoder,) = text["Algorithm Name"]
         (version,) = text["Algorithm Version"]
-        assert sr.SOPInstanceUID == report_uid(
-            "instance", STUDY, source, "merlin", version, bank_version
+        (params,) = text["Algorithm Parameters"]
+        bank_version = params.rsplit(" ", 1)[1]
+        if series in SERIES:
+            assert encoder == "merlin"
+            assert len(ref_series.ReferencedSOPSequence) == 16  # every instance of the series
+            source, key = series, keys.dicom_series_key(STUDY, series)
+        else:
+            assert encoder == "clip" and series == dx.SeriesInstanceUID
+            (ref,) = ref_series.ReferencedSOPSequence
+            assert ref.ReferencedSOPInstanceUID == dx.SOPInstanceUID
+            source = f"{series}/{dx.SOPInstanceUID}"
+            key = keys.dicom_series_key(STUDY, source)
+        values, _ = _measurements(sr)
+        assert values == pytest.approx(scores[(encoder, key, bank_version)], abs=1e-6)
+        assert len(values) == (
+            30 if encoder == "merlin" else len(scores[(encoder, key, bank_version)])
         )
+        assert sr.SOPInstanceUID == report_uid(
+            "instance", STUDY, source, encoder, version, bank_version
+        )
+        seen.add(source)
+    assert len(seen) == 3
 
     # a re-run sends nothing; a forced resend replaces the same instances
     second = nightly(archive=archive, root=str(root), encoder_config=str(config))
-    assert second["reports"] == {"sent": 0, "already_sent": 2, "no_source": 0, "failed": 0}
+    assert second["reports"] == {"sent": 0, "already_sent": 3, "no_source": 0, "failed": 0}
     again = export_reports(archive, OutputRoot(str(root)), archive, "resend", resend=True)
-    assert again.sent == 2
-    assert len(_sr_instances(server)) == 2
+    assert again.sent == 3
+    assert len(_sr_instances(server)) == 3
     sent = read_table(OutputRoot(str(root)).sr_sent_dir(), SR_SENT_SCHEMA)
     assert set(sent["status"].to_pylist()) == {"sent"}
-    assert len(set(sent["sr_sop_uid"].to_pylist())) == 2
+    assert len(set(sent["sr_sop_uid"].to_pylist())) == 3
 
     # a new prompt-bank version: new scores, new reports beside the old ones
     bank = json.loads((PROMPT_DIR / "merlin_ct_findings.json").read_text())
@@ -159,10 +177,11 @@ def test_findings_go_back_as_structured_reports_once(
     specs[0] = {**specs[0], "bank": str(bank_path)}
     config.write_text(json.dumps({"encoders": specs, "write_back": {"enabled": True}}))
     third = nightly(archive=archive, root=str(root), encoder_config=str(config))
-    assert third["reports"]["sent"] == 2
+    assert third["reports"]["sent"] == 2  # the CT series' new scores; the radiograph's stand
     srs = _sr_instances(server)
-    assert len(srs) == 4
-    assert sorted(len(_measurements(sr)[0]) for sr in srs) == [3, 3, 30, 30]
+    assert len(srs) == 5
+    sizes = sorted(len(_measurements(sr)[0]) for sr in srs)
+    assert sizes[:2] == [3, 3] and sizes.count(30) == 2
 
 
 def test_write_back_is_off_unless_enabled_and_needs_a_destination(tmp_path: Path) -> None:
