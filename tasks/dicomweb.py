@@ -22,6 +22,7 @@ never from the URL, and never reach an output.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -257,7 +258,12 @@ def retrieve_series_files(client: Any, facts: SeriesFacts, dest: str) -> tuple[i
         for ds in client.iter_series(facts.study_uid, facts.series_uid, media_types=_ORIGINAL):
             sop = str(ds.SOPInstanceUID)
             tmp = os.path.join(folder, f".{uuid.uuid4().hex}.part")
-            ds.save_as(tmp, enforce_file_format=False)
+            raw = getattr(ds, "buffer", None)
+            if isinstance(raw, io.BytesIO):  # the part as the server sent it: no re-encoding
+                with open(tmp, "wb") as f:
+                    f.write(raw.getbuffer())
+            else:
+                ds.save_as(tmp, enforce_file_format=False)
             final = os.path.join(folder, f"{sop}.dcm")
             nbytes += os.path.getsize(tmp)
             os.replace(tmp, final)
