@@ -60,6 +60,7 @@ __all__ = [
     "record_handled",
     "retrieve_batch",
     "retrieve_series_files",
+    "valid_uid",
 ]
 
 SCHEME = "dicomweb+"
@@ -158,6 +159,12 @@ def http_error(e: Exception, what: str) -> DicomwebError:
     return DicomwebError(f"{type(e).__name__} while {what}")
 
 
+def valid_uid(value: Any) -> bool:
+    """A DICOM UID (digits and dots, at most 64): safe as a file or folder name."""
+    s = str(value or "")
+    return 0 < len(s) <= 64 and all(c.isdigit() or c == "." for c in s) and ".." not in s
+
+
 def _value(item: Mapping[str, Any], tag: str) -> Any:
     v = item.get(tag, {}).get("Value")
     return v[0] if v else None
@@ -188,7 +195,7 @@ class SeriesFacts:
 def list_series(client: Any, page: int = 1000) -> list[SeriesFacts]:
     """Every series of the server, with its facts, from QIDO-RS (paged)."""
     out: list[SeriesFacts] = []
-    offset = 0
+    offset = skipped = 0
     while True:
         try:
             items = client.search_for_series(fields=list(_QIDO_FIELDS), limit=page, offset=offset)
@@ -196,7 +203,8 @@ def list_series(client: Any, page: int = 1000) -> list[SeriesFacts]:
             raise http_error(e, "searching for series (QIDO-RS)") from None
         for it in items:
             study, series = _value(it, _STUDY_UID), _value(it, _SERIES_UID)
-            if not study or not series:
+            if not valid_uid(study) or not valid_uid(series):
+                skipped += 1  # not a UID: it cannot be retrieved (nor named in the cache)
                 continue
             out.append(
                 SeriesFacts(
@@ -211,6 +219,8 @@ def list_series(client: Any, page: int = 1000) -> list[SeriesFacts]:
         if len(items) < page:
             break
         offset += len(items)
+    if skipped:
+        log.warning("DICOMweb: %d series without valid Study/Series Instance UIDs skipped", skipped)
     uniq = {(f.study_uid, f.series_uid): f for f in out}
     return [uniq[k] for k in sorted(uniq)]
 
@@ -256,7 +266,9 @@ def retrieve_series_files(client: Any, facts: SeriesFacts, dest: str) -> tuple[i
     n = nbytes = 0
     try:
         for ds in client.iter_series(facts.study_uid, facts.series_uid, media_types=_ORIGINAL):
-            sop = str(ds.SOPInstanceUID)
+            sop = str(ds.get("SOPInstanceUID", ""))
+            if not valid_uid(sop):
+                raise DicomwebError("the DICOMweb server sent an instance without a valid UID")
             tmp = os.path.join(folder, f".{uuid.uuid4().hex}.part")
             raw = getattr(ds, "buffer", None)
             if isinstance(raw, io.BytesIO):  # the part as the server sent it: no re-encoding

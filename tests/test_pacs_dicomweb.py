@@ -25,7 +25,14 @@ from storage.layout import KEY_SECRET_ENV, OutputRoot
 from storage.tables import CATALOG_SCHEMA, read_table
 from tasks.demo_archive import make_demo_archive
 from tasks.demo_dicom import ct_phantom, write_ct_series
-from tasks.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV, DicomwebServer, make_session
+from tasks.dicomweb import (
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    USER_ENV,
+    DicomwebServer,
+    make_session,
+    valid_uid,
+)
 from tasks.discover import classify_name
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -300,3 +307,9 @@ def test_server_killed_while_streaming_a_series_leaves_nothing_half_ingested(
         assert row["status"] == "ingested" and row["n_sources"] == n
     finally:
         server.stop()
+
+
+def test_only_uids_name_cache_files() -> None:
+    assert valid_uid("1.2.840.10008.5.1.4.1.1.2")
+    for bad in ("", "../../etc", "1.2/3", "1..2", "1" * 65, None, "1.2.3a"):
+        assert not valid_uid(bad), bad
