@@ -90,9 +90,14 @@ def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
     from storage.tables import utcnow
     from tasks.dicomweb import is_dicomweb
 
-    if is_dicomweb(archive):  # a PACS is listed by the flow itself (QIDO-RS)
-        return False
     started, t0 = utcnow(), time.perf_counter()
+    pacs: dict[str, int] | None = None
+    if is_dicomweb(archive):  # listed here: a refused login stops before Prefect starts
+        from flows.cli_pacs import pacs_idle_counts
+
+        pacs = pacs_idle_counts(archive, root)
+        if pacs is None:  # series to retrieve
+            return False
     out = OutputRoot(root)
     if not out.fs.exists(out.table_dir("catalog")):
         return False
@@ -100,11 +105,16 @@ def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
         if not lock.acquired:  # another run is writing: it is tonight's run
             console.print(f"skipped: another run holds the lock ({lock.describe_holder()})")
             return True
-        return _idle_locked(archive, out, encoder_config, started, t0)
+        return _idle_locked(archive, out, encoder_config, started, t0, pacs)
 
 
 def _idle_locked(
-    archive: str, out: Any, encoder_config: str | None, started: Any, t0: float
+    archive: str,
+    out: Any,
+    encoder_config: str | None,
+    started: Any,
+    t0: float,
+    pacs: dict[str, int] | None = None,
 ) -> bool:
     import time
     import uuid
@@ -113,10 +123,16 @@ def _idle_locked(
     from tasks.discover import discover
     from tasks.encode import known_encoder, pending_items
     from tasks.preprocess import DenoiseConfig, pending_denoise
+    from tasks.sr_export import reports_pending
 
-    disc, _ = discover.fn(archive, out.url)
-    counts = disc.counts()
-    if counts["new"] or counts["changed"] or counts["touched"]:
+    if pacs is None:
+        disc, _ = discover.fn(archive, out.url)
+        counts = disc.counts()
+        if counts["new"] or counts["changed"] or counts["touched"]:
+            return False
+    else:
+        counts = pacs
+    if reports_pending(out, encoder_config):
         return False
     if pending_denoise(out, DenoiseConfig()):
         return False
@@ -127,8 +143,9 @@ def _idle_locked(
     summary = IngestSummary(run_id=f"idle-{uuid.uuid4().hex[:12]}", discovered=counts)
     summary.seconds = time.perf_counter() - t0
     record_run(out.url, "nightly-idle", summary, started)
+    unchanged = f"{counts['unchanged']} files" if pacs is None else f"{pacs['pacs_series']} series"
     console.print(
-        f"nothing new or pending in {archive} ({counts['unchanged']} files unchanged): "
+        f"nothing new or pending in {archive} ({unchanged} unchanged): "
         f"recorded without a flow run in {summary.seconds:.1f} s (--always-run to force one)"
     )
     return True

@@ -11,9 +11,20 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["receive_cmd", "send_srs_cmd"]
+__all__ = ["pacs_idle_counts", "receive_cmd", "send_srs_cmd"]
 
 console = Console()
+
+
+def pacs_idle_counts(archive: str, root: str) -> dict[str, int] | None:
+    """List a DICOMweb archive (QIDO-RS) before any flow starts: a refused login raises
+    tasks.dicomweb.DicomwebError here; None when series are to be retrieved, else the counts
+    of a quiet night."""
+    from flows.pacs import open_dicomweb
+    from storage.layout import OutputRoot
+
+    night = open_dicomweb(archive, OutputRoot(root))
+    return None if night.pending else night.counts()
 
 
 def receive_cmd(

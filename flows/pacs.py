@@ -28,6 +28,7 @@ from tasks.dicomweb import (
     record_handled,
     retrieve_batch,
 )
+from tasks.sr_export import own_report_series
 
 __all__ = ["DicomwebNight", "open_dicomweb"]
 
@@ -105,11 +106,14 @@ class DicomwebNight:
 def open_dicomweb(archive: str, root: OutputRoot) -> DicomwebNight:
     """List the server's series (QIDO-RS) and diff their facts with what was handed to ingest.
 
+    The reports medflow sent to this server from ``root`` (write-back) are left out.
+
     Raises :class:`tasks.dicomweb.DicomwebError` (refused credentials, unreachable server)
     before anything is written under ``root``.
     """
     server = DicomwebServer.parse(archive)
-    listed = list_series(server.client())
+    own = own_report_series(root) if root.fs.exists(root.sr_sent_dir()) else set()
+    listed = [f for f in list_series(server.client()) if f.series_uid not in own]
     known = known_series(root, server) if root.fs.exists(root.dicomweb_dir()) else {}
     return DicomwebNight(archive, server, listed, pending_series(listed, known))
 

@@ -52,8 +52,10 @@ __all__ = [
     "WriteBack",
     "build_report",
     "export_reports",
+    "own_report_series",
     "pending_reports",
     "report_uid",
+    "reports_pending",
 ]
 
 log = logging.getLogger(__name__)
@@ -170,13 +172,32 @@ def pending_reports(root: OutputRoot) -> dict[ReportKey, list[Finding]]:
     return out
 
 
-def _sent(root: OutputRoot) -> set[str]:
-    t = read_table(root.sr_sent_dir(), SR_SENT_SCHEMA, columns=["sr_sop_uid", "status"])
-    return {
-        uid
-        for uid, status in zip(t["sr_sop_uid"].to_pylist(), t["status"].to_pylist(), strict=True)
-        if status == "sent"
-    }
+def _sent(root: OutputRoot) -> set[tuple[str, str, str, str]]:
+    """(series key, encoder, version, bank version) of the reports sent, or found to have
+    no DICOM source (a NIfTI, a picture): nothing to send for them."""
+    cols = ["series_key", "encoder", "version", "bank_version", "status"]
+    t = read_table(root.sr_sent_dir(), SR_SENT_SCHEMA, columns=cols)
+    rows = zip(*(t[c].to_pylist() for c in cols), strict=True)
+    return {(k, e, v, b) for k, e, v, b, status in rows if status in ("sent", "no_source")}
+
+
+def own_report_series(root: OutputRoot) -> set[str]:
+    """Series Instance UIDs of the reports sent from ``root``: a DICOMweb archive that is also
+    the write-back destination lists them, and they are not images to ingest."""
+    t = read_table(root.sr_sent_dir(), SR_SENT_SCHEMA, columns=["sr_series_uid"])
+    return {u for u in t["sr_series_uid"].to_pylist() if u}
+
+
+def _sent_key(key: ReportKey) -> tuple[str, str, str, str]:
+    return (key.series_key, key.encoder, key.version, key.bank_version)
+
+
+def reports_pending(root: OutputRoot, encoder_config: str | None) -> bool:
+    """Whether write-back is on in ``encoder_config`` and a report is still to be sent."""
+    if not WriteBack.from_config(encoder_config).enabled:
+        return False
+    sent = _sent(root)
+    return any(_sent_key(k) not in sent for k in pending_reports(root))
 
 
 def _slug(name: str) -> str:
@@ -398,20 +419,33 @@ def export_reports(
     result = SrExport()
     rows: list[dict[str, Any]] = []
     for key, findings in pending_reports(root).items():
+        if _sent_key(key) in done:
+            result.already_sent += 1
+            continue
         try:
             source = sources.source(key)
         except DicomwebError as e:
             result.failed += 1
             result.reasons.append(str(e))
             continue
-        if source is None:
-            result.no_source += 1  # not a DICOM series of this archive
+        if source is None:  # not a DICOM series of this archive: recorded, never tried again
+            result.no_source += 1
+            rows.append(
+                {
+                    "series_key": key.series_key,
+                    "encoder": key.encoder,
+                    "version": key.version,
+                    "bank_version": key.bank_version,
+                    "server_id": dest.server_id,
+                    "n_findings": len(findings),
+                    "status": "no_source",
+                    "run_id": run_id,
+                    "sent_at": utcnow(),
+                }
+            )
             continue
         study, series = source.study_uid, source.series_uid
         uid = source.report_uid(key)
-        if uid in done:
-            result.already_sent += 1
-            continue
         row = {
             "series_key": key.series_key,
             "encoder": key.encoder,

@@ -176,6 +176,7 @@ def _cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDFLOW_DICOMWEB_")}
     root_dir = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root_dir, env.get("PYTHONPATH", "")])
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # a busy machine
     env.update(extra)
     return env
 

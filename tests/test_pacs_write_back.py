@@ -162,6 +162,9 @@ def test_findings_go_back_as_structured_reports_once(
     # a re-run sends nothing; a forced resend replaces the same instances
     second = nightly(archive=archive, root=str(root), encoder_config=str(config))
     assert second["reports"] == {"sent": 0, "already_sent": 3, "no_source": 0, "failed": 0}
+    # the reports are in the archive now, but they are medflow's own: not listed for ingest
+    assert second["discovered"]["pacs_series"] == 3
+    assert second["discovered"]["pacs_series_retrieved"] == 0
     again = export_reports(archive, OutputRoot(str(root)), archive, "resend", resend=True)
     assert again.sent == 3
     assert len(_sr_instances(server)) == 3
@@ -235,3 +238,10 @@ def test_no_identifier_or_credential_leaves_restricted(
     assert _hits({"console": console}, needles) == []
     assert _hits(_shared_texts(root), needles) == []
     assert _hits(_prefect_db_texts(tmp_path / "prefect-home"), needles) == []
+
+    # a quiet night: listed, nothing retrieved or sent, no flow run started
+    server.clear_log()
+    again = _medflow(args, env)
+    assert "nothing new or pending" in again and "series unchanged" in again
+    assert not [r for r in server.requests_seen("/dicom-web/studies/") if "/series/" in r]
+    assert not server.requests_seen("POST")  # no STOW-RS
