@@ -219,13 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     curl_label = "curl (WADO-RS multipart to a file)"
     disk_label = "medflow ingest of the same files on disk"
 
-    def work(label: str) -> float:
+    def works(label: str) -> list[float]:
         """Seconds of work: curl's wall time; a medflow case's own timing, imports excluded."""
         if label == curl_label:
-            return med(label, "wall_s")
-        return statistics.median(
+            return [r["wall_s"] for r in rows[label]]
+        return [
             r["inner"].get("retrieve_s", 0.0) + r["inner"].get("ingest_s", 0.0) for r in rows[label]
-        )
+        ]
+
+    def work(label: str) -> float:
+        return statistics.median(works(label))
 
     curl_s, disk_s = work(curl_label), work(disk_label)
     mib = wire_bytes / MIB
@@ -249,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         "case's own timing without Python's start and imports (process wall s has them); "
         "MiB/s is the response's size over work s; peak RSS from GNU time.",
         "",
-        "| case | work s | MiB/s | x curl | x disk ingest | process wall s | CPU s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | work s | best work s | MiB/s | x curl | x disk ingest | process wall s | CPU s "
+        "| peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in rows:
         w = work(label)
         lines.append(
-            f"| {label} | {_fmt(w)} | {_fmt(mib / w, 1)} | {_fmt(w / curl_s)} | "
+            f"| {label} | {_fmt(w)} | {_fmt(min(works(label)))} | {_fmt(mib / w, 1)} | "
+            f"{_fmt(w / curl_s)} | "
             f"{_fmt(w / disk_s)} | {_fmt(med(label, 'wall_s'))} | {_fmt(med(label, 'cpu_s'))} | "
             f"{_fmt(med(label, 'peak_rss_mib'), 0)} |"
         )
