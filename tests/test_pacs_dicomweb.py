@@ -68,6 +68,7 @@ def _upload_demo(server: Orthanc, base: Path) -> Path:
 
 def _ingest_rows(root: Path) -> dict[str, dict[str, Any]]:
     t = read_table(OutputRoot(str(root)).table_dir("catalog"), CATALOG_SCHEMA)
+    t = t.sort_by([("created_at", "ascending")])  # the newest row of a series last
     rows = [r for r in t.to_pylist() if r["stage"] == "ingest"]
     return {r["series_key"]: {k: v for k, v in r.items() if k not in _RUN_COLUMNS} for r in rows}
 
