@@ -81,9 +81,9 @@ def _run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str
 
 def _ingest_folder(archive: str, root: str) -> dict[str, Any]:
     """medflow's ingest of a folder, as the nightly runs it, without Prefect."""
-    from storage.layout import OutputRoot
-    from tasks.discover import discover
-    from tasks.ingest import ingest_series, plan_jobs, scan_header_files
+    from medflow.storage.layout import OutputRoot
+    from medflow.tasks.discover import discover
+    from medflow.tasks.ingest import ingest_series, plan_jobs, scan_header_files
 
     out = OutputRoot(root)
     out.ensure()
@@ -99,7 +99,7 @@ def _ingest_folder(archive: str, root: str) -> dict[str, Any]:
 
 def case_main(case: str, url: str, work: str) -> None:
     """One case in this process: prints a JSON line of its inner timings (imports excluded)."""
-    from tasks.dicomweb import DicomwebServer, list_series, retrieve_series_files
+    from medflow.tasks.dicomweb import DicomwebServer, list_series, retrieve_series_files
 
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from orthanc_server import Orthanc
 
-    from tasks.demo_dicom import ct_phantom, write_ct_series
+    from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
 
     base = Path(tempfile.mkdtemp(prefix="medflow-bench-pacs-"))
     server = Orthanc(base / "orthanc")

@@ -20,8 +20,8 @@ def pacs_idle_counts(archive: str, root: str) -> dict[str, int] | None:
     """List a DICOMweb archive (QIDO-RS) before any flow starts: a refused login raises
     tasks.dicomweb.DicomwebError here; None when series are to be retrieved, else the counts
     of a quiet night."""
-    from flows.pacs import open_dicomweb
-    from storage.layout import OutputRoot
+    from medflow.flows.pacs import open_dicomweb
+    from medflow.storage.layout import OutputRoot
 
     night = open_dicomweb(archive, OutputRoot(root))
     return None if night.pending else night.counts()
@@ -42,8 +42,8 @@ def receive_cmd(
     Each instance is written whole under a hidden staging name, then renamed into
     <archive>/<study>/<series>/<instance>.dcm; the nightly picks the files up like any others.
     """
-    from tasks.reasons import InputError
-    from tasks.receiver import start_receiver
+    from medflow.tasks.reasons import InputError
+    from medflow.tasks.receiver import start_receiver
 
     try:
         server, rec = start_receiver(
@@ -83,10 +83,10 @@ def send_srs_cmd(
     """
     import uuid
 
-    from storage.layout import OutputRoot
-    from tasks.dicomweb import DicomwebError
-    from tasks.reasons import InputError
-    from tasks.sr_export import WriteBack, export_reports
+    from medflow.storage.layout import OutputRoot
+    from medflow.tasks.dicomweb import DicomwebError
+    from medflow.tasks.reasons import InputError
+    from medflow.tasks.sr_export import WriteBack, export_reports
 
     try:
         dest = WriteBack(enabled=True, dicomweb=to).destination(archive)

@@ -21,12 +21,12 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.layout import OutputRoot
-from storage.lock import exclusive_run
-from storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
-from tasks.dicomweb import is_dicomweb
-from tasks.discover import discover
-from tasks.encode import (
+from medflow.storage.layout import OutputRoot
+from medflow.storage.lock import exclusive_run
+from medflow.storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
+from medflow.tasks.dicomweb import is_dicomweb
+from medflow.tasks.discover import discover
+from medflow.tasks.encode import (
     EncoderSpec,
     encode_batch,
     get_encoder,
@@ -36,7 +36,7 @@ from tasks.encode import (
     remember_encoder,
     version_tag,
 )
-from tasks.ingest import (
+from medflow.tasks.ingest import (
     HeaderScan,
     Outcome,
     SeriesJob,
@@ -45,11 +45,11 @@ from tasks.ingest import (
     rejected_outcome,
     scan_headers,
 )
-from tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
-from tasks.reasons import ReasonCode, shielded, tally_add, tally_groups
-from tasks.report import publish_report
-from tasks.sr_export import WriteBack
-from tasks.tables import commit_outcomes, commit_sources_only, commit_touched
+from medflow.tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
+from medflow.tasks.reasons import ReasonCode, shielded, tally_add, tally_groups
+from medflow.tasks.report import publish_report
+from medflow.tasks.sr_export import WriteBack
+from medflow.tasks.tables import commit_outcomes, commit_sources_only, commit_touched
 
 __all__ = ["IngestSummary", "default_workers", "ingest_archive", "nightly", "run_ingest"]
 
@@ -160,7 +160,7 @@ def run_ingest(
     out = OutputRoot(root)
     pacs = None
     if is_dicomweb(archive):  # listed before anything is written: a refused login leaves no trace
-        from flows.pacs import open_dicomweb
+        from medflow.flows.pacs import open_dicomweb
 
         pacs = open_dicomweb(archive, out)
     out.ensure()
@@ -238,8 +238,8 @@ def record_run(root: str, flow_name: str, summary: IngestSummary, started_at: An
     """One row in the runs table: when a run started and ended, and what it counted."""
     import json
 
-    from storage.tables import RUNS_SCHEMA, utcnow, write_part
-    from tasks.ingest import medflow_version
+    from medflow.storage.tables import RUNS_SCHEMA, utcnow, write_part
+    from medflow.tasks.ingest import medflow_version
 
     out = OutputRoot(root)
     row = {
@@ -361,8 +361,8 @@ def run_encode(
     import json
     import time
 
-    from storage.tables import write_part
-    from tasks.ingest import medflow_version
+    from medflow.storage.tables import write_part
+    from medflow.tasks.ingest import medflow_version
 
     logger = get_run_logger()
     out = OutputRoot(root)
@@ -440,7 +440,7 @@ def run_preprocess(
     """Denoise low-dose series that have raw projections; results go to the catalog."""
     import time
 
-    from storage.tables import write_part
+    from medflow.storage.tables import write_part
 
     if not cfg.enabled:
         return
@@ -540,7 +540,7 @@ def _nightly_stages(
     run_preprocess(root, denoise_cfg, summary, progress=_PROGRESS.get("cb"))
     run_encode(root, specs, summary, progress=_PROGRESS.get("cb"))
     if sr_cfg is not None and sr_cfg.enabled:
-        from tasks.sr_export import export_reports
+        from medflow.tasks.sr_export import export_reports
 
         sent = export_reports(
             archive, OutputRoot(root), sr_cfg.destination(archive), summary.run_id

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from prefect import get_run_logger
 from prefect.futures import as_completed
 
-from storage.layout import OutputRoot
-from tasks.dicomweb import (
+from medflow.storage.layout import OutputRoot
+from medflow.tasks.dicomweb import (
     DicomwebServer,
     SeriesFacts,
     cache_dir,
@@ -28,7 +28,7 @@ from tasks.dicomweb import (
     record_handled,
     retrieve_batch,
 )
-from tasks.sr_export import own_report_series
+from medflow.tasks.sr_export import own_report_series
 
 __all__ = ["DicomwebNight", "open_dicomweb"]
 

@@ -38,9 +38,9 @@ import requests
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.layout import OutputRoot
-from storage.tables import DICOMWEB_SCHEMA, part_id, read_table, utcnow, write_part
-from tasks.reasons import InputError, PublicError, shielded
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import DICOMWEB_SCHEMA, part_id, read_table, utcnow, write_part
+from medflow.tasks.reasons import InputError, PublicError, shielded
 
 __all__ = [
     "PASSWORD_ENV",

@@ -32,8 +32,8 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from storage.layout import OutputRoot, Pseudonymizer
-from storage.tables import (
+from medflow.storage.layout import OutputRoot, Pseudonymizer
+from medflow.storage.tables import (
     DICOMWEB_SCHEMA,
     SOURCES_SCHEMA,
     SR_SENT_SCHEMA,
@@ -43,8 +43,8 @@ from storage.tables import (
     utcnow,
     write_part,
 )
-from tasks.dicomweb import SOP_UID, DicomwebError, DicomwebServer, http_error, is_dicomweb
-from tasks.reasons import InputError
+from medflow.tasks.dicomweb import SOP_UID, DicomwebError, DicomwebServer, http_error, is_dicomweb
+from medflow.tasks.reasons import InputError
 
 __all__ = [
     "ReportKey",

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from orthanc_server import PASSWORD, USER, Orthanc, running_orthanc
 
-from flows.nightly import nightly
-from storage.images import open_image
-from storage.layout import KEY_SECRET_ENV, OutputRoot
-from storage.tables import CATALOG_SCHEMA, read_table
-from tasks.demo_archive import make_demo_archive
-from tasks.demo_dicom import ct_phantom, write_ct_series
-from tasks.dicomweb import (
+from medflow.flows.nightly import nightly
+from medflow.storage.images import open_image
+from medflow.storage.layout import KEY_SECRET_ENV, OutputRoot
+from medflow.storage.tables import CATALOG_SCHEMA, read_table
+from medflow.tasks.demo_archive import make_demo_archive
+from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+from medflow.tasks.dicomweb import (
     PASSWORD_ENV,
     TOKEN_ENV,
     USER_ENV,
@@ -33,7 +33,7 @@ from tasks.dicomweb import (
     make_session,
     valid_uid,
 )
-from tasks.discover import classify_name
+from medflow.tasks.discover import classify_name
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -164,7 +164,7 @@ def test_a_series_that_gains_an_instance_is_reingested_alone(tmp_path: Path) -> 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "medflow.flows.cli", *args],
         capture_output=True,
         text=True,
         env=env,

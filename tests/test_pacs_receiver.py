@@ -17,11 +17,11 @@ import pytest
 import requests
 from orthanc_server import PASSWORD, USER, Orthanc, free_port, running_orthanc
 
-from flows.cli import demo_encoder_specs
-from flows.nightly import nightly
-from tasks.demo_dicom import ct_phantom, write_ct_series
-from tasks.dicomweb import PASSWORD_ENV, USER_ENV
-from tasks.receiver import STAGING
+from medflow.flows.cli import demo_encoder_specs
+from medflow.flows.nightly import nightly
+from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+from medflow.tasks.dicomweb import PASSWORD_ENV, USER_ENV
+from medflow.tasks.receiver import STAGING
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -38,7 +38,7 @@ class _Receiver:
             [
                 sys.executable,
                 "-m",
-                "flows.cli",
+                "medflow.flows.cli",
                 "receive",
                 "--archive",
                 str(archive),
@@ -146,7 +146,7 @@ def test_orthanc_pushes_a_study_and_the_nightly_ingests_it(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO), env.get("PYTHONPATH", "")])
     env.update({USER_ENV: USER, PASSWORD_ENV: PASSWORD})
-    cmd = [sys.executable, "-m", "flows.cli", "send-srs", str(archive), "--root", str(root)]
+    cmd = [sys.executable, "-m", "medflow.flows.cli", "send-srs", str(archive), "--root", str(root)]
     cmd += ["--to", f"dicomweb+{orthanc.dicomweb}"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=_REPO)
     assert r.returncode == 0, r.stdout + r.stderr
