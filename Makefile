@@ -24,6 +24,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict medflow/storage medflow/encoders
 
 pytest: setup
 	$(BIN)/python -m pytest -q

@@ -37,9 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tasks.denoise import (
+from medflow.tasks.denoise import (
     WATER_MU_PER_MM,
     ParallelBeamGeometry,
     denoise_sinogram,

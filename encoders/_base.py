@@ -24,14 +24,16 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from storage.images import ImageMeta
+from medflow.storage.images import ImageMeta
 
 __all__ = [
+    "Acceptance",
+    "Declared",
     "Encoder",
     "EncoderInfo",
     "EncoderVersion",
@@ -135,6 +137,37 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"Expected a 'cpu' or 'cuda' device, got {device!r}.")
     return dev
+
+
+class VersionId(Protocol):
+    """An encoder version as far as telling versions apart goes: its :attr:`id`."""
+
+    @property
+    def id(self) -> str: ...
+
+
+class Acceptance(Protocol):
+    """The part of an encoder's declaration that says which series it takes."""
+
+    @property
+    def modalities(self) -> tuple[str, ...]: ...
+
+    @property
+    def kinds(self) -> tuple[str, ...]: ...
+
+
+class Declared(Protocol):
+    """What choosing pending work needs of an encoder: its version and what it accepts.
+
+    Every :class:`Encoder` is one; so is a version remembered from an earlier build, which
+    answers without loading a model.
+    """
+
+    @property
+    def version(self) -> VersionId: ...
+
+    @property
+    def info(self) -> Acceptance: ...
 
 
 class Encoder(abc.ABC):

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from encoders._base import Encoder
+from medflow.encoders._base import Encoder
 
 __all__ = [
     "PROMPT_DIR",
@@ -227,4 +227,5 @@ def score_findings(
     p = np.where(
         z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z)))
     )
-    return p[0] if single else p
+    out: np.ndarray = p[0] if single else p
+    return out

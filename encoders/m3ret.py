@@ -61,15 +61,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders._base import Encoder, EncoderInfo, EncoderVersion, config_sha256
-from encoders._checkpoint import (
+from medflow.encoders._base import Encoder, EncoderInfo, EncoderVersion, config_sha256
+from medflow.encoders._checkpoint import (
     load_state_dict_strict,
     parse_checkpoint_path,
     read_state_dict,
     sha256_file,
 )
-from encoders._registry import register_encoder
-from storage.images import ImageMeta
+from medflow.encoders._registry import register_encoder
+from medflow.storage.images import ImageMeta
 
 __all__ = [
     "KIND_AXES",
@@ -276,7 +276,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        projected: torch.Tensor = self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return projected
 
 
 class Block(nn.Module):
@@ -293,7 +294,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        out: torch.Tensor = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return out
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -368,7 +370,8 @@ class M3RetViT(nn.Module):
         x = torch.cat([cls, tokens], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        normed: torch.Tensor = self.norm(x)
+        return normed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.embed(x)
@@ -489,7 +492,8 @@ def mean_token(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     ``vit`` is an :class:`M3RetViT` (or a copy of one, e.g. an EMA teacher).
     """
-    return vit(x)[:, 1:].mean(dim=1)
+    tokens: torch.Tensor = vit(x)
+    return tokens[:, 1:].mean(dim=1)
 
 
 def coding_rate(z: torch.Tensor, eps2: float = 0.5) -> torch.Tensor:
@@ -500,7 +504,8 @@ def coding_rate(z: torch.Tensor, eps2: float = 0.5) -> torch.Tensor:
     n, d = z.shape
     gram = z.float().T @ z.float() * (d / (n * eps2))
     eye = torch.eye(d, device=z.device, dtype=gram.dtype)
-    return 0.5 * torch.linalg.slogdet(eye + gram).logabsdet
+    logabsdet: torch.Tensor = torch.linalg.slogdet(eye + gram).logabsdet
+    return 0.5 * logabsdet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,8 +546,10 @@ def to_grey(pixels: np.ndarray, has_channels: bool) -> np.ndarray:
         raise ValueError(f"Expected [n, c, h, w] pixels, got shape {a.shape}.")
     if a.shape[1] in (3, 4):
         w = np.asarray(_LUMA, dtype=np.float32).reshape(1, 3, 1, 1)
-        return (a[:, :3].astype(np.float32) * w).sum(axis=1)
-    return a.astype(np.float32).mean(axis=1)
+        luma: np.ndarray = (a[:, :3].astype(np.float32) * w).sum(axis=1)
+        return luma
+    grey: np.ndarray = a.astype(np.float32).mean(axis=1)
+    return grey
 
 
 def normalise_intensity(

@@ -20,8 +20,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +28,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.layout import OutputRoot
-from storage.tables import (
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import (
     FINDINGS_SCHEMA,
     connect,
     embeddings_schema,
@@ -39,7 +38,10 @@ from storage.tables import (
     utcnow,
     write_part,
 )
-from tasks.reasons import clip_text, shielded
+from medflow.tasks.reasons import clip_text, shielded
+
+if TYPE_CHECKING:  # the encoders (and torch) load only when an encoder is built
+    from medflow.encoders import Acceptance, Declared, Encoder, PromptBank
 
 __all__ = [
     "EncodeItem",
@@ -114,13 +116,13 @@ def load_encoder_specs(path: str | os.PathLike[str]) -> list[EncoderSpec]:
     return [EncoderSpec.from_dict(i) for i in items]
 
 
-_CACHE: dict[str, Any] = {}
+_CACHE: dict[str, Encoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def get_encoder(spec: EncoderSpec, device: str | None = None) -> Any:
+def get_encoder(spec: EncoderSpec, device: str | None = None) -> Encoder:
     """The encoder for ``spec``, built once per process (weights are loaded once)."""
-    from encoders import create_encoder
+    from medflow.encoders import create_encoder
 
     key = json.dumps([spec.to_dict(), device], sort_keys=True, default=str)
     with _CACHE_LOCK:
@@ -142,8 +144,19 @@ class KnownEncoder:
     """What the pending check needs of an encoder (version and declaration), as remembered
     from the last time it was built with exactly the same inputs: no model is loaded."""
 
-    version: Any  # .id
-    info: Any  # .modalities, .kinds
+    version: KnownVersion
+    info: KnownAcceptance
+
+
+@dataclass(frozen=True, slots=True)
+class KnownVersion:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KnownAcceptance:
+    modalities: tuple[str, ...]
+    kinds: tuple[str, ...]
 
 
 _KNOWN_FILE = ".known_versions.json"
@@ -162,7 +175,7 @@ def encoder_inputs_stamp(spec: EncoderSpec) -> str:
     """A digest of everything an encoder's version follows from, by file size and mtime: the
     spec, the checkpoint, any file or folder an option names (a text tower, say), the
     architecture configs and medflow's version. Any change gives another stamp."""
-    from tasks.ingest import medflow_version
+    from medflow.tasks.ingest import medflow_version
 
     files: list[list[Any]] = []
     if spec.checkpoint and not spec.random_weights:
@@ -188,7 +201,7 @@ def _read_known(root: OutputRoot) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def remember_encoder(root: OutputRoot, spec: EncoderSpec, encoder: Any) -> None:
+def remember_encoder(root: OutputRoot, spec: EncoderSpec, encoder: Declared) -> None:
     """Record a built encoder's version and declaration under its inputs' stamp."""
     known = _read_known(root)
     known[encoder_inputs_stamp(spec)] = {
@@ -207,14 +220,14 @@ def remember_encoder(root: OutputRoot, spec: EncoderSpec, encoder: Any) -> None:
         root.fs.pipe(path, text.encode())
 
 
-def known_encoder(root: OutputRoot, spec: EncoderSpec) -> Any:
+def known_encoder(root: OutputRoot, spec: EncoderSpec) -> Declared:
     """The encoder's version and declaration without loading it when its inputs are unchanged
     since it was last built (see :func:`remember_encoder`); else the built encoder."""
     entry = _read_known(root).get(encoder_inputs_stamp(spec))
     if isinstance(entry, dict) and {"id", "modalities", "kinds"} <= set(entry):
         return KnownEncoder(
-            version=SimpleNamespace(id=entry["id"]),
-            info=SimpleNamespace(
+            version=KnownVersion(id=str(entry["id"])),
+            info=KnownAcceptance(
                 modalities=tuple(entry["modalities"]), kinds=tuple(entry["kinds"])
             ),
         )
@@ -223,7 +236,7 @@ def known_encoder(root: OutputRoot, spec: EncoderSpec) -> Any:
     return encoder
 
 
-def version_tag(encoder: Any) -> str:
+def version_tag(encoder: Declared) -> str:
     """The ``version=`` partition value: weights and config digests (and text tower's)."""
     return str(encoder.version.id).split("@", 1)[1]
 
@@ -248,7 +261,7 @@ class EncodeManifest:
     seconds: float = 0.0
 
 
-def accepts_row(info: Any, modality: str | None, axes: str | None) -> bool:
+def accepts_row(info: Acceptance, modality: str | None, axes: str | None) -> bool:
     """Whether an encoder (by its declaration) takes a catalog row's modality and axes."""
     mods = tuple(info.modalities)
     if "*" not in mods and (modality or "") not in mods:
@@ -256,7 +269,7 @@ def accepts_row(info: Any, modality: str | None, axes: str | None) -> bool:
     return any(axes in _KIND_AXES.get(k, ()) for k in info.kinds)
 
 
-def pending_items(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> list[EncodeItem]:
+def pending_items(root: OutputRoot, encoder: Declared, spec: EncoderSpec) -> list[EncodeItem]:
     """Series the encoder accepts with no embedding at its current version and sources."""
     con = connect(root)
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
@@ -311,9 +324,11 @@ def pending_items(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> list[Enc
 # text embeddings of prompt banks: computed once per (encoder version, bank version), stored
 
 
-def bank_embeddings(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> tuple[Any, np.ndarray]:
+def bank_embeddings(
+    root: OutputRoot, encoder: Encoder, spec: EncoderSpec
+) -> tuple[PromptBank, np.ndarray]:
     """The bank and its per-finding mean text embeddings, from storage or computed and stored."""
-    from encoders.findings import bank_text_embeddings, load_prompt_bank
+    from medflow.encoders.findings import bank_text_embeddings, load_prompt_bank
 
     if spec.bank is None:
         raise ValueError(f"Encoder {spec.output_name!r} has no prompt bank configured.")
@@ -349,8 +364,10 @@ def bank_embeddings(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> tuple[
     return bank, emb
 
 
-def _provenance(encoder: Any, spec: EncoderSpec, item: EncodeItem, run_id: str) -> dict[str, Any]:
-    from tasks.ingest import medflow_version
+def _provenance(
+    encoder: Encoder, spec: EncoderSpec, item: EncodeItem, run_id: str
+) -> dict[str, Any]:
+    from medflow.tasks.ingest import medflow_version
 
     return {
         "encoder": spec.output_name,
@@ -365,16 +382,16 @@ def _provenance(encoder: Any, spec: EncoderSpec, item: EncodeItem, run_id: str) 
 
 
 def findings_rows(
-    encoder: Any,
+    encoder: Encoder,
     spec: EncoderSpec,
-    bank: Any,
+    bank: PromptBank,
     text: np.ndarray,
     items: Sequence[EncodeItem],
     contrastive: np.ndarray,
     run_id: str,
 ) -> list[dict[str, Any]]:
     """One row per (series, finding), scored from stored or fresh contrastive embeddings."""
-    from encoders.findings import score_findings
+    from medflow.encoders.findings import score_findings
 
     if not items:
         return []
@@ -411,7 +428,7 @@ def encode_items(
     device: str | None = None,
 ) -> EncodeManifest:
     """Embed ``items`` with ``spec``'s encoder, write embeddings and findings parts."""
-    from encoders._streaming import stream_encode
+    from medflow.encoders._streaming import stream_encode
 
     t0 = time.perf_counter()
     encoder = get_encoder(spec, device)
@@ -546,7 +563,7 @@ def encode_batch(
 
     The device work holds a slot of the device's concurrency limit (see tasks.device_slots).
     """
-    from tasks.device_slots import device_slot
+    from medflow.tasks.device_slots import device_slot
 
     with device_slot(None):  # None: the device the encoder picks (cuda when present)
         return encode_items(OutputRoot(root), spec, items, run_id)

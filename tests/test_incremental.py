@@ -15,10 +15,10 @@ import pytest
 from support import nifti_archive as _archive
 from support import write_nifti as _nifti
 
-from flows.nightly import ingest_archive, nightly
-from storage.images import open_image
-from storage.layout import OutputRoot
-from storage.tables import connect
+from medflow.flows.nightly import ingest_archive, nightly
+from medflow.storage.images import open_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -85,7 +85,7 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "medflow.flows.cli",
         "nightly",
         str(archive),
         "--root",
@@ -131,7 +131,7 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
 
 
 def test_idle_night_is_recorded_without_a_flow_run(tmp_path: Path) -> None:
-    from flows.cli import _idle
+    from medflow.flows.cli import _idle
 
     archive = _archive(tmp_path / "archive", 3)
     root = tmp_path / "out"
@@ -153,9 +153,9 @@ def test_idle_night_knows_encoder_versions_without_loading_models(
 
     from PIL import Image
 
-    import tasks.encode as encode_mod
-    from encoders.testing import write_random_checkpoint
-    from flows.cli import _idle
+    import medflow.tasks.encode as encode_mod
+    from medflow.encoders.testing import write_random_checkpoint
+    from medflow.flows.cli import _idle
 
     archive = _archive(tmp_path / "archive", 2)
     rng = np.random.default_rng(0)
