@@ -83,7 +83,7 @@ def write_config(workdir: Path, models: Path, *, seed: int) -> Path:
 
     from medflow.encoders.testing import write_random_checkpoint
 
-    arch = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    arch = str(files("medflow.encoders") / "configs" / "demo_clip_tiny.json")
     ck = models / f"clip_tiny_seed{seed}.pt"
     if not ck.exists():
         write_random_checkpoint("clip2d", ck, seed=seed, arch_config=arch)

@@ -399,7 +399,7 @@ def _load_open_clip_checkpoint(model: torch.nn.Module, path: Path, arch: str) ->
         ) from e
 
 
-@register_encoder("clip2d", config="clip2d.json")
+@register_encoder("clip2d", config="clip2d.json", architecture="clip2d")
 def build_clip2d(
     config: dict[str, Any],
     *,

@@ -764,10 +764,18 @@ class M3RetEncoder(Encoder):
         return 1.0
 
 
-@register_encoder("m3ret_tiny", config="m3ret_tiny.json")
-@register_encoder("m3ret_tiny_p4", config="m3ret_tiny_p4.json")
-@register_encoder("m3ret_s", config="m3ret_s.json")
-@register_encoder("m3ret_b", config="m3ret_b.json")
+def _hashed_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as its version digest reads it: the architecture under the key name the first
+    M3Ret versions were digested with (``arch``), so registered versions keep their ids."""
+    hashed = {k: v for k, v in config.items() if k != "architecture"}
+    hashed["arch"] = config["architecture"]
+    return hashed
+
+
+@register_encoder("m3ret_tiny", config="m3ret_tiny.json", architecture="m3ret")
+@register_encoder("m3ret_tiny_p4", config="m3ret_tiny_p4.json", architecture="m3ret")
+@register_encoder("m3ret_s", config="m3ret_s.json", architecture="m3ret")
+@register_encoder("m3ret_b", config="m3ret_b.json", architecture="m3ret")
 def build_m3ret(
     config: dict[str, Any],
     *,
@@ -795,6 +803,6 @@ def build_m3ret(
             model = M3RetViT(cfg)
         load_state_dict_strict(model, state, path, what=f"{name} model", assign=True)
     version = EncoderVersion(
-        name=name, weights_sha256=weights_id, config_sha256=config_sha256(config)
+        name=name, weights_sha256=weights_id, config_sha256=config_sha256(_hashed_config(config))
     )
     return M3RetEncoder(name=name, config=cfg, model=model, version=version, device=device)

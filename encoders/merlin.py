@@ -610,8 +610,8 @@ def _split_checkpoint(
     return keep, sorted(skipped)
 
 
-@register_encoder("merlin", config="merlin.json")
-@register_encoder("merlin_tiny", config="merlin_tiny.json")
+@register_encoder("merlin", config="merlin.json", architecture="merlin")
+@register_encoder("merlin_tiny", config="merlin_tiny.json", architecture="merlin")
 def build_merlin(
     config: dict[str, Any],
     *,

@@ -5,49 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from medflow import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
+from medflow.flows.console import console, stage_progress
 from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
 
 RootOpt = Annotated[str, typer.Option("--root", "-r", help="Output root (folder or fsspec URL).")]
-
-
-@contextlib.contextmanager
-def stage_progress(callbacks: dict[str, Any]) -> Iterator[None]:
-    """Progress bars on the console, one per stage, fed by a flow through ``callbacks["cb"]``
-    (a flow module's ``_PROGRESS``: flows take only serialisable parameters)."""
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        callbacks["cb"] = progress
-        try:
-            yield
-        finally:
-            callbacks.pop("cb", None)
 
 
 def _run_nightly(
@@ -263,7 +234,7 @@ def demo_encoder_specs(models_dir: Path) -> list[dict[str, Any]]:
 
     from medflow.encoders.testing import write_random_checkpoint, write_tiny_text_model
 
-    clip_config = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    clip_config = str(files("medflow.encoders") / "configs" / "demo_clip_tiny.json")
     text_dir = models_dir / "merlin-tiny-text"
     merlin_ck = models_dir / "merlin_tiny.pt"
     clip_ck = models_dir / "clip_tiny.pt"
@@ -508,7 +479,7 @@ def encoders_cmd(
 
 
 def entry_summary(config: Any) -> dict[str, Any]:
-    keep = ("modalities", "kinds", "embedding_dims", "input_size", "spacing_mm", "arch")
+    keep = ("modalities", "kinds", "embedding_dims", "input_size", "spacing_mm", "architecture")
     return {k: v for k, v in dict(config).items() if k in keep}
 
 

@@ -21,8 +21,8 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from medflow.flows.locking import exclusive_run
 from medflow.storage.layout import OutputRoot
-from medflow.storage.lock import exclusive_run
 from medflow.storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
 from medflow.tasks.discover import discover
 from medflow.tasks.encode import (

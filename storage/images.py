@@ -25,6 +25,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from medflow.storage.layout import storage_options
+
 __all__ = [
     "AXIS_ORDER",
     "DecodedImage",
@@ -374,7 +376,9 @@ def _local(path: str) -> str:
 def _open_store(path: str, mode: str) -> Any:
     if _is_local(path):
         return zarr.storage.LocalStore(_local(path), read_only=(mode == "r"))
-    return zarr.storage.FsspecStore.from_url(path, read_only=(mode == "r"))
+    return zarr.storage.FsspecStore.from_url(
+        path, read_only=(mode == "r"), storage_options=storage_options(path) or None
+    )
 
 
 def _bound_zarr_threads() -> None:

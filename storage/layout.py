@@ -28,7 +28,15 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["KEY_SECRET_ENV", "OutputRoot", "Pseudonymizer", "is_object_store", "parse_root"]
+__all__ = [
+    "KEY_SECRET_ENV",
+    "OutputRoot",
+    "Pseudonymizer",
+    "filesystem",
+    "is_object_store",
+    "parse_root",
+    "storage_options",
+]
 
 KEY_SECRET_ENV = "MEDFLOW_KEY_SECRET"
 _KEY_HEX = 24  # 96 bits: collisions are negligible even for 10^9 series
@@ -37,10 +45,25 @@ TABLES = ("catalog", "embeddings", "findings", "text_embeddings", "runs")
 # Object stores: one PUT makes an object appear whole (there is no rename), and several
 # processes (Dask workers, the flow) write under one prefix, so a listing cached by one of them
 # goes stale. medflow lists parts and images often and must see the others' writes: listings are
-# not cached unless the user's fsspec configuration says otherwise.
+# not cached unless the user's fsspec configuration says otherwise (fsspec's global
+# configuration is read, never changed).
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
-for _protocol in OBJECT_STORES:
-    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """The fsspec options medflow opens ``url`` with: no listings cache on object stores."""
+    if not is_object_store(url):
+        return {}
+    protocol = url.split("://", 1)[0].lower()
+    if "use_listings_cache" in fsspec.config.conf.get(protocol, {}):
+        return {}
+    return {"use_listings_cache": False}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding ``url`` and the path within it, opened with :func:`storage_options`."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    return fs, path
 
 
 def is_object_store(url: str) -> bool:
@@ -75,7 +98,7 @@ class OutputRoot:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        fs, _ = fsspec.core.url_to_fs(self.url)
+        fs, _ = filesystem(self.url)
         return fs
 
     def join(self, *parts: str) -> str:

@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medflow.storage.layout import OutputRoot, is_object_store
+from medflow.storage.layout import OutputRoot, filesystem, is_object_store
 
 __all__ = [
     "CATALOG_SCHEMA",
@@ -217,9 +217,8 @@ def _is_local(path: str) -> bool:
 
 
 def _fs(path: str) -> tuple[Any, str]:
-    import fsspec
 
-    fs, p = fsspec.core.url_to_fs(path)
+    fs, p = filesystem(path)
     return fs, p
 
 

@@ -225,8 +225,8 @@ def parse_pretrain_config(config: Mapping[str, Any]) -> PretrainConfig:
     if not isinstance(encoder, str):
         raise TypeError(f"Expected the encoder name as a string, got {type(encoder).__name__}.")
     entry = get_entry(encoder)
-    if entry.config.get("arch") != "m3ret":
-        raise ValueError(f"Expected an M3Ret encoder (arch 'm3ret'), got {encoder!r}.")
+    if entry.config.get("architecture") != "m3ret":
+        raise ValueError(f"Expected an M3Ret encoder (architecture 'm3ret'), got {encoder!r}.")
     for key in ("flip", "augment"):
         if not isinstance(d[key], bool):
             raise TypeError(f"Expected {key} true or false, got {d[key]!r}.")

@@ -160,7 +160,7 @@ def test_idle_night_knows_encoder_versions_without_loading_models(
     archive = _archive(tmp_path / "archive", 2)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(archive / "xr.png")
-    arch = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    arch = str(files("medflow.encoders") / "configs" / "demo_clip_tiny.json")
     ck = tmp_path / "models" / "clip.pt"
     write_random_checkpoint("clip2d", ck, arch_config=arch, seed=1)
     cfg = tmp_path / "encoders.json"

@@ -202,3 +202,22 @@ def test_empty_root_has_empty_catalog_view(tmp_path: Path) -> None:
     cols = [d[0] for d in con.execute("SELECT * FROM catalog").description]
     assert cols == [*CATALOG_SCHEMA.names, "error"]  # error: a deprecated alias of reason
     assert isinstance(CATALOG_SCHEMA.field("shape").type, pa.ListType)
+
+
+def test_object_stores_are_listed_fresh_without_changing_fsspec_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import copy
+
+    import fsspec
+
+    from medflow.storage.layout import storage_options
+
+    before = copy.deepcopy(fsspec.config.conf)
+    assert storage_options("s3://bucket/out") == {"use_listings_cache": False}
+    assert storage_options("/data/out") == {}
+    # the user's own fsspec configuration wins
+    monkeypatch.setitem(fsspec.config.conf, "gs", {"use_listings_cache": True})
+    assert storage_options("gs://bucket/out") == {}
+    monkeypatch.undo()
+    assert fsspec.config.conf == before  # importing or using medflow's storage changed nothing
