@@ -21,7 +21,7 @@ Steps, all in one run:
    (same intensity normalisation, 16 x 64 x 64 grid, valid slices): raw pixels average-pooled
    to 4 x 16 x 16 and mean-centred, and, as a reference of what simple global statistics
    recover, a gradient-orientation histogram standardised over the archive;
-5. score Recall@1/5/10 and mAP with ``tasks.retrieval.evaluate_retrieval`` against the class
+5. score Recall@1/5/10 and mAP with ``medflow.evaluation.retrieval.evaluate_retrieval`` against the class
    labels: all series, within each modality, and across modalities.
 
 Results go to ``--out`` (markdown). Example (about 15 minutes on 2 busy cores)::
@@ -434,10 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from medflow.evaluation.retrieval import evaluate_retrieval
     from medflow.flows.nightly import ingest_archive
     from medflow.flows.pretrain import pretrain
     from medflow.tasks.encode import EncoderSpec
-    from medflow.tasks.retrieval import evaluate_retrieval
 
     t_start = time.perf_counter()
     work = args.workdir

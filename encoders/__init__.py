@@ -16,11 +16,12 @@ from medflow.encoders._base import (
     Encoder,
     EncoderInfo,
     EncoderVersion,
+    config_sha256,
     parse_device,
 )
-from medflow.encoders._checkpoint import CheckpointError
+from medflow.encoders._checkpoint import CheckpointError, sha256_file
 from medflow.encoders._factory import create_encoder
-from medflow.encoders._registry import list_encoders, register_encoder
+from medflow.encoders._registry import EncoderEntry, get_entry, list_encoders, register_encoder
 from medflow.encoders._streaming import EncodedSeries, load_series, stream_encode
 from medflow.encoders.findings import (
     Finding,
@@ -38,12 +39,15 @@ __all__ = [
     "Declared",
     "EncodedSeries",
     "Encoder",
+    "EncoderEntry",
     "EncoderInfo",
     "EncoderVersion",
     "Finding",
     "PromptBank",
     "bank_text_embeddings",
+    "config_sha256",
     "create_encoder",
+    "get_entry",
     "list_encoders",
     "list_prompt_banks",
     "load_prompt_bank",
@@ -51,6 +55,7 @@ __all__ = [
     "parse_device",
     "register_encoder",
     "score_findings",
+    "sha256_file",
     "stream_encode",
     "text_embedding_key",
 ]

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from medflow.devices import parse_device
 from medflow.storage.images import ImageMeta
 
 __all__ = [
@@ -120,23 +121,6 @@ def files_sha256(paths: Sequence[Path]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """The device to compute on: ``None`` picks cuda when present, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, str | torch.device):
-        raise TypeError(f"Expected a device name or torch.device, got {type(device).__name__}.")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"Expected a device such as 'cpu' or 'cuda:0', got {device!r}.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Expected an available device, got {device!r} but CUDA is not available.")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"Expected a 'cpu' or 'cuda' device, got {device!r}.")
-    return dev
 
 
 class VersionId(Protocol):

@@ -44,6 +44,11 @@ class EncoderEntry:
     config: Mapping[str, Any]
     config_path: Path
 
+    def plain_config(self) -> dict[str, Any]:
+        """The config as a plain, mutable JSON-like copy."""
+        copy: dict[str, Any] = thaw(self.config)
+        return copy
+
 
 _REGISTRY: dict[str, EncoderEntry] = {}
 

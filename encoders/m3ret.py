@@ -2,7 +2,7 @@
 
 After M3Ret (zero-shot multimodal medical image retrieval via self-supervision, 2025): a plain
 ViT with no modality-specific parts, pretrained with MAE (optionally plus a SimDINO-style
-term) on whatever the archive holds (``tasks/pretrain.py``), whose embeddings serve image-to-image retrieval within and across
+term) on whatever the archive holds (``medflow.training.pretrain``), whose embeddings serve image-to-image retrieval within and across
 modalities. There is no text tower, so no zero-shot findings.
 
 Tokens
@@ -91,6 +91,7 @@ __all__ = [
     "series_kind",
     "sincos_pos_embed",
     "to_grey",
+    "version_config",
     "video_frame_indices",
 ]
 
@@ -764,9 +765,10 @@ class M3RetEncoder(Encoder):
         return 1.0
 
 
-def _hashed_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config as its version digest reads it: the architecture under the key name the first
-    M3Ret versions were digested with (``arch``), so registered versions keep their ids."""
+def version_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as an M3Ret version's config digest reads it: the architecture under the key
+    name the first M3Ret versions were digested with (``arch``), so registered versions keep
+    their ids. Registration (``medflow.training.pretrain``) digests it the same way."""
     hashed = {k: v for k, v in config.items() if k != "architecture"}
     hashed["arch"] = config["architecture"]
     return hashed
@@ -803,6 +805,6 @@ def build_m3ret(
             model = M3RetViT(cfg)
         load_state_dict_strict(model, state, path, what=f"{name} model", assign=True)
     version = EncoderVersion(
-        name=name, weights_sha256=weights_id, config_sha256=config_sha256(_hashed_config(config))
+        name=name, weights_sha256=weights_id, config_sha256=config_sha256(version_config(config))
     )
     return M3RetEncoder(name=name, config=cfg, model=model, version=version, device=device)

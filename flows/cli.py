@@ -302,7 +302,7 @@ def status(root: RootOpt = "medflow-out") -> None:
     """Counts by modality and status, the last run, quarantined series by reason code, and
     unexpected errors (restricted: their text may quote paths)."""
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table
+    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table, view_names
 
     out = OutputRoot(root)
     con = connect(out)
@@ -314,7 +314,7 @@ def status(root: RootOpt = "medflow-out") -> None:
     for m, s, n in counts:
         t.add_row(m, s, str(n))
     console.print(t)
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    views = view_names(con)
     last = (
         con.execute(
             "SELECT flow, run_id, finished_at, seconds FROM runs ORDER BY finished_at DESC LIMIT 1"
@@ -453,8 +453,7 @@ def encoders_cmd(
     config: Annotated[str | None, typer.Option(help="Encoder config (TOML/JSON).")] = None,
 ) -> None:
     """Registered encoders, and the configured ones with their versions and checkpoint status."""
-    from medflow.encoders import list_encoders
-    from medflow.encoders._registry import get_entry
+    from medflow.encoders import get_entry, list_encoders
 
     t = Table("encoder", "config", title="registered encoders")
     for name in list_encoders():
@@ -491,10 +490,10 @@ def findings(
 ) -> None:
     """Zero-shot findings of one series, newest per encoder and finding, highest first."""
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import connect
+    from medflow.storage.tables import connect, view_names
 
     con = connect(OutputRoot(root))
-    if "findings" not in _views(con):
+    if "findings" not in view_names(con):
         console.print("no findings written yet")
         raise typer.Exit(1)
     rows = con.execute(
@@ -524,10 +523,10 @@ def similar(
 ) -> None:
     """Nearest series by cosine similarity of one encoder's embeddings (DuckDB)."""
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import connect
+    from medflow.storage.tables import connect, view_names
 
     con = connect(OutputRoot(root))
-    if "embeddings" not in _views(con):
+    if "embeddings" not in view_names(con):
         console.print("no embeddings written yet")
         raise typer.Exit(1)
     try:
@@ -572,13 +571,9 @@ def nearest_series(con: Any, series_key: str, encoder: str | None, k: int) -> li
     return result
 
 
-def _views(con: Any) -> set[str]:
-    return {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-
-
 def _register_extra_commands() -> None:
+    from medflow.evaluation.retrieval import eval_retrieval
     from medflow.flows.pretrain import pretrain_cmd
-    from medflow.tasks.retrieval import eval_retrieval
 
     app.command("pretrain")(pretrain_cmd)
     app.command("eval-retrieval")(eval_retrieval)

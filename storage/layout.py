@@ -33,7 +33,9 @@ __all__ = [
     "OutputRoot",
     "Pseudonymizer",
     "filesystem",
+    "is_local_url",
     "is_object_store",
+    "local_path",
     "parse_root",
     "storage_options",
 ]
@@ -64,6 +66,16 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem holding ``url`` and the path within it, opened with :func:`storage_options`."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
     return fs, path
+
+
+def is_local_url(url: str) -> bool:
+    """Whether ``url`` is a local path (plain, or a ``file://`` URL)."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The plain path of a local ``url`` (``file://`` dropped)."""
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def is_object_store(url: str) -> bool:

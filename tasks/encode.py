@@ -49,6 +49,7 @@ __all__ = [
     "EncoderSpec",
     "encode_batch",
     "encode_items",
+    "forget_encoder",
     "get_encoder",
     "known_encoder",
     "load_encoder_specs",
@@ -137,6 +138,14 @@ def get_encoder(spec: EncoderSpec, device: str | None = None) -> Encoder:
             )
             _CACHE[key] = enc
     return enc
+
+
+def forget_encoder(spec: EncoderSpec, device: str | None = None) -> None:
+    """Drop the process's built encoder for ``spec``: the next :func:`get_encoder` builds it
+    again (its checkpoint was replaced in place)."""
+    key = json.dumps([spec.to_dict(), device], sort_keys=True, default=str)
+    with _CACHE_LOCK:
+        _CACHE.pop(key, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +437,7 @@ def encode_items(
     device: str | None = None,
 ) -> EncodeManifest:
     """Embed ``items`` with ``spec``'s encoder, write embeddings and findings parts."""
-    from medflow.encoders._streaming import stream_encode
+    from medflow.encoders import stream_encode
 
     t0 = time.perf_counter()
     encoder = get_encoder(spec, device)

@@ -64,10 +64,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.core import strip_protocol
 
 from medflow.storage.layout import OutputRoot
-from medflow.storage.tables import RUNS_SCHEMA, connect, read_table
-from medflow.tasks.encode import EncoderSpec, get_encoder, pending_items, version_tag
+from medflow.storage.tables import RUNS_SCHEMA, connect, read_table, view_names
+from medflow.tasks.encode import (
+    EncoderSpec,
+    forget_encoder,
+    get_encoder,
+    pending_items,
+    version_tag,
+)
 
 if TYPE_CHECKING:
     from medflow.encoders import Encoder
@@ -219,22 +226,15 @@ def current_encoder(spec: EncoderSpec, device: str | None = None) -> Encoder:
     Encoders are built once per process (:func:`tasks.encode.get_encoder`); a checkpoint
     replaced in place since then would otherwise keep its old weights and version here.
     """
-    from medflow.encoders._checkpoint import sha256_file
-    from medflow.tasks import encode
+    from medflow.encoders import sha256_file
 
     enc = get_encoder(spec, device)
     if spec.random_weights or not spec.checkpoint or not os.path.isfile(spec.checkpoint):
         return enc
     if sha256_file(spec.checkpoint) == enc.version.weights_sha256:
         return enc
-    key = json.dumps([spec.to_dict(), device], sort_keys=True, default=str)
-    with encode._CACHE_LOCK:
-        encode._CACHE.pop(key, None)
+    forget_encoder(spec, device)
     return get_encoder(spec, device)
-
-
-def _views(con: Any) -> set[str]:
-    return {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
 
 
 def _check_root(out: OutputRoot) -> None:
@@ -256,7 +256,7 @@ def plan_reprocess(
     _check_root(out)
     chosen = select_specs(specs, encoder)
     con = connect(out)
-    views = _views(con)
+    views = view_names(con)
     rates = estimate_rates(out)
     plan = ReprocessPlan()
     current: dict[str, tuple[str, str, str | None]] = {}  # label -> (version, weights, bank v)
@@ -473,7 +473,7 @@ def _kept_versions(
         if keep != "latest":
             raise ValueError(f"Expected keep='latest' or a list of encoder specs, got {keep!r}.")
         con = connect(out)
-        views = _views(con)
+        views = view_names(con)
         if "embeddings" not in views:
             return {}
         kept: dict[str, dict[str, str | None]] = {}
@@ -503,8 +503,7 @@ def _kept_versions(
 
 def _rel(out: OutputRoot, path: str) -> str:
     """``path`` (with or without its protocol) relative to the root."""
-    fs = out.fs
-    base, p = fs._strip_protocol(out.url), fs._strip_protocol(path)
+    base, p = strip_protocol(out.url), strip_protocol(path)
     return p[len(base) + 1 :] if p.startswith(base + "/") else p
 
 
@@ -523,10 +522,9 @@ def _list_dirs(fs: Any, path: str, prefix: str) -> list[tuple[str, str]]:
 def _part_files(out: OutputRoot, path: str) -> list[str]:
     """The parts under ``path`` that queries see (as the tables' readers list them: parts that
     a committed compaction merged are left out), as paths of ``out.fs``."""
-    from medflow.storage.tables import _parts
+    from medflow.storage.tables import part_paths
 
-    fs = out.fs
-    return sorted(fs._strip_protocol(p) for p in _parts(out.join(_rel(out, path))))
+    return sorted(strip_protocol(p) for p in part_paths(out.join(_rel(out, path))))
 
 
 def _count_rows(fs: Any, files: Sequence[str]) -> int:
@@ -547,7 +545,7 @@ def plan_prune(
     result = PruneResult(keep=kept, dry_run=True)
     fs = out.fs
     tables = ("findings", "text_embeddings", "embeddings")
-    base = {t: fs._strip_protocol(out.table_dir(t)) for t in tables}
+    base = {t: strip_protocol(out.table_dir(t)) for t in tables}
     for table in tables:  # findings first: no finding outlives its embedding
         for label, label_dir in _list_dirs(fs, base[table], "encoder"):
             k = kept.get(label)

@@ -28,8 +28,8 @@ FAST = {"batch_size": 3, "warmup_steps": 2, "device": "cpu", "num_threads": 1, "
 
 @pytest.fixture(scope="module")
 def pt() -> Any:
-    # imported here, not at collection (tasks.pretrain registers the m3ret encoders)
-    return importlib.import_module("medflow.tasks.pretrain")
+    # imported here, not at collection (importing it registers the m3ret encoders)
+    return importlib.import_module("medflow.training.pretrain")
 
 
 def make_root(path: Path) -> OutputRoot:
@@ -226,7 +226,7 @@ def test_killed_process_resumes_from_its_last_checkpoint(
         [
             sys.executable,
             "-m",
-            "medflow.tasks.pretrain",
+            "medflow.training.pretrain",
             "--root",
             root.url,
             "--config",
