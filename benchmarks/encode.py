@@ -211,7 +211,7 @@ def loading_only(
         [(p, ras_spacing) for p in paths],  # type: ignore[arg-type]  # a map-style dataset
         batch_size=None,
         num_workers=workers,
-        collate_fn=_read_nbytes,
+        collate_fn=_read_nbytes,  # type: ignore[arg-type]  # batch_size None: one item each
         prefetch_factor=2 if workers else None,
     )
     with measured(device) as m:
@@ -298,7 +298,7 @@ def markdown(args: argparse.Namespace, enc: Encoder, rows: list[Row], extra: dic
         + ("; bf16 autocast, channels-last 3D" if dev.type == "cuda" else "; float32"),
         f"- model: full-size Merlin image tower (ResNet152-I3D, random weights), input "
         f"{enc.info.extra['input_shape']}; preprocess.input_level "
-        f"{getattr(enc.config, 'input_level', 'full')}",
+        f"{getattr(getattr(enc, 'config', None), 'input_level', 'full')}",
         f"- volumes: synthetic CT {cfg['volume']} (z, y, x) int16 at {cfg['spacing']} mm, "
         f"{MAX_DISTINCT} distinct at most, cycled",
         "- per series: " + ", ".join(f"{k} {v:.3f} s" for k, v in extra["timing"].items()),
