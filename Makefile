@@ -32,7 +32,7 @@ pytest: setup
 test: pytest lint
 
 bench: setup
-	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python -m benchmarks.ingest
 
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache
