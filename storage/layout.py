@@ -138,6 +138,10 @@ class OutputRoot:
     def models_dir(self) -> str:
         return self.join("models")
 
+    def known_versions_path(self) -> str:
+        """The encoder versions remembered by their inputs (so a night need not load a model)."""
+        return f"{self.models_dir()}/.known_versions.json"
+
     def reports_dir(self) -> str:
         return self.join("reports")
 

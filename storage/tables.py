@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +22,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medflow.storage.layout import OutputRoot, filesystem, is_local_url, is_object_store
+from medflow.storage.atomic import atomic_file, atomic_path
+from medflow.storage.layout import OutputRoot, filesystem, is_local_url
 
 __all__ = [
     "CATALOG_SCHEMA",
@@ -194,23 +194,13 @@ def write_part(
     if not rows:
         return None
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
-    fs, base = _fs(directory)
+    _, base = _fs(directory)
     final = f"{base}/part-{name}.parquet"
-    if is_object_store(directory):
-        # no rename on object stores, but a PUT is atomic: the part appears whole, under its
-        # final content-derived name (a retried batch overwrites it), or not at all
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
-        fs.pipe_file(final, buf.getvalue().to_pybytes())
-        return final
-    fs.makedirs(base, exist_ok=True)
-    tmp = f"{base}/.tmp-{name}-{uuid.uuid4().hex[:8]}.parquet"
-    with fs.open(tmp, "wb") as f:
+    # the part appears whole under its final content-derived name (a retried batch overwrites
+    # it), or not at all: a rename locally, one PUT on an object store
+    target = final if is_local_url(directory) else f"{directory}/part-{name}.parquet"
+    with atomic_file(target) as f:
         pq.write_table(table, f, compression="zstd")
-    if is_local_url(directory):
-        os.replace(tmp, final)
-    else:
-        fs.mv(tmp, final)
     return final
 
 
@@ -472,27 +462,21 @@ def export_duckdb(root: OutputRoot, file: str | os.PathLike[str]) -> list[str]:
     sources = {
         t: _glob_scan(root.table_dir(t)) for t in PUBLIC_TABLES if part_paths(root.table_dir(t))
     }
-    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
     names: list[str] = []
-    con = duckdb.connect(tmp)
-    try:
-        if "catalog" not in sources:
-            con.register("_empty_arrow", CATALOG_SCHEMA.empty_table())
-            con.execute("CREATE TABLE _empty_catalog AS SELECT * FROM _empty_arrow")
-            con.unregister("_empty_arrow")
-            sources["catalog"] = "_empty_catalog"
-        for name, sql in view_definitions(sources):
-            con.execute(f"CREATE VIEW {name} AS {sql}")
-            names.append(name)
-        con.execute("CHECKPOINT")
-    except BaseException:
-        con.close()
-        for leftover in (tmp, f"{tmp}.wal"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-        raise
-    con.close()
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        con = duckdb.connect(tmp)
+        try:
+            if "catalog" not in sources:
+                con.register("_empty_arrow", CATALOG_SCHEMA.empty_table())
+                con.execute("CREATE TABLE _empty_catalog AS SELECT * FROM _empty_arrow")
+                con.unregister("_empty_arrow")
+                sources["catalog"] = "_empty_catalog"
+            for name, sql in view_definitions(sources):
+                con.execute(f"CREATE VIEW {name} AS {sql}")
+                names.append(name)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
     return names
 
 

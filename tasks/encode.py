@@ -16,7 +16,6 @@ import os
 import threading
 import time
 import tomllib
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from medflow.storage.atomic import write_atomic
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import (
     FINDINGS_SCHEMA,
@@ -168,9 +168,6 @@ class KnownAcceptance:
     kinds: tuple[str, ...]
 
 
-_KNOWN_FILE = ".known_versions.json"
-
-
 def _stat_entries(path: Path) -> list[list[Any]]:
     if path.is_file():
         st = path.stat()  # ctime and inode too: a rewrite that keeps size and mtime shows
@@ -197,13 +194,9 @@ def encoder_inputs_stamp(spec: EncoderSpec) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _known_path(root: OutputRoot) -> str:
-    return f"{root.models_dir()}/{_KNOWN_FILE}"
-
-
 def _read_known(root: OutputRoot) -> dict[str, Any]:
     try:
-        with root.fs.open(_known_path(root), "r") as f:
+        with root.fs.open(root.known_versions_path(), "r") as f:
             data = json.load(f)
     except (FileNotFoundError, OSError, ValueError):
         return {}
@@ -219,14 +212,7 @@ def remember_encoder(root: OutputRoot, spec: EncoderSpec, encoder: Declared) -> 
         "kinds": list(encoder.info.kinds),
     }
     text = json.dumps(known, sort_keys=True, indent=1)
-    path = _known_path(root)
-    root.fs.makedirs(root.models_dir(), exist_ok=True)
-    if root.is_local:
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        Path(tmp).write_text(text)
-        os.replace(tmp, path)
-    else:
-        root.fs.pipe(path, text.encode())
+    write_atomic(root.known_versions_path(), text)
 
 
 def known_encoder(root: OutputRoot, spec: EncoderSpec) -> Declared:

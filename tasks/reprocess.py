@@ -66,6 +66,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import strip_protocol
 
+from medflow.storage.atomic import atomic_file
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import RUNS_SCHEMA, connect, read_table, view_names
 from medflow.tasks.encode import (
@@ -700,9 +701,8 @@ def _rewrite_part(out: OutputRoot, path: str, bank_version: str | None) -> None:
         pq.write_table(kept, buf, compression="zstd")
         fs.pipe_file(path, buf.getvalue().to_pybytes())
         return
-    tmp = path.rsplit("/", 1)[0] + f"/.tmp-prune-{uuid.uuid4().hex[:8]}.parquet"
-    pq.write_table(kept, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        pq.write_table(kept, f, compression="zstd")
 
 
 def _empty_trash(out: OutputRoot) -> None:

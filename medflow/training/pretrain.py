@@ -66,6 +66,7 @@ from medflow.encoders.m3ret import (
     to_grey,
     version_config,
 )
+from medflow.storage.atomic import publish_dir, save_atomic
 from medflow.storage.images import open_image
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import connect, utcnow
@@ -648,9 +649,8 @@ def _save_checkpoint(
         "mask_rng": mask_rng.get_state(),
         "config": json.dumps(cfg.training_dict(), sort_keys=True),
     }
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    # a kill mid-write leaves the previous checkpoint intact
+    save_atomic(path, lambda f: torch.save(state, f))
 
 
 def _load_checkpoint(
@@ -906,10 +906,7 @@ def register_model(
             f.write("step,loss\n")
             f.writelines(f"{s},{v:.6g}\n" for s, v in result.losses)
         plot_loss(result.losses, staging / "loss.png", f"{cfg.encoder} {cfg.objective}, {version}")
-        if final.exists():
-            shutil.rmtree(staging)  # the same weights and config: already registered
-        else:
-            os.replace(staging, final)
+        publish_dir(staging, final)  # when it exists: the same weights and config, registered
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
