@@ -116,7 +116,7 @@ def _run_id() -> str:
 def _clear_staging(root: OutputRoot) -> None:
     # staging holds only images of runs that died; one nightly writes at a time
     if root.is_local:
-        shutil.rmtree(root.join("images", ".staging"), ignore_errors=True)
+        shutil.rmtree(root.image_staging_dir(), ignore_errors=True)
 
 
 def _current_fingerprints(root: OutputRoot) -> dict[str, tuple[str, str]]:

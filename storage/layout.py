@@ -116,6 +116,13 @@ class OutputRoot:
     def join(self, *parts: str) -> str:
         return "/".join([self.url, *parts])
 
+    def relpath(self, path: str | os.PathLike[str]) -> str:
+        """``path`` (under the root) relative to the root, with ``/`` separators."""
+        p = os.fspath(path)
+        if not p.startswith(self.url + "/"):
+            raise ValueError(f"Expected a path under the output root, got {p!r}.")
+        return p[len(self.url) + 1 :]
+
     def image_path(self, series_key: str, *, derived: str | None = None) -> str:
         name = series_key if derived is None else f"{series_key}.{derived}"
         return self.join("images", f"{name}.zarr")
@@ -137,6 +144,23 @@ class OutputRoot:
 
     def models_dir(self) -> str:
         return self.join("models")
+
+    def model_dir(self, family: str, version: str | None = None) -> str:
+        """``<root>/models/<family>`` (trained models of one family), or one version's folder."""
+        base = f"{self.models_dir()}/{family}"
+        return base if version is None else f"{base}/{version}"
+
+    def training_run_dir(self, family: str, run: str) -> str:
+        """A training run's checkpoints and loss curve: ``<root>/models/<family>/runs/<run>``."""
+        return f"{self.model_dir(family)}/runs/{run}"
+
+    def trash_dir(self) -> str:
+        """Where prune moves what it drops (one rename), until it is deleted: ``<root>/.pruned``."""
+        return self.join(".pruned")
+
+    def image_staging_dir(self) -> str:
+        """Where image groups are written before they are renamed into ``images/``."""
+        return self.join("images", ".staging")
 
     def known_versions_path(self) -> str:
         """The encoder versions remembered by their inputs (so a night need not load a model)."""

@@ -670,7 +670,7 @@ def prune(
 
 def _drop(out: OutputRoot, result: PruneResult) -> None:
     fs = out.fs
-    trash = out.join(".pruned", uuid.uuid4().hex[:12])
+    trash = f"{out.trash_dir()}/{uuid.uuid4().hex[:12]}"
     for i, t in enumerate(result.targets):
         path = out.join(t.path)
         if t.keep_rows:
@@ -707,4 +707,4 @@ def _rewrite_part(out: OutputRoot, path: str, bank_version: str | None) -> None:
 
 def _empty_trash(out: OutputRoot) -> None:
     """Delete what earlier prunes moved out of the tables (also what a killed prune left)."""
-    shutil.rmtree(out.join(".pruned"), ignore_errors=True)
+    shutil.rmtree(out.trash_dir(), ignore_errors=True)

@@ -568,7 +568,7 @@ def run_dir(root: OutputRoot, cfg: PretrainConfig) -> Path:
             f"{root.url!r}."
         )
     name = cfg.run_name or f"{cfg.encoder}-{cfg.config_sha256[:12]}"
-    return Path(root.models_dir()) / "m3ret" / "runs" / name
+    return Path(root.training_run_dir("m3ret", name))
 
 
 def _lr_at(cfg: PretrainConfig, step: int) -> float:
@@ -870,7 +870,8 @@ def register_model(
 
     encoder = model.encoder if isinstance(model, M3RetMAE) else model
     raw, _ = encoder_config(cfg)
-    base = run_dir(root, cfg).parent.parent  # <root>/models/m3ret
+    run_dir(root, cfg)  # a local root
+    base = Path(root.model_dir("m3ret"))
     staging = base / f".staging-{uuid.uuid4().hex[:12]}"
     staging.mkdir(parents=True)
     try:
@@ -893,8 +894,8 @@ def register_model(
         )
         doc = {
             **record.to_dict(),
-            "directory": f"models/m3ret/{version}",
-            "weights": f"models/m3ret/{version}/weights.safetensors",
+            "directory": root.relpath(final),
+            "weights": root.relpath(final / "weights.safetensors"),
             "encoder_config": raw,
             "pretrain_config": cfg.training_dict(),
             "pretrain_config_sha256": cfg.config_sha256,
