@@ -69,6 +69,7 @@ from medflow.encoders.m3ret import (
 from medflow.storage.atomic import publish_dir, save_atomic
 from medflow.storage.images import open_image
 from medflow.storage.layout import OutputRoot
+from medflow.storage.queries import ingested_images
 from medflow.storage.tables import connect, utcnow
 
 __all__ = [
@@ -310,16 +311,12 @@ class SeriesRef:
 
 def ingested_series(root: OutputRoot, kinds: Sequence[str] | None = None) -> list[SeriesRef]:
     """The catalog's ingested series of the given kinds (default: all three), by key."""
-    con = connect(root)
-    rows = con.execute(
-        "SELECT series_key, coalesce(modality, ''), axes, zarr_path FROM catalog "
-        "WHERE status = 'ingested' ORDER BY series_key"
-    ).fetchall()
+    rows = ingested_images(connect(root))
     wanted = set(kinds) if kinds is not None else {"volume", "image", "video"}
     out = []
     for key, modality, axes, path in rows:
         try:
-            kind = series_kind(tuple(axes or ""))
+            kind = series_kind(tuple(axes))
         except ValueError:
             continue  # e.g. 4-D (t, z, y, x) series: not an input this encoder takes
         if kind in wanted:
