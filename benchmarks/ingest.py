@@ -691,7 +691,7 @@ def nightly_env(cfg: Config) -> dict[str, str]:
 def medflow_command() -> list[str]:
     """The ``medflow`` console script of this interpreter's environment."""
     exe = Path(sys.executable).parent / "medflow"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "medflow.flows.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "medflow"]
 
 
 def read_runs(cfg: Config) -> Work:
@@ -812,7 +812,7 @@ def nightly_cases(cfg: Config) -> dict[str, Any]:
             "-o",
             str(prof),
             "-m",
-            "medflow.flows.cli",
+            "medflow",
             "nightly",
         ]
         run_process([*pcmd, *base], cfg.logs / "nightly-profiled.log", env, CASE_TIMEOUT_S)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness import command_line, machine_facts, results_path, utc_now, write_report
-from medflow import flows  # noqa: F401  (Prefect's offline defaults before Prefect is imported)
+from medflow.flows.entry import apply_offline_defaults
 
 LABELS = ("sphere", "cube", "stripes")
 RAW_GRID = (4, 16, 16)
@@ -427,6 +427,7 @@ def _describe(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_offline_defaults()  # before Prefect is imported
     args = parse_args(argv)
     import torch
 

@@ -12,7 +12,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from medflow import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
 from medflow.flows.console import console, stage_progress
 from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
@@ -598,5 +597,5 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m medflow` is the documented form (see flows/entry.py)
     main()

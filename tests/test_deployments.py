@@ -218,7 +218,7 @@ def _nightly_cmd(archive: Path, root: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "medflow.flows.cli",
+        "medflow",
         "nightly",
         str(archive),
         "--root",
@@ -346,7 +346,7 @@ def test_medflow_serve_registers_its_deployments(tmp_path: Path, prefect_api: No
         [
             sys.executable,
             "-m",
-            "medflow.flows.cli",
+            "medflow",
             "serve",
             "--archive",
             str(archive),
@@ -399,7 +399,7 @@ def test_medflow_serve_without_a_server_says_what_to_do(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "medflow.flows.cli",
+            "medflow",
             "serve",
             "--archive",
             str(tmp_path),

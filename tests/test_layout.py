@@ -154,7 +154,7 @@ def test_the_wheel_installs_only_the_medflow_package(tmp_path: Path) -> None:
     # package data travels with the code: the encoders' configs and prompt banks
     assert any(n.startswith("medflow/encoders/configs/") and n.endswith(".json") for n in names)
     assert any(n.startswith("medflow/encoders/prompts/") and n.endswith(".json") for n in names)
-    assert "medflow = medflow.flows.cli:app" in scripts
+    assert "medflow = medflow.flows.entry:main" in scripts
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -215,3 +215,28 @@ def test_prefect_is_imported_only_by_flows_and_tasks() -> None:
         and any(m.split(".")[0] == "prefect" for m in _runtime_imports(name, path))
     ]
     assert not offenders, offenders
+
+
+def test_importing_medflow_changes_no_global_state() -> None:
+    """Importing any module leaves the environment and fsspec's configuration as they were;
+    the offline defaults are set by the command's entry point only."""
+    names = sorted(n for n in _medflow_modules() if not n.endswith("__main__"))
+    code = (
+        "import copy, importlib, os, fsspec\n"
+        "import gdcm  # noqa: F401  (a dependency that sets its own variable when imported)\n"
+        "env, conf = dict(os.environ), copy.deepcopy(fsspec.config.conf)\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "changed = sorted(set(os.environ.items()) ^ set(env.items()))\n"
+        "assert not changed, changed\n"
+        "assert fsspec.config.conf == conf, fsspec.config.conf\n"
+        "from medflow.flows.entry import OFFLINE_DEFAULTS, apply_offline_defaults\n"
+        "apply_offline_defaults()\n"
+        "assert all(os.environ[k] == v for k, v in OFFLINE_DEFAULTS.items())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DO_NOT"))}
+    env["PREFECT_HOME"] = os.environ.get("PREFECT_HOME", "")
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
