@@ -246,6 +246,7 @@ class EncodeManifest:
     findings: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (series_key, reason)
     seconds: float = 0.0
+    findings_seconds: float = 0.0  # of ``seconds``: scoring findings and writing them
 
 
 def accepts_row(info: Any, modality: str | None, axes: str | None) -> bool:
@@ -462,6 +463,7 @@ def encode_items(
     )
     manifest.embedded = len(rows)
     if spec.bank is not None and rows and getattr(encoder, "has_text", True):
+        t_findings = time.perf_counter()
         bank, text = bank_embeddings(root, encoder, spec)
         contrastive = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
         frows = findings_rows(encoder, spec, bank, text, ok_items, contrastive, run_id)
@@ -472,6 +474,7 @@ def encode_items(
             part_id(name, bank.version),
         )
         manifest.findings = len(frows)
+        manifest.findings_seconds = time.perf_counter() - t_findings
     manifest.seconds = time.perf_counter() - t0
     return manifest
 
