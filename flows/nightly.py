@@ -76,6 +76,7 @@ class IngestSummary:
     series_skipped: int = 0
     status: dict[str, int] = field(default_factory=dict)
     modality: dict[str, int] = field(default_factory=dict)
+    raw_projections: int = 0  # sinograms stored beside their series (not counted as series)
     # "stage|status|code" -> count, example keys and reason (see tasks.reasons.tally_add)
     quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)
     denoised: dict[str, int] = field(default_factory=dict)  # outcome -> series
@@ -206,12 +207,18 @@ def run_ingest(
             progress("ingest", n_done, len(todo))
     commit_touched(out, disc, known, keys, run_id)
 
-    status = Counter(o.catalog["status"] for o in committed)
+    # raw projections are stored beside their series, not series of their own: counted apart
+    series = [o for o in committed if o.catalog.get("stage") != "sinogram"]
+    status = Counter(o.catalog["status"] for o in series)
     modality = Counter(
-        o.catalog.get("modality") or "?" for o in committed if o.catalog["status"] == "ingested"
+        o.catalog.get("modality") or "?" for o in series if o.catalog["status"] == "ingested"
     )
     summary.status = dict(status)
     summary.modality = dict(modality)
+    summary.raw_projections = sum(
+        o.catalog.get("stage") == "sinogram" and o.catalog["status"] == "ingested"
+        for o in committed
+    )
     for o in committed:
         c = o.catalog
         if c["status"] != "ingested":
@@ -250,6 +257,8 @@ def publish_summary(summary: IngestSummary) -> None:
     ]
     rows += [{"what": f"series {k}", "count": v} for k, v in sorted(summary.status.items())]
     rows += [{"what": f"ingested {k}", "count": v} for k, v in sorted(summary.modality.items())]
+    if summary.raw_projections:
+        rows += [{"what": "raw projections stored", "count": summary.raw_projections}]
     rows += [{"what": "series already recorded", "count": summary.series_skipped}]
     rows += [{"what": f"denoise {k}", "count": v} for k, v in sorted(summary.denoised.items())]
     rows += [{"what": f"embedded by {k}", "count": v} for k, v in sorted(summary.encoded.items())]
@@ -378,9 +387,10 @@ def run_encode(
             summary.encoded[spec.output_name] = (
                 summary.encoded.get(spec.output_name, 0) + m.embedded
             )
-            summary.findings[spec.output_name] = (
-                summary.findings.get(spec.output_name, 0) + m.findings
-            )
+            if spec.bank is not None:  # an encoder without a prompt bank scores no findings
+                summary.findings[spec.output_name] = (
+                    summary.findings.get(spec.output_name, 0) + m.findings
+                )
             failures.extend(m.failures)
             spec_findings_seconds += m.findings_seconds
             done += m.embedded + len(m.failures)

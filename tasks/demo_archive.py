@@ -6,9 +6,10 @@ about content order:
 
 * DICOM CT series of a torso phantom (realistic HU) at several spacings, one oblique, one
   enhanced multi-frame, one JPEG 2000 compressed, one low-dose (CTDIvol 1.5 mGy against about
-  10 mGy for the others), and a few slices of an ultra-low-dose scan with its raw projections
-  (a ``.sino.zarr`` sinogram linked to the series, see ``storage/sinograms.py``) for the
-  denoising stage; a chest-radiograph-like picture as DICOM DX and CR;
+  10 mGy for the others), and (``raw_projections``) a few slices of an ultra-low-dose scan
+  with its raw projections (a ``.sino.zarr`` sinogram linked to the series, see
+  ``storage/sinograms.py``) for the denoising stage; a chest-radiograph-like picture as DICOM
+  DX and CR;
 * the same kind of picture as PNG, a colour JPEG "clinical photo", a 3-D and a 4-D NIfTI
   (``.nii.gz``) and a short endoscopy-like MP4;
 * sources that must end quarantined: a truncated DICOM, a zero-byte ``.dcm``, a NIfTI with a
@@ -646,12 +647,16 @@ def make_demo_archive(
     seed: int = 0,
     size: str = "small",
     manifest_path: Path | None = None,
+    raw_projections: bool = False,
 ) -> DemoManifest:
     """Write the demo archive into ``out_dir`` (missing or empty) and return its manifest.
 
     ``size`` is ``"tiny"`` (fast tests), ``"small"`` (default: about 6 MB in about a second) or
     ``"medium"`` (twice the pixels per side). ``manifest_path``, if given, receives the manifest
     as JSON; it must lie outside ``out_dir``, where it would be taken for a source.
+    ``raw_projections`` adds ``ct_low_dose_raw``: a few slices of an ultra-low-dose scan with
+    its raw projections, which the nightly flow denoises (``medflow demo`` adds it, with
+    settings reduced to take seconds on a CPU; the default settings take minutes there).
     """
     out = _parse_out_dir(out_dir)
     scale = parse_size(size)
@@ -664,7 +669,8 @@ def make_demo_archive(
         _write_ct(b, spec, patients[spec.patient])
     _write_p003(b, patients[2], seed)
     _write_p004(b, patients[3], seed)
-    _write_raw_projections(b, patients[0])  # last: the entries above keep their pixels
+    if raw_projections:  # last: the entries above keep their pixels either way
+        _write_raw_projections(b, patients[0])
     manifest = DemoManifest(
         root=str(out),
         seed=seed,

@@ -39,7 +39,7 @@ from storage.tables import (
     utcnow,
     write_part,
 )
-from tasks.reasons import clip_text, shielded
+from tasks.reasons import clip_text, retry_transient, shielded
 
 __all__ = [
     "EncodeItem",
@@ -537,6 +537,7 @@ def recompute_findings(
 @task(
     name="encode-batch",
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[10],
     cache_policy=NO_CACHE,
     persist_result=False,

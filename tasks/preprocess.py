@@ -26,7 +26,7 @@ from storage.images import DecodedImage, ImageMeta, open_image, write_image
 from storage.layout import OutputRoot
 from storage.sinograms import read_sinogram
 from storage.tables import connect, utcnow
-from tasks.reasons import ReasonCode, clip_text, shielded
+from tasks.reasons import ReasonCode, clip_text, retry_transient, shielded
 
 __all__ = [
     "DenoiseConfig",
@@ -278,6 +278,7 @@ def denoise_series(
 @task(
     name="denoise-batch",
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[10],
     cache_policy=NO_CACHE,
     persist_result=False,

@@ -55,6 +55,7 @@ __all__ = [
     "StageRow",
     "Thumbnail",
     "build_report",
+    "count_text",
     "publish_report",
     "report_markdown",
     "stage_table",
@@ -426,6 +427,8 @@ def _count_rows(summary: Mapping[str, Any]) -> list[tuple[str, int]]:
     rows.append(("series already recorded", int(summary.get("series_skipped") or 0)))
     rows += [(f"series {k}", v) for k, v in sorted(_int_map(summary, "status").items())]
     rows += [(f"ingested {k}", v) for k, v in sorted(_int_map(summary, "modality").items())]
+    if summary.get("raw_projections"):
+        rows.append(("raw projections stored", int(summary["raw_projections"])))
     rows += [(f"denoise {k}", v) for k, v in sorted(_int_map(summary, "denoised").items())]
     rows += [(f"embedded by {k}", v) for k, v in sorted(_int_map(summary, "encoded").items())]
     rows += [
@@ -482,8 +485,10 @@ def _stage_rows(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
     return [(r.stage, r.seconds) for r in stage_table(summary)]
 
 
-def _count_text(row: StageRow) -> str:
-    return f"{row.count} {row.unit}" if row.unit else ""
+def count_text(row: StageRow) -> str:
+    if not row.unit:
+        return ""
+    return f"{row.count} {row.unit.removesuffix('s') if row.count == 1 else row.unit}"
 
 
 def _quarantined(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -531,7 +536,7 @@ def report_markdown(
         "| stage | count | seconds |",
         "|---|---:|---:|",
         *(
-            f"| {_md(r.stage)} | {_md(_count_text(r))} | {r.seconds:.1f} |"
+            f"| {_md(r.stage)} | {_md(count_text(r))} | {r.seconds:.1f} |"
             for r in stage_table(summary)
         ),
         "",
@@ -649,7 +654,7 @@ def _render_html(
         width = min(240, max(1, round(240 * secs / longest))) if secs > 0 else 0
         out.append(
             f'<tr data-stage="{_e(row.stage)}"><td>{_e(row.stage)}</td>'
-            f'<td class="n">{_e(_count_text(row))}</td><td class="n">{secs:.2f}</td>'
+            f'<td class="n">{_e(count_text(row))}</td><td class="n">{secs:.2f}</td>'
             f'<td><span class="bar" style="width:{width}px"></span></td></tr>'
         )
     n_bad = sum(g["count"] for g in quarantined)
