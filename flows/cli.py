@@ -614,7 +614,18 @@ def encoders_cmd(
     """Registered encoders, and the configured ones with their versions and checkpoint status."""
     from encoders import list_encoders
     from encoders._registry import get_entry
+    from tasks.encode import get_encoder, load_encoder_specs, version_tag
 
+    specs = []
+    if config:
+        with cli_errors():
+            if not os.path.isfile(config):
+                what = "is a folder, expected a file" if os.path.isdir(config) else ": no such file"
+                raise ArgumentError(f"--config {config!r} {what}.".replace(" :", ":"))
+            try:
+                specs = load_encoder_specs(config)
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ArgumentError(f"--config: {e}") from e
     t = Table("encoder", "config", title="registered encoders")
     for name in list_encoders():
         entry = get_entry(name)
@@ -622,16 +633,6 @@ def encoders_cmd(
     console.print(t)
     if not config:
         return
-    from tasks.encode import get_encoder, load_encoder_specs, version_tag
-
-    with cli_errors():
-        if not os.path.isfile(config):
-            what = "is a folder, expected a file" if os.path.isdir(config) else ": no such file"
-            raise ArgumentError(f"--config {config!r} {what}.".replace(" :", ":"))
-        try:
-            specs = load_encoder_specs(config)
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ArgumentError(f"--config: {e}") from e
 
     c = Table(
         "label", "encoder", "checkpoint", "status", "version", title=f"configured in {config}"

@@ -100,6 +100,18 @@ def _check_protocol(what: str, url: str) -> None:
         ) from None
 
 
+def _exists(what: str, path: Path) -> bool:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    except PermissionError:
+        raise ArgumentError(f"{what} {str(path)!r}: permission denied.") from None
+    return True
+
+
 def check_archive(archive: str) -> None:
     """The archive: an existing, readable local folder (or a URL of a known protocol)."""
     if not archive or not archive.strip():
@@ -108,7 +120,7 @@ def check_archive(archive: str) -> None:
         _check_protocol("archive", archive)
         return
     path = Path(archive).expanduser()
-    if not path.exists():
+    if not _exists("archive", path):
         raise ArgumentError(f"archive {archive!r}: no such folder.")
     if not path.is_dir():
         raise ArgumentError(f"archive {archive!r} is a file, expected a folder.")
@@ -125,7 +137,7 @@ def check_root(root: str, *, must_exist: bool = False) -> None:
         _check_protocol("--root", root)
         return
     path = Path(root).expanduser()
-    if path.exists():
+    if _exists("--root", path):
         if not path.is_dir():
             raise ArgumentError(f"--root {root!r} is a file, expected a folder.")
         mode = os.R_OK | os.X_OK if must_exist else os.R_OK | os.W_OK | os.X_OK
@@ -142,14 +154,14 @@ def check_output_folder(what: str, folder: str | os.PathLike[str]) -> None:
     """A folder that may be created: it is one already, or its nearest existing parent is a
     folder this process can write into."""
     path = Path(folder).expanduser().absolute()
-    if path.exists():
+    if _exists(what, path):
         if not path.is_dir():
             raise ArgumentError(f"{what} {os.fspath(folder)!r} is a file, expected a folder.")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ArgumentError(f"{what} {os.fspath(folder)!r}: permission denied (read-only).")
         return
     parent = path.parent
-    while not parent.exists():
+    while not _exists(what, parent):
         parent = parent.parent
     if not parent.is_dir():
         raise ArgumentError(

@@ -488,7 +488,8 @@ def _stage_rows(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
 def count_text(row: StageRow) -> str:
     if not row.unit:
         return ""
-    return f"{row.count} {row.unit.removesuffix('s') if row.count == 1 else row.unit}"
+    singular = {"pages": "page", "scores": "score"}  # "series" is both
+    return f"{row.count} {singular.get(row.unit, row.unit) if row.count == 1 else row.unit}"
 
 
 def _quarantined(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
