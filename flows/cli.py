@@ -28,6 +28,7 @@ from flows.cli_checks import (
     check_positive,
     check_root,
     cli_errors,
+    debug_enabled,
 )
 from tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
@@ -272,6 +273,10 @@ def nightly(
     """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT, then encode."""
     from flows.nightly import _runner, default_workers
 
+    if (dask_address is not None or dask_workers is not None) and not debug_enabled():
+        # the cluster's own INFO lines (workers starting, connections closing at its end)
+        # would bury the run's; its warnings and errors still show (here and in the workers)
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     with cli_errors():  # every argument is checked before any work or server starts
         check_archive(archive)
         check_root(root)

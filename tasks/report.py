@@ -92,6 +92,7 @@ class RunReport:
     plots: int
     plot_encoders: tuple[str, ...] = field(default_factory=tuple)
     denoised_pairs: int = 0
+    seconds: float = 0.0  # to make it (its row in the stage table, when the summary has one)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -648,14 +649,14 @@ def _render_html(
         *(f'<tr><td>{_e(k)}</td><td class="n">{v}</td></tr>' for k, v in counts),
         "</table>",
         '<h2 id="stages">Time per stage</h2>',
-        '<table class="stages"><tr><th>stage</th><th>count</th><th>seconds</th><th></th></tr>',
+        '<table class="stages"><tr><th>stage</th><th>seconds</th><th>count</th><th></th></tr>',
     ]
     for row in stages:
         secs = row.seconds
         width = min(240, max(1, round(240 * secs / longest))) if secs > 0 else 0
         out.append(
             f'<tr data-stage="{_e(row.stage)}"><td>{_e(row.stage)}</td>'
-            f'<td class="n">{_e(count_text(row))}</td><td class="n">{secs:.2f}</td>'
+            f'<td class="n">{secs:.2f}</td><td class="n">{_e(count_text(row))}</td>'
             f'<td><span class="bar" style="width:{width}px"></span></td></tr>'
         )
     n_bad = sum(g["count"] for g in quarantined)
@@ -842,13 +843,10 @@ def build_report(
     plots = [(g, _findings_plot(g)) for g in groups if g.scores]
     pairs = _denoised_pairs(out, denoised, 2 * thumbnail_px, ct_window) if denoised else []
     stages = summary.get("stage_seconds")
+    # this page's own row: the time to make it, up to here (the pictures are most of it)
+    seconds = time.perf_counter() - t0
     if isinstance(stages, Mapping) and "report" in stages:
-        # this page's own row: the time to make it, up to here (the pictures are most of it)
-        summary = {
-            **summary,
-            "report_pages": 1,
-            "stage_seconds": {**stages, "report": time.perf_counter() - t0},
-        }
+        summary = {**summary, "report_pages": 1, "stage_seconds": {**stages, "report": seconds}}
     page = _render_html(
         summary,
         quarantined,
@@ -880,6 +878,7 @@ def build_report(
         plots=len(plots),
         plot_encoders=tuple(g.encoder for g, _ in plots),
         denoised_pairs=sum(p.error is None for p in pairs),
+        seconds=seconds,
     )
 
 

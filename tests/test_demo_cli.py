@@ -181,6 +181,10 @@ def test_report_shows_the_denoised_pair_and_every_stage(demo: tuple[Path, str]) 
     stages = re.findall(r'<tr data-stage="([^"]+)">', page)
     assert stages == [*STAGES, "report", "total"]
     counts = dict(
-        re.findall(r'<tr data-stage="([^"]+)"><td>[^<]*</td><td class="n">([^<]*)</td>', page)
+        re.findall(
+            r'<tr data-stage="([^"]+)"><td>[^<]*</td><td class="n">[^<]*</td>'
+            r'<td class="n">([^<]*)</td>',
+            page,
+        )
     )
     assert counts["denoise"] == "1 series" and counts["report"] == "1 page"
