@@ -29,13 +29,15 @@ def run_demo(src: Path, work: Path) -> tuple[float, float, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PYTHONPATH=str(src), PREFECT_HOME=str(work / "prefect-home"), COLUMNS="120")
     cmd = [sys.executable, "-c", "from flows.cli import main; main()", "demo", "--out", str(out)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, cwd=src, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
+    log_path = work / "demo.log"
+    with open(log_path, "wb") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:  # what went wrong, for the operator of the benchmark
+        print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
     return seconds, usage.ru_maxrss / 1024.0, proc.returncode
 
 

@@ -325,6 +325,7 @@ def demo(
             raise ArgumentError(f"--size: expected one of {', '.join(DEMO_SIZES)}, got {size!r}.")
     archive = out / "archive"
     root = out / "out"
+    api = _start_api_early()  # Prefect's temporary server starts while the archive is written
     if not archive.exists():
         manifest = make_demo_archive(archive, size=size, raw_projections=True)
         console.print(f"demo archive: {len(manifest.entries)} sources written to {archive}")
@@ -341,6 +342,7 @@ def demo(
         f"({_settings_words(DEMO_DENOISE)}; the defaults: {_settings_words(_denoise_defaults())})"
         ": the image shows the stage working, not its full quality.[/yellow]"
     )
+    api.wait()
     summary = _run_nightly(
         str(archive),
         str(root),
@@ -355,6 +357,45 @@ def demo(
         f'     medflow query --root {root} "SELECT modality, status, count(*) FROM catalog '
         f'GROUP BY ALL"'
     )
+
+
+class _EarlyApi:
+    """Prefect's temporary local server, started in a thread of its own (seconds) while other
+    set-up work goes on; :meth:`wait` joins it. The flow run then finds it running and uses it,
+    as it would have started it itself. Nothing to do when ``PREFECT_API_URL`` names a server."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            return
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the instance a flow run without an API starts
+
+        def start() -> None:
+            try:
+                server.start()
+            except BaseException as e:  # raised in the caller's thread by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=start, name="medflow-prefect-api", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
+
+
+def _start_api_early() -> _EarlyApi:
+    return _EarlyApi()
 
 
 DEMO_DENOISE: dict[str, Any] = {

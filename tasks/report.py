@@ -846,7 +846,12 @@ def build_report(
     # this page's own row: the time to make it, up to here (the pictures are most of it)
     seconds = time.perf_counter() - t0
     if isinstance(stages, Mapping) and "report" in stages:
-        summary = {**summary, "report_pages": 1, "stage_seconds": {**stages, "report": seconds}}
+        summary = {
+            **summary,
+            "report_pages": 1,
+            "stage_seconds": {**stages, "report": seconds},
+            "seconds": float(summary.get("seconds") or 0.0) + seconds,
+        }
     page = _render_html(
         summary,
         quarantined,
