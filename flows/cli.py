@@ -750,6 +750,12 @@ def similar(
     if "embeddings" not in _views(con):
         console.print("no embeddings written yet")
         raise typer.Exit(1)
+    labels = [r[0] for r in con.execute("SELECT DISTINCT encoder FROM embeddings ORDER BY 1")]
+    if encoder is not None and encoder not in labels:
+        with cli_errors():
+            raise ArgumentError(
+                f"--encoder {encoder!r}: no embeddings by that encoder; have: {', '.join(labels)}."
+            )
     try:
         rows = nearest_series(con, series_key, encoder, k)
     except LookupError as e:

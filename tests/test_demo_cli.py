@@ -137,6 +137,13 @@ def test_m3ret_embeds_every_series_it_accepts_and_similar_works(demo: tuple[Path
     assert probe in listed  # the title
     assert len([k for k in listed if k != probe]) == 3
     assert set(listed) <= embedded
+    wrong = CliRunner().invoke(
+        app, ["similar", probe, "--root", str(out / "out"), "--encoder", "m3rte"]
+    )
+    assert wrong.exit_code == 2
+    assert "--encoder 'm3rte': no embeddings by that encoder; have: clip, m3ret, merlin" in (
+        " ".join(wrong.output.split())
+    )
 
 
 def test_summary_lists_every_stage_with_count_and_time(demo: tuple[Path, str]) -> None:
