@@ -750,7 +750,9 @@ def similar(
     if "embeddings" not in _views(con):
         console.print("no embeddings written yet")
         raise typer.Exit(1)
-    labels = [r[0] for r in con.execute("SELECT DISTINCT encoder FROM embeddings ORDER BY 1")]
+    labels = [
+        r[0] for r in con.execute("SELECT DISTINCT encoder FROM embeddings ORDER BY 1").fetchall()
+    ]
     if encoder is not None and encoder not in labels:
         with cli_errors():
             raise ArgumentError(
