@@ -19,8 +19,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
-from flows.cli_checks import (
+from medflow import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
+from medflow.flows.cli_checks import (
     ArgumentError,
     check_archive,
     check_encoder_config,
@@ -30,7 +30,7 @@ from flows.cli_checks import (
     cli_errors,
     debug_enabled,
 )
-from tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
+from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
 
 class _CommandLine(typer.Typer):
@@ -40,7 +40,7 @@ class _CommandLine(typer.Typer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("standalone_mode", True) is False:
             return super().__call__(*args, **kwargs)
-        from flows.cli_checks import click_exceptions, fail
+        from medflow.flows.cli_checks import click_exceptions, fail
 
         cx = click_exceptions()
         try:
@@ -112,7 +112,7 @@ def _run_nightly(
     dask_workers: int | None = None,
     denoise: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from flows import nightly as nightly_mod
+    from medflow.flows import nightly as nightly_mod
 
     runner = nightly_mod._runner(workers, dask_address=dask_address, dask_workers=dask_workers)
     dask = dask_address is not None or dask_workers is not None
@@ -138,9 +138,9 @@ def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
     """
     import time
 
-    from storage.layout import OutputRoot
-    from storage.lock import run_lock
-    from storage.tables import utcnow
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.lock import run_lock
+    from medflow.storage.tables import utcnow
 
     started, t0 = utcnow(), time.perf_counter()
     out = OutputRoot(root)
@@ -159,10 +159,10 @@ def _idle_locked(
     import time
     import uuid
 
-    from flows.nightly import IngestSummary, record_run, resolve_specs
-    from tasks.discover import discover
-    from tasks.encode import known_encoder, pending_items
-    from tasks.preprocess import DenoiseConfig, pending_denoise
+    from medflow.flows.nightly import IngestSummary, record_run, resolve_specs
+    from medflow.tasks.discover import discover
+    from medflow.tasks.encode import known_encoder, pending_items
+    from medflow.tasks.preprocess import DenoiseConfig, pending_denoise
 
     disc, _ = discover.fn(archive, out.url)
     counts = disc.counts()
@@ -210,7 +210,7 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
 
 def _print_stages(summary: dict[str, Any]) -> None:
     """Every stage of the run with its count and time (as the run report lists them)."""
-    from tasks.report import count_text, stage_table
+    from medflow.tasks.report import count_text, stage_table
 
     t = Table(title="stages", show_header=True)
     t.add_column("stage")
@@ -271,7 +271,7 @@ def nightly(
     ] = None,
 ) -> None:
     """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT, then encode."""
-    from flows.nightly import _runner, default_workers
+    from medflow.flows.nightly import _runner, default_workers
 
     if (dask_address is not None or dask_workers is not None) and not debug_enabled():
         # the cluster's own INFO lines (workers starting, connections closing at its end)
@@ -315,8 +315,8 @@ def demo(
     ] = "small",
 ) -> None:
     """Generate a demo archive (synthetic, no real patients) and run the nightly job on it."""
-    from flows.nightly import default_workers
-    from tasks.demo_archive import DEMO_SIZES, make_demo_archive
+    from medflow.flows.nightly import default_workers
+    from medflow.tasks.demo_archive import DEMO_SIZES, make_demo_archive
 
     with cli_errors():
         check_output_folder("--out", out)
@@ -409,7 +409,7 @@ DEMO_DENOISE: dict[str, Any] = {
 
 
 def _denoise_defaults() -> dict[str, Any]:
-    from tasks.denoise import FlickingSettings
+    from medflow.tasks.denoise import FlickingSettings
 
     d = FlickingSettings().to_dict()
     return {k: d[k] for k in ("steps", "n_average", "channels", "patch_size")}
@@ -425,9 +425,9 @@ def demo_encoder_specs(models_dir: Path, *, m3ret: bool = False) -> list[dict[st
     Merlin and CLIP, and with ``m3ret`` an M3Ret-style ViT (image-to-image retrieval only)."""
     from importlib.resources import files
 
-    from encoders.testing import write_random_checkpoint, write_tiny_text_model
+    from medflow.encoders.testing import write_random_checkpoint, write_tiny_text_model
 
-    clip_config = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    clip_config = str(files("medflow.encoders") / "configs" / "demo_clip_tiny.json")
     text_dir = models_dir / "merlin-tiny-text"
     merlin_ck = models_dir / "merlin_tiny.pt"
     clip_ck = models_dir / "clip_tiny.pt"
@@ -468,8 +468,8 @@ def query(
     """Run SQL (DuckDB) over the output tables, each registered as a view by name."""
     with cli_errors():
         check_root(root, must_exist=True)
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     con = connect(OutputRoot(root))
     try:
@@ -504,8 +504,8 @@ def status(root: RootOpt = "medflow-out") -> None:
     The unexpected errors are restricted: their text may quote paths."""
     with cli_errors():
         check_root(root, must_exist=True)
-    from storage.layout import OutputRoot
-    from storage.tables import INCIDENTS_SCHEMA, connect, read_table
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table
 
     out = OutputRoot(root)
     con = connect(out)
@@ -596,9 +596,9 @@ def quarantine(
     import csv as csv_mod
     import sys
 
-    from storage.layout import OutputRoot
-    from storage.tables import quarantine_listing
-    from tasks.reasons import parse_reason_code
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import quarantine_listing
+    from medflow.tasks.reasons import parse_reason_code
 
     wanted = parse_reason_code(code).value if code is not None else None
     rows = quarantine_listing(OutputRoot(root), code=wanted, run_id=run).to_pylist()
@@ -658,9 +658,9 @@ def encoders_cmd(
     config: Annotated[str | None, typer.Option(help="Encoder config (TOML/JSON).")] = None,
 ) -> None:
     """Registered encoders, and the configured ones with their versions and checkpoint status."""
-    from encoders import list_encoders
-    from encoders._registry import get_entry
-    from tasks.encode import get_encoder, load_encoder_specs, version_tag
+    from medflow.encoders import list_encoders
+    from medflow.encoders._registry import get_entry
+    from medflow.tasks.encode import get_encoder, load_encoder_specs, version_tag
 
     specs = []
     if config:
@@ -707,8 +707,8 @@ def findings(
     """Zero-shot findings of one series, newest per encoder and finding, highest first."""
     with cli_errors():
         check_root(root, must_exist=True)
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     con = connect(OutputRoot(root))
     if "findings" not in _views(con):
@@ -743,8 +743,8 @@ def similar(
     with cli_errors():
         check_root(root, must_exist=True)
         check_positive("--k", k)
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     con = connect(OutputRoot(root))
     if "embeddings" not in _views(con):
@@ -805,19 +805,19 @@ def _views(con: Any) -> set[str]:
 
 
 def _register_extra_commands() -> None:
-    from flows.pretrain import pretrain_cmd
-    from tasks.retrieval import eval_retrieval
+    from medflow.flows.pretrain import pretrain_cmd
+    from medflow.tasks.retrieval import eval_retrieval
 
     app.command("pretrain")(pretrain_cmd)
     app.command("eval-retrieval")(eval_retrieval)
-    from flows.cli_serve import serve_cmd
+    from medflow.flows.cli_serve import serve_cmd
 
     app.command("serve")(serve_cmd)
-    from flows.cli_reprocess import prune_cmd, reprocess_cmd
+    from medflow.flows.cli_reprocess import prune_cmd, reprocess_cmd
 
     app.command("reprocess")(reprocess_cmd)
     app.command("prune")(prune_cmd)
-    from flows.cli_analytics import compact_cmd, export_duckdb_cmd
+    from medflow.flows.cli_analytics import compact_cmd, export_duckdb_cmd
 
     app.command("export-duckdb")(export_duckdb_cmd)
     app.command("compact")(compact_cmd)

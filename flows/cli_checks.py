@@ -19,7 +19,7 @@ from typing import Any
 
 import typer
 
-from tasks.reasons import InputError
+from medflow.tasks.reasons import InputError
 
 __all__ = [
     "ArgumentError",
@@ -194,7 +194,7 @@ def check_encoder_config(path: str | None) -> list[Any]:
         raise ArgumentError(f"--config {path!r} is a folder, expected a TOML or JSON file.")
     if not os.access(p, os.R_OK):
         raise ArgumentError(f"--config {path!r}: permission denied.")
-    from tasks.encode import load_encoder_specs
+    from medflow.tasks.encode import load_encoder_specs
 
     try:
         specs = load_encoder_specs(p)
@@ -212,8 +212,8 @@ def check_encoder_specs(specs: Sequence[Any], *, where: str = "encoders") -> Non
     """Each spec names a registered encoder, an existing checkpoint file (or random weights),
     a known prompt bank, builder options it takes and existing files they name; labels are
     distinct. Nothing is loaded."""
-    from encoders import list_encoders
-    from encoders._registry import get_entry
+    from medflow.encoders import list_encoders
+    from medflow.encoders._registry import get_entry
 
     known = list_encoders()
     labels: list[str] = []
@@ -257,7 +257,7 @@ def _check_checkpoint(at: str, checkpoint: str | None) -> None:
 
 
 def _check_bank(at: str, bank: str) -> None:
-    from encoders.findings import load_prompt_bank
+    from medflow.encoders.findings import load_prompt_bank
 
     try:
         load_prompt_bank(bank)

@@ -73,8 +73,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
-from storage.images import DecodedImage, ImageMeta, Restart, slab_rows
-from tasks.reasons import ReasonCode, SourceError, format_number, format_values
+from medflow.storage.images import DecodedImage, ImageMeta, Restart, slab_rows
+from medflow.tasks.reasons import ReasonCode, SourceError, format_number, format_values
 
 __all__ = [
     "ORIENTATION_TOLERANCE",

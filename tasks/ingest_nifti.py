@@ -55,9 +55,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from storage.images import DecodedImage, ImageMeta
-from tasks import SourceError, parse_source_path
-from tasks.reasons import ReasonCode, format_number
+from medflow.storage.images import DecodedImage, ImageMeta
+from medflow.tasks import SourceError, parse_source_path
+from medflow.tasks.reasons import ReasonCode, format_number
 
 __all__ = [
     "NIFTI_SUFFIXES",

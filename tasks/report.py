@@ -42,10 +42,10 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from storage.images import open_image
-from storage.layout import OutputRoot
-from storage.tables import connect, utcnow
-from tasks.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonCode, tally_groups
+from medflow.storage.images import open_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect, utcnow
+from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonCode, tally_groups
 
 __all__ = [
     "DEFAULT_CT_WINDOW",
@@ -254,8 +254,8 @@ class DenoisedPair:
 
 def _method_defaults(method: str) -> dict[str, Any]:
     try:
-        from tasks.denoise import FlickingSettings
-        from tasks.denoise.zsn2n import ZSN2NSettings
+        from medflow.tasks.denoise import FlickingSettings
+        from medflow.tasks.denoise.zsn2n import ZSN2NSettings
     except ImportError:  # pragma: no cover - torch is a dependency
         return {}
     if method == "flicking":
@@ -827,7 +827,7 @@ def build_report(
         raise ValueError(f"Expected max_thumbnails >= 0, got {max_thumbnails} instead.")
     if not (len(ct_window) == 2 and ct_window[1] > 0 and all(map(math.isfinite, ct_window))):
         raise ValueError(f"Expected a CT window (level, width > 0), got {ct_window!r} instead.")
-    from tasks.ingest import medflow_version
+    from medflow.tasks.ingest import medflow_version
 
     t0 = time.perf_counter()
     out = OutputRoot(root)

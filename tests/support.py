@@ -26,7 +26,7 @@ def nifti_archive(base: Path, n: int) -> Path:
 
 def full_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths pydicom parses from now on (rather than matched against a layout)."""
-    from tasks import ingest_dicom
+    from medflow.tasks import ingest_dicom
 
     calls: list[str] = []
     real = ingest_dicom._open

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.reasons import InputError, TaskFailure, retry_transient
+from medflow.tasks.reasons import InputError, TaskFailure, retry_transient
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def _env(home: Path) -> dict[str, str]:
 
 def _run(args: list[str], home: Path, *, debug: bool = False) -> tuple[int, str, str]:
     """The command line in a process of its own, as a user runs it."""
-    cmd = [sys.executable, "-m", "flows.cli", *(["--debug"] if debug else []), *args]
+    cmd = [sys.executable, "-m", "medflow.flows.cli", *(["--debug"] if debug else []), *args]
     proc = subprocess.run(
         cmd, cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=120, check=False
     )
@@ -406,7 +406,7 @@ def test_help_texts_read_as_plain_text() -> None:
     import typer
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from medflow.flows.cli import app
 
     commands = list(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     assert {"nightly", "demo", "similar", "reprocess"} <= set(commands)
@@ -444,7 +444,7 @@ def test_a_missing_archive_is_not_retried(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.nightly import ingest_archive
+    from medflow.flows.nightly import ingest_archive
 
     state = ingest_archive(
         archive=str(tmp_path / "nope"), root=str(tmp_path / "out"), return_state=True

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.demo_archive import make_demo_archive
+from medflow.tasks.demo_archive import make_demo_archive
 
 REPO = Path(__file__).resolve().parent.parent
 _RUN_ID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")
@@ -26,7 +26,7 @@ def _nightly(archive: Path, root: Path, home: Path, *extra: str) -> str:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "nightly", str(archive), "--root", str(root), *extra],
+        [sys.executable, "-m", "medflow.flows.cli", "nightly", str(archive), "--root", str(root), *extra],
         cwd=REPO,
         env=env,
         capture_output=True,

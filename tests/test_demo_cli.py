@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import DEMO_DENOISE, app
-from storage.images import open_image
-from storage.layout import OutputRoot
-from storage.tables import connect
+from medflow.flows.cli import DEMO_DENOISE, app
+from medflow.storage.images import open_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -95,8 +95,8 @@ def test_low_dose_scan_is_denoised_with_its_provenance(demo: tuple[Path, str]) -
 
 
 def test_m3ret_embeds_every_series_it_accepts_and_similar_works(demo: tuple[Path, str]) -> None:
-    from flows.cli import demo_encoder_specs
-    from tasks.encode import EncoderSpec, accepts_row, get_encoder
+    from medflow.flows.cli import demo_encoder_specs
+    from medflow.tasks.encode import EncoderSpec, accepts_row, get_encoder
 
     out, _ = demo
     (spec,) = [

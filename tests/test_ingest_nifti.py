@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
-from tasks import SourceError
-from tasks.ingest_nifti import parse_dims, read_nifti
-from tasks.reasons import ReasonCode
+from medflow.tasks import SourceError
+from medflow.tasks.ingest_nifti import parse_dims, read_nifti
+from medflow.tasks.reasons import ReasonCode
 
 
 def _rotated_affine(zooms: tuple[float, float, float]) -> np.ndarray:
