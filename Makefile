@@ -28,6 +28,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict medflow/storage medflow/encoders
 
 pytest: system-packages setup
 	$(BIN)/python -m pytest -q
@@ -35,7 +36,7 @@ pytest: system-packages setup
 test: pytest lint
 
 bench: setup
-	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python -m benchmarks.ingest
 
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache

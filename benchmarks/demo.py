@@ -28,7 +28,14 @@ def run_demo(src: Path, work: Path) -> tuple[float, float, int]:
     out = work / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PYTHONPATH=str(src), PREFECT_HOME=str(work / "prefect-home"), COLUMNS="120")
-    cmd = [sys.executable, "-c", "from medflow.flows.cli import main; main()", "demo", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from medflow.flows.cli import main; main()",
+        "demo",
+        "--out",
+        str(out),
+    ]
     log_path = work / "demo.log"
     with open(log_path, "wb") as log:
         t0 = time.perf_counter()

@@ -9,17 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medflow import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
 from medflow.flows.cli_checks import (
     ArgumentError,
     check_archive,
@@ -30,6 +26,7 @@ from medflow.flows.cli_checks import (
     cli_errors,
     debug_enabled,
 )
+from medflow.flows.console import console, stage_progress
 from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
 
@@ -60,7 +57,6 @@ class _CommandLine(typer.Typer):
 
 
 app = _CommandLine(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
 
 RootOpt = Annotated[str, typer.Option("--root", "-r", help="Output root (folder or fsspec URL).")]
 
@@ -73,32 +69,6 @@ def _options(
 ) -> None:
     if debug:
         os.environ["MEDFLOW_DEBUG"] = "1"
-
-
-@contextlib.contextmanager
-def stage_progress(callbacks: dict[str, Any]) -> Iterator[None]:
-    """Progress bars on the console, one per stage, fed by a flow through ``callbacks["cb"]``
-    (a flow module's ``_PROGRESS``: flows take only serialisable parameters)."""
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        callbacks["cb"] = progress
-        try:
-            yield
-        finally:
-            callbacks.pop("cb", None)
 
 
 def _run_nightly(
@@ -505,7 +475,7 @@ def status(root: RootOpt = "medflow-out") -> None:
     with cli_errors():
         check_root(root, must_exist=True)
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table
+    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table, view_names
 
     out = OutputRoot(root)
     con = connect(out)
@@ -517,7 +487,7 @@ def status(root: RootOpt = "medflow-out") -> None:
     for m, s, n in counts:
         t.add_row(m, s, str(n))
     console.print(t)
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    views = view_names(con)
     last = (
         con.execute(
             "SELECT flow, run_id, finished_at, seconds FROM runs ORDER BY finished_at DESC LIMIT 1"
@@ -658,8 +628,7 @@ def encoders_cmd(
     config: Annotated[str | None, typer.Option(help="Encoder config (TOML/JSON).")] = None,
 ) -> None:
     """Registered encoders, and the configured ones with their versions and checkpoint status."""
-    from medflow.encoders import list_encoders
-    from medflow.encoders._registry import get_entry
+    from medflow.encoders import get_entry, list_encoders
     from medflow.tasks.encode import get_encoder, load_encoder_specs, version_tag
 
     specs = []
@@ -679,7 +648,6 @@ def encoders_cmd(
     console.print(t)
     if not config:
         return
-
     c = Table(
         "label", "encoder", "checkpoint", "status", "version", title=f"configured in {config}"
     )
@@ -694,7 +662,7 @@ def encoders_cmd(
 
 
 def entry_summary(config: Any) -> dict[str, Any]:
-    keep = ("modalities", "kinds", "embedding_dims", "input_size", "spacing_mm", "arch")
+    keep = ("modalities", "kinds", "embedding_dims", "input_size", "spacing_mm", "architecture")
     return {k: v for k, v in dict(config).items() if k in keep}
 
 
@@ -708,10 +676,10 @@ def findings(
     with cli_errors():
         check_root(root, must_exist=True)
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import connect
+    from medflow.storage.tables import connect, view_names
 
     con = connect(OutputRoot(root))
-    if "findings" not in _views(con):
+    if "findings" not in view_names(con):
         console.print("no findings written yet")
         raise typer.Exit(1)
     rows = con.execute(
@@ -744,10 +712,10 @@ def similar(
         check_root(root, must_exist=True)
         check_positive("--k", k)
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import connect
+    from medflow.storage.tables import connect, view_names
 
     con = connect(OutputRoot(root))
-    if "embeddings" not in _views(con):
+    if "embeddings" not in view_names(con):
         console.print("no embeddings written yet")
         raise typer.Exit(1)
     labels = [
@@ -800,13 +768,9 @@ def nearest_series(con: Any, series_key: str, encoder: str | None, k: int) -> li
     return result
 
 
-def _views(con: Any) -> set[str]:
-    return {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-
-
 def _register_extra_commands() -> None:
+    from medflow.evaluation.retrieval import eval_retrieval
     from medflow.flows.pretrain import pretrain_cmd
-    from medflow.tasks.retrieval import eval_retrieval
 
     app.command("pretrain")(pretrain_cmd)
     app.command("eval-retrieval")(eval_retrieval)

@@ -212,8 +212,7 @@ def check_encoder_specs(specs: Sequence[Any], *, where: str = "encoders") -> Non
     """Each spec names a registered encoder, an existing checkpoint file (or random weights),
     a known prompt bank, builder options it takes and existing files they name; labels are
     distinct. Nothing is loaded."""
-    from medflow.encoders import list_encoders
-    from medflow.encoders._registry import get_entry
+    from medflow.encoders import get_entry, list_encoders
 
     known = list_encoders()
     labels: list[str] = []

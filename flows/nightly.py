@@ -21,8 +21,8 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from medflow.flows.locking import exclusive_run
 from medflow.storage.layout import OutputRoot
-from medflow.storage.lock import exclusive_run
 from medflow.storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
 from medflow.tasks.discover import discover
 from medflow.tasks.encode import (
@@ -118,7 +118,7 @@ def _run_id() -> str:
 def _clear_staging(root: OutputRoot) -> None:
     # staging holds only images of runs that died; one nightly writes at a time
     if root.is_local:
-        shutil.rmtree(root.join("images", ".staging"), ignore_errors=True)
+        shutil.rmtree(root.image_staging_dir(), ignore_errors=True)
 
 
 def _current_fingerprints(root: OutputRoot) -> dict[str, tuple[str, str]]:

@@ -2,7 +2,7 @@
 
 ``python tests/cli_fork_runner.py CASES.json RESULTS.json``: CASES holds a list of argument
 lists; for each, a child process (forked after the imports, so each run costs its own work
-only) runs ``cli.main()`` with those arguments, its standard output and error going to
+only) runs the ``medflow`` entry point with those arguments, its standard output and error going to
 files. RESULTS receives ``[[exit status, stdout, stderr], ...]`` in the same order. The tests
 use it to run the real entry point on many bad arguments without paying the start-up of the
 interpreter and its imports each time.
@@ -21,7 +21,9 @@ def main() -> None:
     with open(cases_path, encoding="utf-8") as f:
         cases = json.load(f)
     import medflow.encoders  # noqa: F401  (warm: the config checks read the encoder registry)
-    import medflow.flows.cli as cli
+    import medflow.flows.cli  # noqa: F401  (warm: the command line and Prefect)
+    from medflow.flows.entry import main as medflow_main
+
     results = []
     with tempfile.TemporaryDirectory(prefix="medflow-cli-runner-") as tmp:
         for i, args in enumerate(cases):
@@ -37,7 +39,7 @@ def main() -> None:
                         os.dup2(err.fileno(), 2)
                         sys.argv = ["medflow", *args]
                         try:
-                            cli.main()
+                            medflow_main()
                             code = 0
                         except SystemExit as e:
                             code = (

@@ -59,7 +59,7 @@ def _env(home: Path) -> dict[str, str]:
 
 def _run(args: list[str], home: Path, *, debug: bool = False) -> tuple[int, str, str]:
     """The command line in a process of its own, as a user runs it."""
-    cmd = [sys.executable, "-m", "medflow.flows.cli", *(["--debug"] if debug else []), *args]
+    cmd = [sys.executable, "-m", "medflow", *(["--debug"] if debug else []), *args]
     proc = subprocess.run(
         cmd, cwd=REPO, env=_env(home), capture_output=True, text=True, timeout=120, check=False
     )

@@ -26,7 +26,16 @@ def _nightly(archive: Path, root: Path, home: Path, *extra: str) -> str:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "medflow.flows.cli", "nightly", str(archive), "--root", str(root), *extra],
+        [
+            sys.executable,
+            "-m",
+            "medflow",
+            "nightly",
+            str(archive),
+            "--root",
+            str(root),
+            *extra,
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -215,7 +215,16 @@ def test_prefect_yaml_deployments_are_created_and_nightly_runs(
 
 
 def _nightly_cmd(archive: Path, root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "medflow.flows.cli", "nightly", str(archive), "--root", str(root), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "medflow.flows.cli",
+        "nightly",
+        str(archive),
+        "--root",
+        str(root),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
