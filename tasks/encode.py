@@ -38,7 +38,7 @@ from medflow.storage.tables import (
     utcnow,
     write_part,
 )
-from medflow.tasks.reasons import clip_text, shielded
+from medflow.tasks.reasons import clip_text, retry_transient, shielded
 
 if TYPE_CHECKING:  # the encoders (and torch) load only when an encoder is built
     from medflow.encoders import Acceptance, Declared, Encoder, PromptBank
@@ -254,6 +254,7 @@ class EncodeManifest:
     findings: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (series_key, reason)
     seconds: float = 0.0
+    findings_seconds: float = 0.0  # of ``seconds``: scoring findings and writing them
 
 
 def accepts_row(info: Acceptance, modality: str | None, axes: str | None) -> bool:
@@ -474,6 +475,7 @@ def encode_items(
     )
     manifest.embedded = len(rows)
     if spec.bank is not None and rows and getattr(encoder, "has_text", True):
+        t_findings = time.perf_counter()
         bank, text = bank_embeddings(root, encoder, spec)
         contrastive = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
         frows = findings_rows(encoder, spec, bank, text, ok_items, contrastive, run_id)
@@ -484,6 +486,7 @@ def encode_items(
             part_id(name, bank.version),
         )
         manifest.findings = len(frows)
+        manifest.findings_seconds = time.perf_counter() - t_findings
     manifest.seconds = time.perf_counter() - t0
     return manifest
 
@@ -546,6 +549,7 @@ def recompute_findings(
 @task(
     name="encode-batch",
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[10],
     cache_policy=NO_CACHE,
     persist_result=False,
