@@ -164,7 +164,7 @@ def test_a_series_that_gains_an_instance_is_reingested_alone(tmp_path: Path) -> 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "medflow.flows.cli", *args],
+        [sys.executable, "-m", "medflow", *args],
         capture_output=True,
         text=True,
         env=env,

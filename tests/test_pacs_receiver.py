@@ -38,7 +38,7 @@ class _Receiver:
             [
                 sys.executable,
                 "-m",
-                "medflow.flows.cli",
+                "medflow",
                 "receive",
                 "--archive",
                 str(archive),
@@ -146,7 +146,7 @@ def test_orthanc_pushes_a_study_and_the_nightly_ingests_it(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO), env.get("PYTHONPATH", "")])
     env.update({USER_ENV: USER, PASSWORD_ENV: PASSWORD})
-    cmd = [sys.executable, "-m", "medflow.flows.cli", "send-srs", str(archive), "--root", str(root)]
+    cmd = [sys.executable, "-m", "medflow", "send-srs", str(archive), "--root", str(root)]
     cmd += ["--to", f"dicomweb+{orthanc.dicomweb}"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=_REPO)
     assert r.returncode == 0, r.stdout + r.stderr
