@@ -407,7 +407,7 @@ def ct_medflow(cfg: Config) -> Work:
     import numpy as np
 
     from storage.images import write_image
-    from tasks.ingest_dicom import read_dicom_headers, read_dicom_series
+    from tasks.dicom import read_dicom_headers, read_dicom_series
 
     paths = _dicom_paths(cfg)
     out = fresh_dir(cfg.ct_out) / "ct.zarr"

@@ -29,7 +29,7 @@ from tasks.discover import Discovery, KnownSource
 from tasks.reasons import ReasonCode, SourceError, shielded, unexpected
 
 if TYPE_CHECKING:
-    from tasks.ingest_dicom import DicomHeader
+    from tasks.dicom import DicomHeader
 
 __all__ = [
     "HeaderScan",
@@ -114,11 +114,11 @@ def scan_header_files(
 ) -> list[HeaderScan]:
     """Read DICOM headers (no pixels) and key each file by its Study/Series Instance UIDs.
 
-    Files are read in the order given by :func:`~tasks.ingest_dicom.read_dicom_headers`, which
+    Files are read in the order given by :func:`~tasks.dicom.read_dicom_headers`, which
     reads a file laid out like one before it from that layout; a bad file gets its own error
     and the scan goes on.
     """
-    from tasks.ingest_dicom import read_dicom_headers
+    from tasks.dicom import read_dicom_headers
 
     out: list[HeaderScan | None] = [None] * len(relpaths)
     with local_files(archive, relpaths) as paths:
@@ -234,7 +234,7 @@ def plan_jobs(
 
 def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
     if kind == "dicom":
-        from tasks.ingest_dicom import read_dicom_series
+        from tasks.dicom import read_dicom_series
 
         return lambda paths: read_dicom_series(paths, stream=True)
     if kind == "nifti":

@@ -26,14 +26,15 @@ def nifti_archive(base: Path, n: int) -> Path:
 
 def full_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths pydicom parses from now on (rather than matched against a layout)."""
-    from tasks import ingest_dicom
+    from tasks.dicom import files, headers, scan, series
 
     calls: list[str] = []
-    real = ingest_dicom._open
+    real = files.open_dicom
 
     def spy(path: str, *, pixels: bool) -> object:
         calls.append(path)
         return real(path, pixels=pixels)
 
-    monkeypatch.setattr(ingest_dicom, "_open", spy)
+    for module in (headers, scan, series):  # the modules that parse files
+        monkeypatch.setattr(module, "open_dicom", spy)
     return calls
