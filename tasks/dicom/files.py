@@ -1,9 +1,20 @@
-"""Recognising DICOM files and parsing them: the preamble or a plausible data set at the start, truncation checks, and where native pixel data lies in the file."""
+"""Recognising DICOM files and parsing them: the preamble or a plausible data set at the start,
+truncation checks, and where native pixel data lies in the file.
+
+A gzip-compressed file (``.dcm.gz``, or any name: recognised by its first bytes) is read as the
+DICOM file it inflates to, in memory, up to the size limit of :mod:`tasks.dicom.limits`; its
+pixel data is then parsed with the rest of the data set rather than read in place.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import os
 import struct
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from tasks.dicom.limits import max_image_bytes
 from tasks.dicom.values import (
     UNDEFINED_LENGTH,
     io_error,
@@ -41,17 +53,82 @@ NATIVE_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV"}
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: str) -> bool:
+    """Whether the file starts with the gzip magic bytes."""
+    try:
+        with open(path, "rb") as fp:
+            return fp.read(2) == GZIP_MAGIC
+    except OSError:
+        return False
+
+
+def gunzip(path: str) -> bytes:
+    """The inflated content of the gzip file ``path``, refused above the size limit.
+
+    Inflation stops one byte past the limit, so a small file that claims (or inflates to)
+    more never takes more memory than the limit allows.
+    """
+    limit = max_image_bytes()
+    try:
+        with gzip.open(path, "rb") as g:
+            data = g.read(limit + 1)
+    except EOFError as e:
+        raise SourceError(
+            path,
+            "truncated: the gzip-compressed stream ends before its end marker",
+            code=ReasonCode.TRUNCATED,
+            detail=library_text(e),
+        ) from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise SourceError(
+            path,
+            f"corrupt gzip-compressed file ({type(e).__name__})",
+            code=ReasonCode.DECODE_ERROR,
+            detail=library_text(e),
+        ) from None
+    except OSError as e:
+        raise io_error(path, "cannot read the file", e) from None
+    if len(data) > limit:
+        raise SourceError(
+            path,
+            f"a gzip-compressed file that inflates beyond the size limit of {limit} bytes",
+            code=ReasonCode.TOO_LARGE,
+        )
+    return data
+
+
+@contextlib.contextmanager
+def open_source(path: str) -> Iterator[tuple[Any, int, bool]]:
+    """The file as DICOM bytes: a binary file object, its size, and whether it was inflated
+    from gzip (then an in-memory copy, whose offsets are not the file's)."""
+    if is_gzip(path):
+        data = gunzip(path)
+        yield io.BytesIO(data), len(data), True
+        return
+    size = os.path.getsize(path)
+    with open(path, "rb") as fp:
+        yield fp, size, False
+
+
 def is_dicom(path: str) -> bool:
     """Whether ``path`` looks like DICOM from its first 132 bytes (a cheap sniff, no parse).
 
     True for the ``DICM`` marker after the preamble, or for a preamble-less file starting with a
-    plausible group 0002/0008 element; :func:`read_dicom_header` makes the final call.
+    plausible group 0002/0008 element (inside a gzip stream as well);
+    :func:`read_dicom_header` makes the final call.
     """
     try:
         with open(path, "rb") as fp:
             head = fp.read(132)
         size = os.path.getsize(path)
-    except OSError:
+        if head[:2] == GZIP_MAGIC:
+            with gzip.open(path, "rb") as g:
+                head = g.read(132)
+            size = 1 << 62  # unknown until inflated: any length may fit
+    except (OSError, EOFError, zlib.error):
         return False
     return _has_preamble(head) or _looks_like_data_set(head, size)
 
@@ -103,8 +180,7 @@ def open_dicom(path: str, *, pixels: bool) -> Parsed:
     follows = False
     pixel_at: tuple[int, int] | None = None
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as fp:
+        with open_source(path) as (fp, size, inflated):
             head = fp.read(132)
             if size == 0:
                 raise SourceError(
@@ -122,14 +198,21 @@ def open_dicom(path: str, *, pixels: bool) -> Parsed:
             ts = transfer_syntax_of(ds)
             if ts == DeflatedExplicitVRLittleEndian:
                 # file offsets mean nothing in a deflated stream: parse it all (rare)
-                ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=not preamble)
+                fp.seek(0)
+                ds = pydicom.dcmread(
+                    fp if inflated else path, defer_size=_DEFER_BYTES, force=not preamble
+                )
             else:
                 found = _check_pixel_element(ds, path, size, fp)
                 follows = found is not None
                 if found is not None:
                     tag, offset, length = found
-                    if tag == 0x7FE00010 and ts in NATIVE_LE and length != UNDEFINED_LENGTH:
+                    native = ts in NATIVE_LE and length != UNDEFINED_LENGTH
+                    if tag == 0x7FE00010 and native and not inflated:
                         pixel_at = (offset, length)
+                    elif inflated and pixels:
+                        fp.seek(0)  # in memory already: parsed whole, pixel data included
+                        ds = pydicom.dcmread(fp, force=not preamble)
                     elif pixels:
                         ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=not preamble)
     except SourceError:

@@ -49,11 +49,17 @@ class Plane:
 
 
 def spacing_of(ds: Dataset | None, path: str) -> tuple[tuple[float, float] | None, str]:
-    """In-plane (row, column) spacing in mm and where it came from."""
+    """In-plane (row, column) spacing in mm and where it came from.
+
+    A spacing of zero (``0\\0``, written by some CR and secondary-capture devices for "not
+    calibrated") counts as absent: the next source is tried, else the spacing is unknown.
+    """
     if ds is None:
         return None, "none"
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = value_of(ds, keyword)
+        if value and _all_zero(value):
+            continue
         if value:
             try:
                 return parse_spacing_pair(value, keyword), keyword
@@ -65,6 +71,13 @@ def spacing_of(ds: Dataset | None, path: str) -> tuple[tuple[float, float] | Non
                     detail=cause_text(e),
                 ) from None
     return None, "none"
+
+
+def _all_zero(value: Any) -> bool:
+    try:
+        return all(float(v) == 0 for v in value)
+    except (TypeError, ValueError):
+        return False
 
 
 def rescale_of(ds: Dataset | None, path: str) -> tuple[float, float] | None:
