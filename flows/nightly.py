@@ -200,7 +200,7 @@ def run_ingest(
     for fut in as_completed(futures):
         outcomes = fut.result()
         record(outcomes, committed)
-        n_done += len(outcomes)
+        n_done = min(n_done + len(outcomes), len(todo))  # a series of parts gives several
         if progress:
             progress("ingest", n_done, len(todo))
     commit_touched(out, disc, known, keys, run_id)

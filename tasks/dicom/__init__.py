@@ -52,16 +52,19 @@ from tasks.dicom.files import is_dicom
 from tasks.dicom.geometry import ORIENTATION_TOLERANCE, SLICE_TOLERANCE_MM, SLICE_TOLERANCE_REL
 from tasks.dicom.headers import DicomHeader, group_by_series, read_dicom_header
 from tasks.dicom.scan import read_dicom_headers
-from tasks.dicom.volume import read_dicom_series
+from tasks.dicom.volume import DicomPart, DicomParts, read_dicom_parts, read_dicom_series
 
 __all__ = [
     "ORIENTATION_TOLERANCE",
     "SLICE_TOLERANCE_MM",
     "SLICE_TOLERANCE_REL",
     "DicomHeader",
+    "DicomPart",
+    "DicomParts",
     "group_by_series",
     "is_dicom",
     "read_dicom_header",
     "read_dicom_headers",
+    "read_dicom_parts",
     "read_dicom_series",
 ]

@@ -1,14 +1,16 @@
-"""Geometry: planes (position, orientation, spacing, rescale), stacking slices into a volume and the RAS affine."""
+"""Geometry: planes (position, orientation, spacing, rescale), stacking slices into a volume
+and the RAS affine."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
+from tasks.dicom.facts import NO_FACTS, PlaneFacts
 from tasks.dicom.values import (
     cause_text,
     parse_orientation,
@@ -46,6 +48,10 @@ class Plane:
     spacing_source: str
     slope: float
     intercept: float
+    # a slice cut from a Siemens mosaic: (first row, first column, rows, columns) in the frame
+    tile: tuple[int, int, int, int] | None = None
+    facts: PlaneFacts = field(default_factory=lambda: NO_FACTS)
+    rescale_kind: str | None = None  # how slope and intercept were chosen, where not DICOM's
 
 
 def spacing_of(ds: Dataset | None, path: str) -> tuple[tuple[float, float] | None, str]:

@@ -67,8 +67,10 @@ class DicomHeader:
 
     @property
     def stackable(self) -> bool:
-        """A single-frame image with ImagePositionPatient/ImageOrientationPatient."""
-        return self.has_image and self.number_of_frames == 1 and self.has_position
+        """An image with patient positions: ImagePositionPatient/ImageOrientationPatient, or
+        per-frame Plane Position/Orientation (an enhanced object, whose frames join those of
+        the other files of its series: e.g. one enhanced object per fMRI volume)."""
+        return self.has_image and self.has_position
 
     def grouping_uids(self) -> tuple[str, str]:
         """``(study, series)`` keys to group by: a non-stackable object gets a series of its own.

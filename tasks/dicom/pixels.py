@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from storage.images import DecodedImage, Restart
 from tasks.dicom.files import transfer_syntax_of
 from tasks.dicom.geometry import Plane
+from tasks.dicom.limits import check_image_bytes
 from tasks.dicom.series import Instance
 from tasks.dicom.values import (
     as_source_error,
@@ -353,26 +354,42 @@ def is_colour(fmt: PixelFormat) -> bool:
 def fill_planes(
     insts: Sequence[Instance], planes: Sequence[Plane], slots: Sequence[int], n: int
 ) -> tuple[np.ndarray, PixelFormat]:
-    """Decode every plane into slot ``slots[i]`` of an ``n``-long first axis."""
+    """Decode every plane into slot ``slots[i]`` of an ``n``-long first axis.
+
+    A plane cut from a mosaic (``plane.tile``) takes its tile of the decoded frame; several
+    planes may come from one frame. The array is sized from the headers and checked against
+    the size limit (:mod:`tasks.dicom.limits`) before it is allocated.
+    """
     formats, fmt = formats_of(insts, planes)
-    sink: _Colour | _Grey = (
-        _Colour((n, 3, fmt.rows, fmt.columns))
-        if is_colour(fmt)
-        else _Grey((n, fmt.rows, fmt.columns), fmt, planes)
+    rows, columns = (
+        (planes[0].tile[2], planes[0].tile[3]) if planes[0].tile else (fmt.rows, fmt.columns)
     )
-    by_inst: dict[int, dict[int, int]] = {}  # instance -> frame -> plane
+    colour = is_colour(fmt)
+    itemsize = 4  # at most: grey comes out as float32, int16 or uint8
+    check_image_bytes(
+        insts[0].path, n * rows * columns * (3 if colour else 1) * itemsize, "the decoded image"
+    )
+    sink: _Colour | _Grey = (
+        _Colour((n, 3, rows, columns)) if colour else _Grey((n, rows, columns), fmt, planes)
+    )
+    by_inst: dict[int, dict[int, list[int]]] = {}  # instance -> frame -> planes
     for i, p in enumerate(planes):
-        by_inst.setdefault(p.inst, {})[p.frame] = i
-    for inst_index, frame_to_plane in by_inst.items():
+        by_inst.setdefault(p.inst, {}).setdefault(p.frame, []).append(i)
+    for inst_index, frame_to_planes in by_inst.items():
         inst = insts[inst_index]
         got = 0
         for f, arr in enumerate(_frames(inst, formats[inst_index])):
-            plane_index = frame_to_plane.get(f)
-            if plane_index is None:
-                continue
-            got += 1
-            sink.put(slots[plane_index], arr, planes[plane_index])
-        if got != len(frame_to_plane):
+            for plane_index in frame_to_planes.get(f, ()):
+                plane = planes[plane_index]
+                tile = plane.tile
+                part = (
+                    arr
+                    if tile is None
+                    else arr[tile[0] : tile[0] + tile[2], tile[1] : tile[1] + tile[3]]
+                )
+                sink.put(slots[plane_index], part, plane)
+            got += f in frame_to_planes
+        if got != len(frame_to_planes):
             raise SourceError(
                 inst.path,
                 f"pixel data holds {got} frame(s), the header promises {inst.frames}",

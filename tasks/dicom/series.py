@@ -9,6 +9,7 @@ from pydicom.dataset import Dataset
 from tasks.dicom.files import open_dicom
 from tasks.dicom.headers import DicomHeader, header_of
 from tasks.dicom.scan import Layout, learn_layout, open_like
+from tasks.dicom.values import value_of
 from tasks.reasons import ReasonCode, SourceError
 
 
@@ -26,7 +27,7 @@ class Instance:
 
 def open_series(paths: list[str]) -> list[Instance]:
     out: list[Instance] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     series: tuple[str, str] | None = None
     duplicates = 0
     # files laid out like the first are parsed from its layout, the others by pydicom; should
@@ -52,10 +53,13 @@ def open_series(paths: list[str]) -> list[Instance]:
                 "belongs to another series than the first file: group files by series first",
                 code=ReasonCode.INCONSISTENT_SERIES,
             )
-        if header.sop_instance_uid in seen:
+        # the same instance twice counts once; a copy given another SeriesNumber (as edited
+        # copies and some exports are) is a series part of its own, as dcm2niix reads it
+        instance = (header.sop_instance_uid, str(value_of(parsed.ds, "SeriesNumber", "")))
+        if instance in seen:
             duplicates += 1
             continue
-        seen.add(header.sop_instance_uid)
+        seen.add(instance)
         out.append(
             Instance(path, parsed.ds, header, header.number_of_frames, pixel_at=parsed.pixel_at)
         )

@@ -1,9 +1,11 @@
-"""Assembling decoded images: a volume of slices, one single-frame image or a multi-frame cine."""
+"""Assembling decoded images: the parts of a series, each a volume of slices or a 4D image
+of volumes; one single-frame image; a multi-frame cine."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,9 @@ from pydicom.uid import (
 )
 
 from storage.images import DecodedImage, ImageMeta, slab_rows
-from tasks.dicom.enhanced import enhanced_planes
+from tasks.dicom.assembly import LeftOut, Part, split_parts, volumes_of
+from tasks.dicom.enhanced import PHILIPS_FLOAT, enhanced_planes, philips_rescale, philips_scale
+from tasks.dicom.facts import classic_facts
 from tasks.dicom.files import transfer_syntax_of
 from tasks.dicom.geometry import (
     Plane,
@@ -26,6 +30,7 @@ from tasks.dicom.geometry import (
     stack_planes,
     us_spacing,
 )
+from tasks.dicom.mosaic import is_mosaic, mosaic_planes
 from tasks.dicom.pixels import (
     PixelFormat,
     fill_planes,
@@ -46,58 +51,247 @@ _ALWAYS_LOSSY = frozenset(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class DicomPart:
+    """One image of a series: its key suffix ("" for the series' only or main part)."""
+
+    suffix: str
+    image: DecodedImage
+
+
+@dataclass(frozen=True, slots=True)
+class DicomParts:
+    """What a series' files make: its parts, and the planes left out with their reasons."""
+
+    parts: list[DicomPart]
+    left_out: list[LeftOut] = field(default_factory=list)
+
+
 def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedImage:
     """Decode the local files of one series (one object, or single-frame slices) into an image.
 
     Each file is parsed once (pixel data deferred until decoded, straight into one
     preallocated array); files laid out like the first are parsed by matching their bytes
-    against its elements, which gives the data set pydicom's parse would. A SOP instance found in several files counts once. A volume's slices
-    must share orientation (within :data:`ORIENTATION_TOLERANCE`), rows, columns and pixel
-    spacing, and their steps along the normal must be equal within ``max(SLICE_TOLERANCE_MM,
-    SLICE_TOLERANCE_REL * spacing)``: a gap or an irregular step is a :class:`SourceError`
-    whose path is the file before it and whose reason gives the numbers.
+    against its elements, which gives the data set pydicom's parse would. A SOP instance found
+    in several files counts once. A volume's slices must share orientation (within
+    :data:`ORIENTATION_TOLERANCE`), rows, columns and pixel spacing, and their steps along the
+    normal must be equal within ``max(SLICE_TOLERANCE_MM, SLICE_TOLERANCE_REL * spacing)``: a
+    gap or an irregular step is a :class:`SourceError` whose path is the file before it and
+    whose reason gives the numbers. Several volumes at the same positions make one 4D image
+    ``("t", "z", "y", "x")`` (see :mod:`tasks.dicom.assembly`); a series of several parts
+    (echoes, magnitude and phase, ...) is read with :func:`read_dicom_parts`, and is refused
+    here.
 
     ``ImageMeta.attrs`` holds only: sop_class, transfer_syntax, lossy_compression,
     photometric_interpretation, converted_to_rgb, monochrome1_inverted, palette_applied,
     bits_stored, n_slices or n_frames, slice_spacing_mm, slice_spacing_source, gantry_tilt_deg,
     pixel_spacing_source, frame_time_s, frame_time_known, rescale_slope, rescale_intercept,
     rescale_type, rescale_per_slice, body_part, ctdivol_mGy, manufacturer, manufacturer_model,
-    duplicate_files, geometry.
+    duplicate_files, geometry, mosaic_tiles, and for series of MR parts and volumes their
+    facts: series_number, image_type, complex_component, echo_number, echo_time_ms,
+    repetition_time_ms, part_suffix, n_volumes, volume_axis, t_step_source, volumes, bvals,
+    bvecs.
 
     ``stream``: a volume of single-frame slices comes back as slabs decoded one by one while
     the writer consumes them (headers are all read and checked first), so decoding overlaps
     compression and the whole volume is never in memory at once.
+    """
+    got = read_dicom_parts(paths, stream=stream)
+    if len(got.parts) != 1:
+        raise SourceError(
+            paths[0],
+            f"the series holds {len(got.parts)} parts "
+            f"({', '.join(p.suffix or 'main' for p in got.parts)}): read them as parts",
+            code=ReasonCode.MULTIPLE_STACKS,
+        )
+    return got.parts[0].image
+
+
+def read_dicom_parts(paths: Sequence[str], *, stream: bool = False) -> DicomParts:
+    """Decode the local files of one series into its parts (see :mod:`tasks.dicom.assembly`).
+
+    One part (suffix "") for a series of one kind of image; several where the series mixes
+    series numbers, echoes, complex components, image types or orientations, each with the
+    suffix its key takes. A CT localizer is left out (``left_out``), not a reason to refuse
+    the series. ``stream`` as for :func:`read_dicom_series`, for a series of one part.
     """
     if not paths:
         raise ValueError("Expected at least one DICOM file path, got none.")
     with quiet(), as_source_error(paths[0]):
         instances = open_series(list(paths))
         first = instances[0]
-        if len(instances) == 1:
-            if first.frames > 1:
-                planes = enhanced_planes(first)
-                if planes is not None:
-                    return _read_volume(instances, planes)
-                return _read_cine(first)
-            return _read_single(first)
-        for inst in instances:
-            if inst.frames > 1:
-                raise SourceError(
-                    inst.path,
-                    f"a multi-frame object ({inst.frames} frames) cannot be stacked with the "
-                    f"{len(instances) - 1} other file(s) of its series: read it on its own",
-                    code=ReasonCode.UNSUPPORTED_CONTENT,
-                )
-        planes = [_classic_plane(inst, i) for i, inst in enumerate(instances)]
-        for p, inst in zip(planes, instances, strict=True):
-            if p.position is None or p.orientation is None:
-                raise SourceError(
-                    inst.path,
-                    f"no ImagePositionPatient/ImageOrientationPatient: the {len(instances)} "
-                    "images of this series cannot be stacked into a volume; read them one by one",
-                    code=ReasonCode.INVALID_GEOMETRY,
-                )
-        return _read_volume(instances, planes, stream=stream)
+        if len(instances) == 1 and not is_mosaic(first):
+            if first.frames == 1:
+                return DicomParts([DicomPart("", _read_single(first))])
+            found = enhanced_planes(first)
+            if found is None:
+                return DicomParts([DicomPart("", _read_cine(first))])
+            planes = found
+        else:
+            planes = []
+            for i, inst in enumerate(instances):
+                planes.extend(_planes_of(inst, i, len(instances)))
+        parts, left = split_parts(planes, first.header.modality)
+        single = len(parts) == 1
+        return DicomParts(
+            [
+                DicomPart(p.suffix, _read_part(instances, p, stream=stream and single))
+                for p in parts
+            ],
+            left,
+        )
+
+
+def _planes_of(inst: Instance, index: int, n: int) -> list[Plane]:
+    """The planes of one file of a series of ``n``: its frames, its mosaic tiles or itself."""
+    if inst.frames > 1:
+        planes = enhanced_planes(inst, index)
+        if planes is None:
+            raise SourceError(
+                inst.path,
+                f"a multi-frame object ({inst.frames} frames) cannot be stacked with the "
+                f"{n - 1} other file(s) of its series: read it on its own",
+                code=ReasonCode.UNSUPPORTED_CONTENT,
+            )
+        return planes
+    if is_mosaic(inst):
+        return mosaic_planes(inst, index)
+    plane = _classic_plane(inst, index)
+    if plane.position is None or plane.orientation is None:
+        raise SourceError(
+            inst.path,
+            f"no ImagePositionPatient/ImageOrientationPatient: the {n} images of this series "
+            "cannot be stacked into a volume; read them one by one",
+            code=ReasonCode.INVALID_GEOMETRY,
+        )
+    return [plane]
+
+
+def _read_part(insts: list[Instance], part: Part, *, stream: bool) -> DecodedImage:
+    volumes = volumes_of(part.planes)
+    if len(volumes) == 1:
+        image = _read_volume(insts, volumes[0], stream=stream)
+    else:
+        image = _read_4d(insts, volumes)
+    attrs = dict(image.meta.attrs)
+    attrs.update(part.facts)
+    if part.suffix:
+        attrs["part_suffix"] = part.suffix
+    tr = part.planes[0].facts.repetition_time_ms
+    if tr is not None and insts[part.planes[0].inst].header.modality == "MR":
+        attrs["repetition_time_ms"] = tr
+    if part.planes[0].tile is not None:
+        attrs["mosaic_tiles"] = len(volumes[0])
+    kinds = {p.rescale_kind for p in part.planes} - {None}
+    if kinds:
+        attrs["rescale_type"] = sorted(k for k in kinds if k)[0]
+    meta = dataclasses.replace(image.meta, attrs=attrs)
+    return dataclasses.replace(image, meta=meta)
+
+
+def _volume_facts(
+    volumes: list[list[Plane]], affine: np.ndarray
+) -> tuple[list[dict[str, Any]], list[float] | None, list[list[float]] | None]:
+    """Per volume: its facts (times relative to the first volume); b-values and b-vectors in
+    the image's voxel frame as FSL and dcm2niix write them (x negated when the voxel-to-world
+    matrix has a positive determinant), where the series has diffusion facts."""
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    flip = float(np.linalg.det(affine[:3, :3])) > 0
+    times = [p.facts.acquisition_time_s for v in volumes for p in v]
+    t0 = min((t for t in times if t is not None), default=None)
+    out: list[dict[str, Any]] = []
+    bvals: list[float] = []
+    bvecs: list[list[float]] = []
+    diffusion = any(p.facts.b_value is not None for v in volumes for p in v)
+    for v in volumes:
+        f = v[0].facts
+        d: dict[str, Any] = {}
+        for key, value in (
+            ("temporal_position", f.temporal_index),
+            ("acquisition_number", f.acquisition_number),
+            ("echo_time_ms", f.echo_time_ms),
+            ("trigger_time_ms", f.trigger_time_ms),
+            ("b_value", f.b_value),
+        ):
+            if value is not None:
+                d[key] = value
+        when = [p.facts.acquisition_time_s for p in v if p.facts.acquisition_time_s is not None]
+        if when and t0 is not None:
+            d["acquisition_time_s"] = round(min(when) - t0, 6)
+        if diffusion:
+            b = f.b_value or 0.0
+            g = f.gradient_lps or (0.0, 0.0, 0.0)
+            ras = np.array([-g[0], -g[1], g[2]])
+            vox = np.linalg.solve(axes, ras) if np.any(ras) else np.zeros(3)
+            if flip:
+                vox[0] = -vox[0]
+            vec = [round(float(x), 6) + 0.0 for x in vox]
+            d["bvec"] = vec
+            bvals.append(b)
+            bvecs.append(vec)
+        out.append(d)
+    return out, (bvals if diffusion else None), (bvecs if diffusion else None)
+
+
+def _read_4d(insts: list[Instance], volumes: list[list[Plane]]) -> DecodedImage:
+    """Volumes at the same positions as one ``("t", "z", "y", "x")`` image."""
+    first_inst = insts[volumes[0][0].inst]
+    fmt = pixel_format(first_inst)
+    if is_colour(fmt):
+        raise SourceError(
+            first_inst.path,
+            "colour volumes are not supported",
+            code=ReasonCode.UNSUPPORTED_CONTENT,
+        )
+    stack = stack_planes(volumes[0])
+    nz, nt = len(volumes[0]), len(volumes)
+    flat: list[Plane] = []
+    slots: list[int] = []
+    for t, v in enumerate(volumes):
+        for k, i in enumerate(stack.order):
+            flat.append(v[i])
+            slots.append(t * nz + k)
+    pixels, fmt = fill_planes(insts, flat, slots, nt * nz)
+    pixels = pixels.reshape((nt, nz, *pixels.shape[1:]))
+    first = volumes[0][stack.order[0]]
+    position, orientation = placement(first)
+    pixel = first.pixel_spacing or (1.0, 1.0)
+    affine = affine_of(position, orientation, pixel, stack.step)
+    attrs = _common_attrs(first_inst, fmt, flat)
+    facts, bvals, bvecs = _volume_facts(volumes, affine)
+    diffusion = bvals is not None and (
+        len(set(bvals)) > 1 or len({tuple(b) for b in bvecs or []}) > 1
+    )
+    tr = first.facts.repetition_time_ms
+    timed = not diffusion and tr is not None and tr > 0
+    step = tr / 1000.0 if timed and tr is not None else 1.0
+    attrs.update(
+        n_slices=nz,
+        n_volumes=nt,
+        volume_axis="diffusion" if diffusion else "time",
+        volumes=facts,
+        slice_spacing_mm=stack.slice_spacing,
+        slice_spacing_source="measured",
+        pixel_spacing_source=first.spacing_source,
+        geometry="patient",
+        t_step_source="repetition_time" if timed else "none",
+    )
+    if bvals is not None:
+        attrs["bvals"] = bvals
+        attrs["bvecs"] = bvecs
+    if stack.tilt_deg > 0.01:
+        attrs["gantry_tilt_deg"] = round(stack.tilt_deg, 3)
+    axes = ("t", "z", "y", "x")
+    meta = ImageMeta(
+        modality=first_inst.header.modality,
+        source_kind="dicom",
+        axes=axes,
+        spacing=(step, stack.slice_spacing, pixel[0], pixel[1]),
+        origin=origin_of(affine, axes),
+        affine=tuple(tuple(float(v) for v in r) for r in affine),
+        attrs=attrs,
+    )
+    return DecodedImage(meta=meta, pixels=pixels)
 
 
 def _classic_plane(inst: Instance, index: int = 0) -> Plane:
@@ -113,7 +307,24 @@ def _classic_plane(inst: Instance, index: int = 0) -> Plane:
     if spacing is None:
         spacing, source = us_spacing(ds)
     slope, intercept = rescale_of(ds, inst.path) or (1.0, 0.0)
-    return Plane(inst.path, index, 0, pos, ori, spacing, source, slope, intercept)
+    kind = None
+    ss = philips_scale(ds)
+    if ss is not None:
+        slope, intercept = philips_rescale(slope, intercept, ss)
+        kind = PHILIPS_FLOAT
+    return Plane(
+        inst.path,
+        index,
+        0,
+        pos,
+        ori,
+        spacing,
+        source,
+        slope,
+        intercept,
+        facts=classic_facts(ds),
+        rescale_kind=kind,
+    )
 
 
 def _common_attrs(inst: Instance, fmt: PixelFormat, planes: Sequence[Plane]) -> dict[str, Any]:
@@ -164,10 +375,11 @@ def _is_lossy(ds: Dataset, ts: UID) -> bool:
 def _read_volume(
     insts: list[Instance], planes: list[Plane], *, stream: bool = False
 ) -> DecodedImage:
-    fmt = pixel_format(insts[0])
+    first_inst = insts[planes[0].inst]
+    fmt = pixel_format(first_inst)
     if is_colour(fmt):
         raise SourceError(
-            insts[0].path,
+            first_inst.path,
             "colour volumes are not supported",
             code=ReasonCode.UNSUPPORTED_CONTENT,
         )
@@ -176,7 +388,8 @@ def _read_volume(
     blocks: Iterator[np.ndarray] | None = None
     shape = (len(planes), fmt.rows, fmt.columns)
     dtype = grey_dtype(planes, fmt)
-    if stream and len(insts) == len(planes):  # one slice per file: decoded slab by slab
+    if stream and len(insts) == len(planes) and planes[0].tile is None:
+        # one slice per file: decoded slab by slab
         paths = [inst.path for inst in insts]
         formats, fmt = formats_of(insts, planes)  # size and colour checked before any writing
         blocks = stream_slices(
@@ -197,7 +410,7 @@ def _read_volume(
     position, orientation = placement(first)
     pixel = first.pixel_spacing or (1.0, 1.0)
     affine = affine_of(position, orientation, pixel, stack.step)
-    attrs = _common_attrs(insts[0], fmt, planes)
+    attrs = _common_attrs(first_inst, fmt, planes)
     attrs.update(
         n_slices=len(planes),
         slice_spacing_mm=stack.slice_spacing,
@@ -209,7 +422,7 @@ def _read_volume(
         attrs["gantry_tilt_deg"] = round(stack.tilt_deg, 3)
     axes = ("z", "y", "x")
     meta = ImageMeta(
-        modality=insts[0].header.modality,
+        modality=first_inst.header.modality,
         source_kind="dicom",
         axes=axes,
         spacing=(stack.slice_spacing, pixel[0], pixel[1]),
