@@ -352,9 +352,11 @@ def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -
     bad_file: str | None = None
     rows: list[dict[str, Any]] = []
     left: list[Any] = []
+    rel_of: dict[str, str] = {}
     try:
         with local_files(archive, job.relpaths) as paths:
             parts, left = _read_parts(job.kind, paths)
+            rel_of = dict(zip(paths, job.relpaths, strict=True))
             for suffix, image in parts:
                 key = job.series_key + suffix
                 stored = write_image(
@@ -390,7 +392,7 @@ def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -
         return [_finish(row, job, t0, bad_file=bad_file, detail=detail)]
     first = _finish(rows[0], job, t0, bad_file=None)
     if left:
-        by_path = {_relative(p, archive, job.relpaths): lo for lo in left for p in lo.paths}
+        by_path = {rel_of.get(p, p): lo for lo in left for p in lo.paths}
         for src in first.sources:
             lo = by_path.get(src["relpath"])
             if lo is not None:
