@@ -26,12 +26,14 @@ from storage.lock import exclusive_run
 from storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
 from tasks.discover import discover
 from tasks.encode import (
+    FOUR_D_REASON,
     EncoderSpec,
     encode_batch,
     get_encoder,
     load_encoder_specs,
     pending_items,
     recompute_findings,
+    record_four_d_refusals,
     remember_encoder,
     version_tag,
 )
@@ -360,6 +362,10 @@ def run_encode(
         remember_encoder(out, spec, encoder)  # lets a quiet night skip loading it
         tag = version_tag(encoder)
         items = pending_items(out, encoder, spec)
+        for key in record_four_d_refusals(out, encoder, spec, summary.run_id):
+            summary.note_failure(
+                f"encode {spec.output_name}", "refused", "four_d_not_supported", key, FOUR_D_REASON
+            )
         logger.info("encoder %s (%s): %d series pending", spec.output_name, tag, len(items))
         futures = [
             encode_batch.submit(out.url, spec, b, summary.run_id)
