@@ -14,7 +14,7 @@ from tasks import SourceError
 from tasks.demo_dicom import ct_phantom, write_2d, write_ct_series
 from tasks.dicom import is_dicom, read_dicom_header, read_dicom_headers, read_dicom_series
 from tasks.dicom.files import is_gzip
-from tasks.dicom.limits import LIMIT_ENV, max_image_bytes
+from tasks.limits import LIMIT_ENV, max_image_bytes
 from tasks.reasons import ReasonCode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -86,3 +86,29 @@ def test_zero_pixel_spacing_counts_as_unknown(tmp_path: Path, modality: str) -> 
     np.testing.assert_array_equal(img.pixels, image)
     assert img.meta.attrs["pixel_spacing_source"] == "none"
     assert img.meta.spacing == (1.0, 1.0)
+
+
+def test_header_promising_more_than_the_file_holds(tmp_path: Path) -> None:
+    """Rows, columns and frames far beyond the pixel data: refused from the numbers before
+    anything is allocated (a reason, never a MemoryError)."""
+    path = write_ct_series(tmp_path, ct_phantom((1, 20, 16)), SPACING, ORIGIN)[0]
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 60000, 60000
+    ds.save_as(path)
+    with pytest.raises(SourceError) as e:
+        read_dicom_series([str(path)])
+    assert e.value.code in (ReasonCode.TRUNCATED, ReasonCode.TOO_LARGE)
+    assert "60000" in e.value.reason and "MemoryError" not in e.value.reason
+
+
+def test_volume_above_the_limit_is_too_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = write_ct_series(tmp_path, ct_phantom((4, 20, 16)), SPACING, ORIGIN)
+    monkeypatch.setenv(LIMIT_ENV, str(4 * 20 * 16 * 4 - 1))
+    for stream in (False, True):
+        with pytest.raises(SourceError) as e:
+            read_dicom_series([str(p) for p in paths], stream=stream)
+        assert e.value.code == ReasonCode.TOO_LARGE
+    monkeypatch.setenv(LIMIT_ENV, str(4 * 20 * 16 * 4))
+    assert read_dicom_series([str(p) for p in paths]).pixels is not None

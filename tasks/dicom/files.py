@@ -2,7 +2,7 @@
 truncation checks, and where native pixel data lies in the file.
 
 A gzip-compressed file (``.dcm.gz``, or any name: recognised by its first bytes) is read as the
-DICOM file it inflates to, in memory, up to the size limit of :mod:`tasks.dicom.limits`; its
+DICOM file it inflates to, in memory, up to the size limit of :mod:`tasks.limits`; its
 pixel data is then parsed with the rest of the data set rather than read in place.
 """
 
@@ -30,7 +30,6 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from tasks.dicom.limits import max_image_bytes
 from tasks.dicom.values import (
     UNDEFINED_LENGTH,
     io_error,
@@ -39,6 +38,7 @@ from tasks.dicom.values import (
     valid_uid,
     value_of,
 )
+from tasks.limits import max_image_bytes
 from tasks.reasons import ReasonCode, SourceError
 
 _DEFER_BYTES = 16 * 1024  # values above this (pixel data) are read only when decoded

@@ -15,7 +15,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from storage.images import DecodedImage, Restart
 from tasks.dicom.files import transfer_syntax_of
 from tasks.dicom.geometry import Plane
-from tasks.dicom.limits import check_image_bytes
 from tasks.dicom.series import Instance
 from tasks.dicom.values import (
     as_source_error,
@@ -27,6 +26,7 @@ from tasks.dicom.values import (
     text_of,
     uid_known,
 )
+from tasks.limits import check_image_bytes
 from tasks.reasons import ReasonCode, SourceError, format_values
 
 
@@ -358,9 +358,11 @@ def fill_planes(
 
     A plane cut from a mosaic (``plane.tile``) takes its tile of the decoded frame; several
     planes may come from one frame. The array is sized from the headers and checked against
-    the size limit (:mod:`tasks.dicom.limits`) before it is allocated.
+    the size limit (:mod:`tasks.limits`) before it is allocated.
     """
     formats, fmt = formats_of(insts, planes)
+    for index, f in formats.items():  # what each file's header promises, before allocating
+        check_promised(insts[index], f)
     rows, columns = (
         (planes[0].tile[2], planes[0].tile[3]) if planes[0].tile else (fmt.rows, fmt.columns)
     )
@@ -396,6 +398,22 @@ def fill_planes(
                 code=ReasonCode.INVALID_PIXEL_MODULE,
             )
     return sink.array, fmt
+
+
+def check_promised(inst: Instance, fmt: PixelFormat) -> None:
+    """Raise when uncompressed pixel data is shorter than its header's frames need."""
+    if inst.pixel_at is None:
+        return
+    length = inst.pixel_at[1]
+    samples = 2 if fmt.photometric.endswith("_422") else fmt.samples  # chroma subsampled
+    need = (fmt.rows * fmt.columns * samples * inst.frames * fmt.bits_allocated + 7) // 8
+    if length < need:
+        raise SourceError(
+            inst.path,
+            f"truncated: the header promises {inst.frames} frame(s) of {fmt.rows}x{fmt.columns} "
+            f"at {fmt.bits_allocated} bits ({need} bytes), the pixel data holds {length}",
+            code=ReasonCode.TRUNCATED,
+        )
 
 
 def formats_of(

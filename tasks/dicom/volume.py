@@ -4,6 +4,7 @@ of volumes; one single-frame image; a multi-frame cine."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from tasks.dicom.geometry import (
 from tasks.dicom.mosaic import is_mosaic, mosaic_planes
 from tasks.dicom.pixels import (
     PixelFormat,
+    check_promised,
     fill_planes,
     formats_of,
     grey_dtype,
@@ -42,6 +44,7 @@ from tasks.dicom.pixels import (
 )
 from tasks.dicom.series import Instance, open_series
 from tasks.dicom.values import as_source_error, float_or_none, quiet, text_of, value_of
+from tasks.limits import check_image_bytes
 from tasks.reasons import ReasonCode, SourceError
 
 # transfer syntaxes that always lose information (JPEG DCT, MPEG); for the others, whose
@@ -392,6 +395,9 @@ def _read_volume(
         # one slice per file: decoded slab by slab
         paths = [inst.path for inst in insts]
         formats, fmt = formats_of(insts, planes)  # size and colour checked before any writing
+        for index, f in formats.items():
+            check_promised(insts[index], f)
+        check_image_bytes(first_inst.path, math.prod(shape) * 4, "the decoded image")
         blocks = stream_slices(
             insts,
             planes,
