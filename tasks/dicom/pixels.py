@@ -361,8 +361,8 @@ def fill_planes(
     the size limit (:mod:`tasks.limits`) before it is allocated.
     """
     formats, fmt = formats_of(insts, planes)
-    for index, f in formats.items():  # what each file's header promises, before allocating
-        check_promised(insts[index], f)
+    for index, each in formats.items():  # what each file's header promises, before allocating
+        check_promised(insts[index], each)
     rows, columns = (
         (planes[0].tile[2], planes[0].tile[3]) if planes[0].tile else (fmt.rows, fmt.columns)
     )
@@ -381,7 +381,7 @@ def fill_planes(
         inst = insts[inst_index]
         got = 0
         for f, arr in enumerate(_frames(inst, formats[inst_index])):
-            for plane_index in frame_to_planes.get(f, ()):
+            for plane_index in frame_to_planes.get(f, []):
                 plane = planes[plane_index]
                 tile = plane.tile
                 part = (
