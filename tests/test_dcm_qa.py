@@ -32,7 +32,10 @@ DATA = Path(__file__).parent / "data" / "dcm_qa"
 SETS = sorted(p.name for p in DATA.iterdir() if (p / "In").is_dir() and (p / "Ref").is_dir())
 AFFINE_TOLERANCE_MM = 0.01
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.usefixtures("prefect_api"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +110,25 @@ def test_every_reference_volume_is_reproduced(name: str, ingested: dict[str, Any
             got = _world_bvecs(np.array(attrs["bvecs"]).T, np.array(meta.affine))
             np.testing.assert_allclose(got, want, atol=1e-3, err_msg=path.name)
     assert not missed, f"{len(refs) - len(missed)} of {len(refs)} reproduced; missed {missed}"
+
+
+def test_query_reads_the_4d_rows(ingested: dict[str, Any]) -> None:
+    """``medflow query`` over the catalog: 4D images with their volume facts, by SQL."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    sql = (
+        "SELECT axes, shape[1] AS volumes, json_extract(attrs_json, '$.n_volumes') AS n, "
+        "json_extract_string(attrs_json, '$.volume_axis') AS kind FROM catalog "
+        "WHERE axes = 'tzyx' ORDER BY series_key"
+    )
+    rows = []
+    for name in SETS:
+        result = CliRunner().invoke(
+            app, ["query", sql, "--root", str(ingested[name]["root"]), "--format", "json"]
+        )
+        assert result.exit_code == 0, result.output
+        rows += json.loads(result.output)
+    assert rows and all(r["axes"] == "tzyx" and r["volumes"] == int(r["n"]) > 1 for r in rows)
+    assert {r["kind"] for r in rows} <= {"time", "diffusion"}
