@@ -152,7 +152,7 @@ def _header_scan(rel: str, h: DicomHeader | Exception, keys: Pseudonymizer) -> H
     try:
         if isinstance(h, Exception):
             raise h
-        # a non-stackable object (multi-frame, 2D) is a series of its own
+        # a non-stackable object (a cine without positions, 2D) is a series of its own
         return HeaderScan(
             rel,
             keys.dicom_series_key(*h.grouping_uids()),

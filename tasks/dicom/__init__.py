@@ -22,6 +22,10 @@ What comes out of :func:`read_dicom_series`:
 * a series of single-frame slices, or an enhanced multi-frame object whose frames carry
   positions: a volume ``("z", "y", "x")`` = (slice, row, column), slices sorted by the
   projection of ImagePositionPatient on the slice normal (row cosines x column cosines);
+  several volumes at the same positions (a time series, diffusion, several files of enhanced
+  volumes, Siemens mosaics over several files): ``("t", "z", "y", "x")``; a series of several
+  parts (echoes, magnitude and phase, ...): one such image per part
+  (:func:`read_dicom_parts`);
 * one single-frame object: a 2-D image ``("y", "x")``, or ``("c", "y", "x")`` for colour;
 * a multi-frame object without per-frame positions (US/XA cine, multi-frame SC):
   ``("t", "y", "x")`` or ``("t", "c", "y", "x")`` with the frame interval in seconds.
@@ -44,8 +48,11 @@ Modules, one per concern: :mod:`~tasks.dicom.files` (recognising and parsing fil
 :mod:`~tasks.dicom.headers` (one file's header, grouping), :mod:`~tasks.dicom.scan` (the fast
 header scan), :mod:`~tasks.dicom.series` (opening a series' files), :mod:`~tasks.dicom.geometry`
 (planes, stacking, affine), :mod:`~tasks.dicom.enhanced` (enhanced multi-frame objects),
-:mod:`~tasks.dicom.pixels` (decoding) and :mod:`~tasks.dicom.volume` (assembling images);
-:mod:`~tasks.dicom.values` holds the small value parsers and error wording they share.
+:mod:`~tasks.dicom.mosaic` (Siemens mosaics), :mod:`~tasks.dicom.facts` (per-plane
+acquisition facts), :mod:`~tasks.dicom.assembly` (parts and volumes: 4D assembly),
+:mod:`~tasks.dicom.pixels` (decoding) and :mod:`~tasks.dicom.volume` (assembling images:
+:func:`read_dicom_series`, :func:`read_dicom_parts`); :mod:`~tasks.dicom.values` holds the small
+value parsers and error wording they share. Size limits are :mod:`tasks.limits`.
 """
 
 from tasks.dicom.files import is_dicom

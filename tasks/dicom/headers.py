@@ -1,4 +1,5 @@
-"""The header of one DICOM file, as grouping and the catalog need it, and grouping headers by series."""
+"""The header of one DICOM file, as grouping and the catalog need it, and grouping headers by
+series."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ class DicomHeader:
     """What grouping and the catalog need from one DICOM file, read without its pixel data.
 
     The three instance UIDs are identifiers: they are for grouping in memory only, are left out
-    of ``repr`` and must not be logged or stored. ``stackable`` objects (single-frame with a
-    patient position) are stacked with the other files of their series; the rest are each an
+    of ``repr`` and must not be logged or stored. ``stackable`` objects (with patient positions,
+    per frame for an enhanced object) are stacked with the other files of their series; the rest are each an
     image of their own (see :func:`group_by_series`).
     """
 
@@ -99,7 +100,8 @@ def group_by_series(headers: Iterable[DicomHeader]) -> list[tuple[DicomHeader, .
     """Group headers into the file sets :func:`read_dicom_series` takes, in a stable order.
 
     Stackable files are grouped by Study and Series Instance UID; every other object (a
-    multi-frame object, an image without patient position, a non-image) is a group of its own.
+    multi-frame object without per-frame positions, an image without patient position, a
+    non-image) is a group of its own.
     Groups are ordered by their first path, members by path.
     """
     groups: dict[tuple[str, str], list[DicomHeader]] = {}

@@ -1,4 +1,5 @@
-"""Pixel decoding: the pixel format, native frames read in place, pydicom decoders for the rest, and filling grey or colour arrays with the rescale applied."""
+"""Pixel decoding: the pixel format, native frames read in place, pydicom decoders for the rest,
+and filling grey or colour arrays with the rescale applied."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The fast header scan: files laid out like one parsed before are read by matching their bytes against its element layout (see :func:`read_dicom_headers`)."""
+"""The fast header scan: files laid out like one parsed before are read by matching their bytes
+against its element layout (see :func:`read_dicom_headers`)."""
 
 from __future__ import annotations
 

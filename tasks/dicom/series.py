@@ -1,4 +1,5 @@
-"""Opening the files of one series: one parsed data set per SOP instance, files laid out like the first read from its layout."""
+"""Opening the files of one series: one parsed data set per SOP instance, files laid out like the
+first read from its layout."""
 
 from __future__ import annotations
 

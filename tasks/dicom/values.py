@@ -1,4 +1,6 @@
-"""Small helpers shared by the DICOM reader: element values read without identifying anything, value parsers, and the wording of errors (library messages go to the restricted detail only, scrubbed)."""
+"""Small helpers shared by the DICOM reader: element values read without identifying anything,
+value parsers, and the wording of errors (library messages go to the restricted detail only,
+scrubbed)."""
 
 from __future__ import annotations
 
