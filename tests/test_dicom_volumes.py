@@ -262,3 +262,22 @@ def test_ct_localizer_is_left_out_with_its_code(tmp_path: Path) -> None:
     codes: dict[str, Any] = {s["relpath"]: s["reason_code"] for s in out[0].sources}
     assert codes.pop(str(Path(scout).relative_to(archive))) == "localizer_left_out"
     assert set(codes.values()) == {None}
+
+
+def test_ge_private_image_type_splits_magnitude_and_phase(tmp_path: Path) -> None:
+    """GE writes magnitude or phase in a private element, not in ImageType: read as dcm2niix
+    reads it (0 magnitude, 1 phase)."""
+    vols = _volumes(2)
+
+    def edit(ds: pydicom.Dataset, t: int, k: int) -> None:
+        ds.Manufacturer = "GE MEDICAL SYSTEMS"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        block = ds.private_block(0x0043, "GEMS_PARM_01", create=True)
+        block.add_new(0x2F, "SS", t)
+
+    paths = _mr_series(tmp_path / "ge", vols, edit)
+    parts = read_dicom_parts(paths)
+    by_suffix = {p.suffix: p.image for p in parts.parts}
+    assert sorted(by_suffix) == ["", "_ph"]
+    np.testing.assert_array_equal(by_suffix["_ph"].pixels, vols[1])
+    assert by_suffix[""].meta.attrs["complex_component"] == "magnitude"

@@ -158,14 +158,37 @@ def _csa_diffusion(ds: Dataset) -> tuple[float | None, tuple[float, float, float
     return b, (_unit(g) if g is not None else None)
 
 
-def classic_facts(ds: Dataset, *, csa: bool = False) -> PlaneFacts:
-    """The facts of a single-frame object (``csa``: read Siemens' CSA header as well)."""
+_GE_COMPONENTS = {0: "magnitude", 1: "phase", 2: "real", 3: "imaginary"}
+
+
+def _ge_component(ds: Dataset) -> str | None:
+    """GE's private image type (0043,xx2F of "GEMS_PARM_01"): 0 magnitude, 1 phase, 2 real,
+    3 imaginary, as dcm2niix reads it."""
+    if "GE" not in (text_of(ds, "Manufacturer") or "").upper():
+        return None
+    try:
+        value = ds.private_block(0x0043, "GEMS_PARM_01")[0x2F].value
+        return _GE_COMPONENTS.get(int(value[0] if isinstance(value, list | tuple) else value))
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def classic_facts(ds: Dataset, *, csa: bool | None = None) -> PlaneFacts:
+    """The facts of a single-frame object (``csa``: read Siemens' CSA header as well; by
+    default for Siemens MR objects)."""
     image_type = _image_type(value_of(ds, "ImageType"))
+    if csa is None:
+        csa = (
+            text_of(ds, "Modality") == "MR"
+            and "SIEMENS" in (text_of(ds, "Manufacturer") or "").upper()
+        )
     b, gradient = _diffusion(ds, csa)
+    explicit = text_of(ds, "ComplexImageComponent") or None
+    component = _component(image_type, explicit) if explicit else None
     return PlaneFacts(
         series_number=_int_or_none(value_of(ds, "SeriesNumber")),
         image_type=image_type,
-        complex_component=_component(image_type, text_of(ds, "ComplexImageComponent")),
+        complex_component=component or _ge_component(ds) or _component(image_type, None),
         echo_number=_int_or_none(value_of(ds, "EchoNumbers")),
         echo_time_ms=float_or_none(value_of(ds, "EchoTime")),
         repetition_time_ms=float_or_none(value_of(ds, "RepetitionTime")),
@@ -188,7 +211,7 @@ def frame_facts(ds: Dataset, item: Dataset, shared: Dataset | None) -> PlaneFact
     def macro(keyword: str) -> Dataset | None:
         return first_item(item, keyword) or first_item(shared, keyword)
 
-    top = classic_facts(ds)
+    top = classic_facts(ds, csa=False)
     frame_type_item = macro("MRImageFrameTypeSequence") or macro("CTImageFrameTypeSequence")
     image_type = top.image_type
     component = top.complex_component

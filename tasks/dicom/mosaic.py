@@ -2,7 +2,8 @@
 
 A Siemens EPI (ImageType containing ``MOSAIC``) stores its N slices as tiles of an ``m x m``
 grid (``m = ceil(sqrt(N))``), row by row, in one frame; N is NumberOfImagesInMosaic from the
-CSA image header (read with nibabel.nicom). Each tile becomes a plane of its own:
+CSA image header (read with nibabel.nicom), else from Siemens' private element (0019,xx0A).
+Each tile becomes a plane of its own:
 
 * its in-plane size is the frame's divided by ``m``;
 * ImagePositionPatient gives the corner of the whole mosaic: the first slice's corner lies half
@@ -55,10 +56,22 @@ def _csa(inst: Instance) -> tuple[int | None, np.ndarray | None]:
     return n_tiles, (np.asarray(normal, dtype=np.float64) if normal is not None else None)
 
 
+def _private_count(inst: Instance) -> int | None:
+    """NumberOfImagesInMosaic from Siemens' private element (0019,xx0A), where the CSA header
+    lacks it."""
+    try:
+        value = inst.ds.private_block(0x0019, "SIEMENS MR HEADER")[0x0A].value
+        return int(value[0] if isinstance(value, list | tuple) else value)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError):
+        return None
+
+
 def mosaic_planes(inst: Instance, index: int) -> list[Plane]:
     """The slices of a mosaic object as planes, each with its tile of the frame."""
     ds, path = inst.ds, inst.path
     n, normal = _csa(inst)
+    if n is None:
+        n = _private_count(inst)
     if n is None or n < 1:
         raise SourceError(
             path,

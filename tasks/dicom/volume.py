@@ -205,7 +205,8 @@ def _volume_facts(
     out: list[dict[str, Any]] = []
     bvals: list[float] = []
     bvecs: list[list[float]] = []
-    diffusion = any(p.facts.b_value is not None for v in volumes for p in v)
+    # diffusion facts: some volume weighted (b > 0); all-zero b-values are not diffusion
+    diffusion = any(p.facts.b_value for v in volumes for p in v)
     for v in volumes:
         f = v[0].facts
         d: dict[str, Any] = {}
