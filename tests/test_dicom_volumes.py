@@ -281,3 +281,21 @@ def test_ge_private_image_type_splits_magnitude_and_phase(tmp_path: Path) -> Non
     assert sorted(by_suffix) == ["", "_ph"]
     np.testing.assert_array_equal(by_suffix["_ph"].pixels, vols[1])
     assert by_suffix[""].meta.attrs["complex_component"] == "magnitude"
+
+
+def test_two_oblique_stacks_in_one_series_are_parts_as_dcm2niix(tmp_path: Path) -> None:
+    """Two stacks 30 degrees apart (both near axial) in one series: two parts, as dcm2niix
+    splits them; a few degrees apart would be one broken stack instead."""
+    c, s = float(np.cos(0.52)), float(np.sin(0.52))
+    series, study = generate_uid(), generate_uid()
+
+    def edit(ds: pydicom.Dataset, t: int, k: int) -> None:
+        ds.InstanceNumber = k + 1
+
+    a = _mr_series(tmp_path / "s" / "a", _volumes(1, seed=1), edit, series_uid=series,
+                   study_uid=study)  # fmt: skip
+    b = _mr_series(tmp_path / "s" / "b", _volumes(1, seed=2), edit, series_uid=series,
+                   study_uid=study, orientation=((1.0, 0.0, 0.0), (0.0, c, s)))  # fmt: skip
+    parts = read_dicom_parts([*a, *b])
+    assert sorted(p.suffix for p in parts.parts) == ["_o1", "_o2"]
+    _assert_as_dcm2niix(parts, _dcm2niix(tmp_path / "s", tmp_path / "ref"))

@@ -9,7 +9,8 @@ splits them, each part its own image with a stable suffix on its key:
 * another complex component (ImageType value 3 or ComplexImageComponent): nothing for
   magnitude, ``_ph`` for phase, ``_real``, ``_imaginary``;
 * another image type otherwise (e.g. a field map): ``_`` and the words only that part has;
-* another principal plane (axial, coronal, sagittal): ``_o<k>``, in order of first appearance.
+* another orientation (more than about 10 degrees apart) or Stack ID: ``_o<k>``, in order of
+  first appearance.
 
 A CT localizer (ImageType LOCALIZER, or a few planes in an orientation of their own beside the
 volume) is left out of the image with reason code ``localizer_left_out`` rather than failing
@@ -44,6 +45,7 @@ __all__ = ["LeftOut", "Part", "split_parts", "volumes_of"]
 
 _COMPONENT_SUFFIX = {"magnitude": "", "phase": "_ph", "real": "_real", "imaginary": "_imaginary"}
 _LOCALIZER_MAX_PLANES = 3  # an orientation of its own with at most this many planes, in CT
+_PLANE_SPLIT = 0.17  # largest direction cosine difference within one group: sin(10 degrees)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +67,26 @@ class LeftOut:
 
 
 def _orientation_groups(planes: list[Plane]) -> list[int]:
-    """A plane group per plane: by the principal plane of its orientation (the world axis its
-    normal runs closest to: axial, coronal or sagittal), numbered in order of first appearance;
-    -1 without orientation. Planes a few degrees apart stay together (and fail as an
-    inconsistent orientation when stacked); a scout or localizer in another plane splits off."""
-    groups: dict[int, int] = {}
+    """An orientation group per plane, numbered in order of first appearance (-1 without an
+    orientation): planes of another Stack ID (enhanced objects), or whose direction cosines
+    differ by more than :data:`_PLANE_SPLIT` (about 10 degrees: a scout, a localizer or another
+    stack), are another group. Planes only a few degrees apart stay together, and fail as an
+    inconsistent orientation when stacked."""
+    reps: list[tuple[Any, np.ndarray]] = []
     out = []
     for p in planes:
         if p.orientation is None:
             out.append(-1)
             continue
-        normal = np.cross(p.orientation[:3], p.orientation[3:])
-        axis = int(np.argmax(np.abs(normal)))
-        out.append(groups.setdefault(axis, len(groups)))
+        for k, (stack, r) in enumerate(reps):
+            if stack == p.facts.stack_id and float(np.max(np.abs(p.orientation - r))) <= (
+                _PLANE_SPLIT
+            ):
+                out.append(k)
+                break
+        else:
+            reps.append((p.facts.stack_id, p.orientation))
+            out.append(len(reps) - 1)
     return out
 
 

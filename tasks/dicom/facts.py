@@ -47,6 +47,7 @@ class PlaneFacts:
     instance_number: int | None = None
     b_value: float | None = None
     gradient_lps: tuple[float, float, float] | None = None  # unit vector, patient LPS
+    stack_id: str | None = None  # enhanced objects: the frame's Stack ID
 
     def volume_key(self) -> tuple[Any, ...]:
         """What orders the planes found at one position into volumes (acquisition order).
@@ -254,4 +255,5 @@ def frame_facts(ds: Dataset, item: Dataset, shared: Dataset | None) -> PlaneFact
         instance_number=top.instance_number,
         b_value=b,
         gradient_lps=gradient,
+        stack_id=text_of(content, "StackID") if content is not None else None,
     )
