@@ -254,6 +254,9 @@ def test_ct_localizer_is_left_out_with_its_code(tmp_path: Path) -> None:
     assert len(got.parts) == 1 and got.parts[0].image.pixels is not None
     np.testing.assert_array_equal(got.parts[0].image.pixels, volume)
     assert [lo.code for lo in got.left_out] == [ReasonCode.LOCALIZER_LEFT_OUT]
+    assert got.parts[0].image.meta.attrs["left_out"] == [
+        {"reason_code": "localizer_left_out", "files": 1}
+    ]
     # through ingest: the series is ingested, the localizer's source row keeps the code
     rels = tuple(sorted(str(Path(p).relative_to(archive)) for p in [*paths, scout]))
     job = SeriesJob("k" * 32, "s" * 32, "dicom", rels, "f" * 32)

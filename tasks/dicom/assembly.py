@@ -28,6 +28,7 @@ to volume t. Planes at one position that none of these tell apart are not volume
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,9 +145,9 @@ def split_parts(planes: list[Plane], modality: str) -> tuple[list[Part], list[Le
         if varies[2]:
             suffix += _COMPONENT_SUFFIX.get(key[2] or "magnitude", f"_{key[2]}")
         if varies[1]:
-            words = [w for w in key[1] if w not in common and len(w) > 1]
-            if words:
-                suffix += "_" + "_".join(w.lower() for w in words)
+            words = [_word(w) for w in key[1] if w not in common and len(w) > 1]
+            if any(words):
+                suffix += "_" + "_".join(w for w in words if w)
         if varies[4]:
             suffix += f"_o{key[4] + 1}"
         parts.append(Part(suffix, _facts(key, g), g))
@@ -156,6 +157,11 @@ def split_parts(planes: list[Plane], modality: str) -> tuple[list[Part], list[Le
         n = seen[part.suffix] = seen.get(part.suffix, 0) + 1
         out.append(part if n == 1 else Part(f"{part.suffix}_p{n}", part.facts, part.planes))
     return out, left
+
+
+def _word(word: str) -> str:
+    """An image type word as a key suffix may hold it: lower case letters, digits and ``_``."""
+    return re.sub(r"[^a-z0-9]+", "_", word.lower()).strip("_")
 
 
 def _facts(key: tuple[Any, ...], planes: list[Plane]) -> dict[str, Any]:

@@ -136,13 +136,19 @@ def read_dicom_parts(paths: Sequence[str], *, stream: bool = False) -> DicomPart
                 planes.extend(_planes_of(inst, i, len(instances)))
         parts, left = split_parts(planes, first.header.modality)
         single = len(parts) == 1
-        return DicomParts(
-            [
-                DicomPart(p.suffix, _read_part(instances, p, stream=stream and single))
-                for p in parts
-            ],
-            left,
-        )
+        out = []
+        for p in parts:
+            image = _read_part(instances, p, stream=stream and single)
+            if left:  # what the series lost, by code, in every part's facts
+                attrs = dict(image.meta.attrs)
+                attrs["left_out"] = [
+                    {"reason_code": lo.code.value, "files": len(lo.paths)} for lo in left
+                ]
+                image = dataclasses.replace(
+                    image, meta=dataclasses.replace(image.meta, attrs=attrs)
+                )
+            out.append(DicomPart(p.suffix, image))
+        return DicomParts(out, left)
 
 
 def _planes_of(inst: Instance, index: int, n: int) -> list[Plane]:
