@@ -140,6 +140,8 @@ def _current_fingerprints(root: OutputRoot) -> dict[str, tuple[str, str]]:
     ):
         if stage == "ingest":
             out[key] = (fp, status)
+            if "_" in key:  # a part of a series (hex key + suffix): its series was recorded
+                out[key.split("_", 1)[0]] = (fp, status)
     return out
 
 

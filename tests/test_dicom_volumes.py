@@ -302,3 +302,29 @@ def test_two_oblique_stacks_in_one_series_are_parts_as_dcm2niix(tmp_path: Path) 
     parts = read_dicom_parts([*a, *b])
     assert sorted(p.suffix for p in parts.parts) == ["_o1", "_o2"]
     _assert_as_dcm2niix(parts, _dcm2niix(tmp_path / "s", tmp_path / "ref"))
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_parts_through_the_flow_and_a_run_killed_before_its_sources(tmp_path: Path) -> None:
+    """A series of parts gives one catalog row and image per part; a run that died after its
+    catalog part and before its sources part is recognised by the next (no second rows)."""
+    from flows.nightly import ingest_archive
+    from storage.tables import connect
+
+    def edit(ds: pydicom.Dataset, t: int, k: int) -> None:
+        ds.EchoNumbers = t + 1  # two echoes: every part has a suffix, none the series' key
+        ds.EchoTime = str(5 * (t + 1))
+
+    _mr_series(tmp_path / "archive" / "gre", _volumes(2), edit)
+    root = tmp_path / "out"
+    first = ingest_archive(archive=str(tmp_path / "archive"), root=str(root))
+    assert first["status"] == {"ingested": 2}
+    con = connect(OutputRoot(str(root)))
+    keys = sorted(k for (k,) in con.execute("SELECT series_key FROM catalog").fetchall())
+    assert len(keys) == 2 and [k[-3:] for k in keys] == ["_e1", "_e2"]
+    for part in (root / "restricted" / "sources").glob("*.parquet"):
+        part.unlink()  # as if the run had been killed between the two parts
+    second = ingest_archive(archive=str(tmp_path / "archive"), root=str(root))
+    assert second["series_skipped"] == 1 and second["series_planned"] == 0
+    n = con.execute("SELECT count(*) FROM catalog_history").fetchone()
+    assert n == (2,)
