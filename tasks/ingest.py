@@ -233,10 +233,7 @@ def plan_jobs(
 
 
 def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
-    if kind == "dicom":
-        from tasks.dicom import read_dicom_series
-
-        return lambda paths: read_dicom_series(paths, stream=True)
+    """The reader of a one-image source kind (DICOM series: :func:`_read_parts`)."""
     if kind == "nifti":
         from tasks.ingest_nifti import read_nifti
 
@@ -249,7 +246,7 @@ def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
         from tasks.ingest_video import read_video
 
         return lambda paths: read_video(paths[0])
-    raise ValueError(f"Expected a source kind in dicom, nifti, image, video, got {kind!r} instead.")
+    raise ValueError(f"Expected a source kind in nifti, image, video, got {kind!r} instead.")
 
 
 def ingest_sinogram(
