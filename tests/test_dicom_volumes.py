@@ -328,3 +328,28 @@ def test_parts_through_the_flow_and_a_run_killed_before_its_sources(tmp_path: Pa
     assert second["series_skipped"] == 1 and second["series_planned"] == 0
     n = con.execute("SELECT count(*) FROM catalog_history").fetchone()
     assert n == (2,)
+
+
+def test_streamed_4d_equals_the_whole_read_and_restarts_as_float(tmp_path: Path) -> None:
+    """A 4D series read as slabs of volumes (as ingest reads it) writes the image the whole
+    read gives; a value beyond int16 in a later volume restarts the write as float32."""
+    from storage.images import open_image, write_image
+
+    vols = _volumes(5)
+
+    def edit(ds: pydicom.Dataset, t: int, k: int) -> None:
+        ds.TemporalPositionIdentifier = t + 1
+        if t == 4:  # whole-number rescale, so int16 is chosen before any pixel is seen
+            ds.RescaleSlope, ds.RescaleIntercept = "40", "0"
+
+    paths = _mr_series(tmp_path / "bold", vols, edit)
+    whole = read_dicom_series(paths)
+    streamed = read_dicom_series(paths, stream=True)
+    assert streamed.blocks is not None and whole.pixels is not None
+    assert whole.pixels.dtype == np.float32  # 999 x 40 is beyond int16
+    stored = write_image(streamed, str(tmp_path / "img.zarr"), name="t")
+    assert stored.dtype == "float32"
+    back = open_image(str(tmp_path / "img.zarr"))
+    np.testing.assert_array_equal(back.read(0), whole.pixels)
+    np.testing.assert_array_equal(back.read(0)[4], vols[4].astype(np.float32) * 40)
+    assert back.meta == whole.meta

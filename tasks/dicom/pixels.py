@@ -353,13 +353,20 @@ def is_colour(fmt: PixelFormat) -> bool:
 
 
 def fill_planes(
-    insts: Sequence[Instance], planes: Sequence[Plane], slots: Sequence[int], n: int
+    insts: Sequence[Instance],
+    planes: Sequence[Plane],
+    slots: Sequence[int],
+    n: int,
+    *,
+    dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, PixelFormat]:
     """Decode every plane into slot ``slots[i]`` of an ``n``-long first axis.
 
     A plane cut from a mosaic (``plane.tile``) takes its tile of the decoded frame; several
     planes may come from one frame. The array is sized from the headers and checked against
-    the size limit (:mod:`tasks.limits`) before it is allocated.
+    the size limit (:mod:`tasks.limits`) before it is allocated; grey values start as
+    ``dtype`` (default: :func:`grey_dtype` of the planes) and turn float32 where a rescaled
+    value does not fit it.
     """
     formats, fmt = formats_of(insts, planes)
     for index, each in formats.items():  # what each file's header promises, before allocating
@@ -373,7 +380,9 @@ def fill_planes(
         insts[0].path, n * rows * columns * (3 if colour else 1) * itemsize, "the decoded image"
     )
     sink: _Colour | _Grey = (
-        _Colour((n, 3, rows, columns)) if colour else _Grey((n, rows, columns), fmt, planes)
+        _Colour((n, 3, rows, columns))
+        if colour
+        else _Grey((n, rows, columns), fmt, planes, dtype=dtype)
     )
     by_inst: dict[int, dict[int, list[int]]] = {}  # instance -> frame -> planes
     for i, p in enumerate(planes):

@@ -15,7 +15,7 @@ from pydicom.uid import (
     UID,
 )
 
-from storage.images import DecodedImage, ImageMeta, slab_rows
+from storage.images import DecodedImage, ImageMeta, Restart, slab_rows
 from tasks.dicom.assembly import LeftOut, Part, split_parts, volumes_of
 from tasks.dicom.enhanced import PHILIPS_FLOAT, enhanced_planes, philips_rescale, philips_scale
 from tasks.dicom.facts import classic_facts
@@ -138,7 +138,7 @@ def read_dicom_parts(paths: Sequence[str], *, stream: bool = False) -> DicomPart
         single = len(parts) == 1
         out = []
         for p in parts:
-            image = _read_part(instances, p, stream=stream and single)
+            image = _read_part(instances, p, stream=stream and single, paths=paths)
             if left:  # what the series lost, by code, in every part's facts
                 attrs = dict(image.meta.attrs)
                 attrs["left_out"] = [
@@ -176,12 +176,14 @@ def _planes_of(inst: Instance, index: int, n: int) -> list[Plane]:
     return [plane]
 
 
-def _read_part(insts: list[Instance], part: Part, *, stream: bool) -> DecodedImage:
+def _read_part(
+    insts: list[Instance], part: Part, *, stream: bool, paths: Sequence[str]
+) -> DecodedImage:
     volumes = volumes_of(part.planes)
     if len(volumes) == 1:
         image = _read_volume(insts, volumes[0], stream=stream)
     else:
-        image = _read_4d(insts, volumes)
+        image = _read_4d(insts, volumes, stream=stream, paths=paths)
     attrs = dict(image.meta.attrs)
     attrs.update(part.facts)
     if part.suffix:
@@ -243,8 +245,46 @@ def _volume_facts(
     return out, (bvals if diffusion else None), (bvecs if diffusion else None)
 
 
-def _read_4d(insts: list[Instance], volumes: list[list[Plane]]) -> DecodedImage:
-    """Volumes at the same positions as one ``("t", "z", "y", "x")`` image."""
+def _stream_volumes(
+    insts: list[Instance],
+    volumes: list[list[Plane]],
+    order: Sequence[int],
+    slab: int,
+    dtype: np.dtype,
+    paths: Sequence[str],
+) -> Iterator[np.ndarray]:
+    """Slabs of ``slab`` volumes, each decoded when the writer asks for it (every file's planes
+    are in one volume, so no file is decoded twice). A value that does not fit ``dtype``
+    raises :class:`~storage.images.Restart`: the writer starts over with the whole image read
+    at once."""
+    with quiet(), as_source_error(insts[0].path):
+        for first in range(0, len(volumes), slab):
+            block = volumes[first : first + slab]
+            flat = [v[i] for v in block for i in order]
+            pixels, _ = fill_planes(insts, flat, range(len(flat)), len(flat), dtype=dtype)
+            if pixels.dtype != dtype:
+                # no path: the writer may quote this text should the restart fail
+                raise Restart(
+                    lambda: read_dicom_series(list(paths), stream=False),
+                    f"a rescaled value beyond {dtype} (volume {first})",
+                )
+            yield pixels.reshape((len(block), len(order), *pixels.shape[1:]))
+
+
+def _read_4d(
+    insts: list[Instance],
+    volumes: list[list[Plane]],
+    *,
+    stream: bool = False,
+    paths: Sequence[str] = (),
+) -> DecodedImage:
+    """Volumes at the same positions as one ``("t", "z", "y", "x")`` image.
+
+    ``stream`` (with ``paths``, the series' files): where every file's planes belong to one
+    volume (a file per slice, a mosaic or an enhanced object per volume), the image comes back
+    as slabs of volumes decoded while the writer takes them, so that a long time series is
+    never whole in memory.
+    """
     first_inst = insts[volumes[0][0].inst]
     fmt = pixel_format(first_inst)
     if is_colour(fmt):
@@ -261,8 +301,26 @@ def _read_4d(insts: list[Instance], volumes: list[list[Plane]]) -> DecodedImage:
         for k, i in enumerate(stack.order):
             flat.append(v[i])
             slots.append(t * nz + k)
-    pixels, fmt = fill_planes(insts, flat, slots, nt * nz)
-    pixels = pixels.reshape((nt, nz, *pixels.shape[1:]))
+    pixels: np.ndarray | None = None
+    blocks: Iterator[np.ndarray] | None = None
+    volume_of: dict[int, set[int]] = {}  # instance -> the volumes its planes are in
+    for t, v in enumerate(volumes):
+        for p in v:
+            volume_of.setdefault(p.inst, set()).add(t)
+    tile = flat[0].tile
+    rows, columns = (tile[2], tile[3]) if tile else (fmt.rows, fmt.columns)
+    shape = (nt, nz, rows, columns)
+    if stream and paths and all(len(ts) == 1 for ts in volume_of.values()):
+        formats, fmt = formats_of(insts, flat)  # size and colour checked before any writing
+        for index, each in formats.items():
+            check_promised(insts[index], each)
+        check_image_bytes(first_inst.path, math.prod(shape) * 4, "the decoded image")
+        dtype = grey_dtype(flat, fmt)
+        slab = slab_rows(("t", "z", "y", "x"), shape)
+        blocks = _stream_volumes(insts, volumes, stack.order, slab, dtype, paths)
+    else:
+        pixels, fmt = fill_planes(insts, flat, slots, nt * nz)
+        pixels = pixels.reshape((nt, nz, *pixels.shape[1:]))
     first = volumes[0][stack.order[0]]
     position, orientation = placement(first)
     pixel = first.pixel_spacing or (1.0, 1.0)
@@ -301,6 +359,8 @@ def _read_4d(insts: list[Instance], volumes: list[list[Plane]]) -> DecodedImage:
         affine=tuple(tuple(float(v) for v in r) for r in affine),
         attrs=attrs,
     )
+    if blocks is not None:
+        return DecodedImage(meta=meta, blocks=blocks, shape=shape, dtype=dtype)
     return DecodedImage(meta=meta, pixels=pixels)
 
 
