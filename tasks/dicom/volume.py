@@ -95,9 +95,10 @@ def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedI
     repetition_time_ms, part_suffix, n_volumes, volume_axis, t_step_source, volumes, bvals,
     bvecs.
 
-    ``stream``: a volume of single-frame slices comes back as slabs decoded one by one while
-    the writer consumes them (headers are all read and checked first), so decoding overlaps
-    compression and the whole volume is never in memory at once.
+    ``stream``: a volume of single-frame slices, or a 4D image whose files each hold planes of
+    one volume (a file per slice, a mosaic or an enhanced object per volume), comes back as
+    slabs decoded one by one while the writer consumes them (headers are all read and checked
+    first), so decoding overlaps compression and the whole image is never in memory at once.
     """
     got = read_dicom_parts(paths, stream=stream)
     if len(got.parts) != 1:
