@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.denoise import (
+from medflow.tasks.denoise import (
     WATER_MU_PER_MM,
     ParallelBeamGeometry,
     denoise_sinogram,

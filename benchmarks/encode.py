@@ -47,10 +47,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from encoders import Encoder, create_encoder
-from encoders._streaming import load_series, stream_encode
-from encoders.testing import synthetic_ct
-from storage.images import DecodedImage, write_image
+from medflow.encoders import Encoder, create_encoder
+from medflow.encoders._streaming import load_series, stream_encode
+from medflow.encoders.testing import synthetic_ct
+from medflow.storage.images import DecodedImage, write_image
 
 FULL = {"volume": (192, 512, 512), "spacing": (2.5, 0.78125, 0.78125), "roi": None}
 QUICK = {"volume": (48, 128, 128), "spacing": (3.0, 2.0, 2.0), "roi": (96, 96, 48)}

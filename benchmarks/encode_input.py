@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from encode import loading_only, preprocess_timing, write_volumes
 
-from encoders import create_encoder
-from encoders._streaming import load_series
+from medflow.encoders import create_encoder
+from medflow.encoders._streaming import load_series
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -306,7 +306,7 @@ def gen_ct(cfg: Config) -> Work:
         settings = {"slices": cfg.slices, "size": cfg.size, "spacing": list(CT_SPACING)}
         if _marker_ok(cfg.ct_dicom, settings):
             return {"reused": True}
-        from tasks.demo_dicom import ct_phantom, write_ct_series
+        from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
 
         folder = fresh_dir(cfg.ct_dicom)
         volume = ct_phantom((cfg.slices, cfg.size, cfg.size))
@@ -335,7 +335,7 @@ def gen_fmri(cfg: Config) -> Work:
         }
         if _marker_ok(cfg.fmri_dicom, settings):
             return {"reused": True}
-        from tasks.demo_dicom import ct_phantom, write_ct_series
+        from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
 
         folder = fresh_dir(cfg.fmri_dicom)
         nz, n = cfg.fmri_slices, cfg.fmri_size
@@ -502,8 +502,8 @@ def ct_medflow(cfg: Config) -> Work:
     reader's, not the orchestrator's)."""
     import numpy as np
 
-    from storage.images import write_image
-    from tasks.dicom import read_dicom_headers, read_dicom_series
+    from medflow.storage.images import write_image
+    from medflow.tasks.dicom import read_dicom_headers, read_dicom_series
 
     paths = _dicom_paths(cfg)
     out = fresh_dir(cfg.ct_out) / "ct.zarr"
@@ -546,8 +546,8 @@ def fmri_medflow(cfg: Config) -> Work:
     and ``write_image``."""
     import numpy as np
 
-    from storage.images import write_image
-    from tasks.dicom import read_dicom_headers, read_dicom_parts
+    from medflow.storage.images import write_image
+    from medflow.tasks.dicom import read_dicom_headers, read_dicom_parts
 
     paths = sorted(str(p) for p in cfg.fmri_dicom.glob("*.dcm"))
     out = fresh_dir(cfg.fmri_out) / "fmri.zarr"
@@ -619,8 +619,8 @@ def video_medflow(cfg: Config) -> Work:
     """medflow: streamed ``read_video`` then ``write_image`` (OME-Zarr, t/c/y/x)."""
     import numpy as np
 
-    from storage.images import write_image
-    from tasks.ingest_video import read_video
+    from medflow.storage.images import write_image
+    from medflow.tasks.ingest_video import read_video
 
     out = fresh_dir(cfg.video_out) / "video.zarr"
 
@@ -882,7 +882,7 @@ def nightly_env(cfg: Config) -> dict[str, str]:
 def medflow_command() -> list[str]:
     """The ``medflow`` console script of this interpreter's environment."""
     exe = Path(sys.executable).parent / "medflow"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "flows.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "medflow.flows.cli"]
 
 
 def read_runs(cfg: Config) -> Work:
@@ -996,7 +996,7 @@ def nightly_cases(cfg: Config) -> dict[str, Any]:
     if cfg.profile:
         prof = cfg.profiles / "nightly_noop.prof"
         prof.parent.mkdir(parents=True, exist_ok=True)
-        pcmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "flows.cli", "nightly"]
+        pcmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "medflow.flows.cli", "nightly"]
         run_process([*pcmd, *base], cfg.logs / "nightly-profiled.log", env, CASE_TIMEOUT_S)
         text = io.StringIO()
         pstats.Stats(str(prof), stream=text).strip_dirs().sort_stats("cumulative").print_stats(60)
@@ -1071,7 +1071,7 @@ def noop_with_server(cfg: Config, cmd: list[str], env: dict[str, str]) -> dict[s
 
 def import_time(env: dict[str, str]) -> float:
     """Wall time (s) of a fresh interpreter that only imports the CLI module and the flow."""
-    code = "import flows.cli, flows.nightly"
+    code = "import medflow.flows.cli, medflow.flows.nightly"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, check=False)
     return time.perf_counter() - t0

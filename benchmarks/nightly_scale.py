@@ -81,9 +81,9 @@ def write_config(workdir: Path, models: Path, *, seed: int) -> Path:
     """An encoder config with the demo's tiny CLIP model; ``seed`` picks its random weights."""
     from importlib.resources import files
 
-    from encoders.testing import write_random_checkpoint
+    from medflow.encoders.testing import write_random_checkpoint
 
-    arch = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    arch = str(files("medflow.encoders") / "configs" / "demo_clip_tiny.json")
     ck = models / f"clip_tiny_seed{seed}.pt"
     if not ck.exists():
         write_random_checkpoint("clip2d", ck, seed=seed, arch_config=arch)
@@ -137,14 +137,14 @@ t = time.perf_counter(); marks = []
 def mark(what):
     global t
     now = time.perf_counter(); marks.append((what, now - t)); t = now
-import flows.cli
-mark("import flows.cli (Prefect, pyarrow, duckdb, ...)")
-from flows.nightly import IngestSummary, record_run, resolve_specs
-from storage.layout import OutputRoot
-from storage.lock import run_lock
-from tasks.discover import diff_sources, known_sources, list_archive
-from tasks.encode import known_encoder, pending_items
-from tasks.preprocess import DenoiseConfig, pending_denoise
+import medflow.flows.cli  # noqa: F401
+mark("import medflow.flows.cli (Prefect, pyarrow, duckdb, ...)")
+from medflow.flows.nightly import IngestSummary, record_run, resolve_specs
+from medflow.storage.layout import OutputRoot
+from medflow.storage.lock import run_lock
+from medflow.tasks.discover import diff_sources, known_sources, list_archive
+from medflow.tasks.encode import known_encoder, pending_items
+from medflow.tasks.preprocess import DenoiseConfig, pending_denoise
 mark("import the rest of the no-op path")
 out = OutputRoot({str(root)!r})
 with run_lock(out.url, "bench") as lock:
@@ -191,8 +191,8 @@ QUERIES = {
 
 def time_queries(root: Path, repeat: int = 3) -> dict[str, float]:
     """Median seconds of ``connect()`` (listing parts, views) and of each query on ``root``."""
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     times: dict[str, list[float]] = {"connect (list parts, register views)": []}
     for _ in range(repeat + 1):  # the first round warms the OS file cache
@@ -212,8 +212,8 @@ def _parts(root: Path) -> int:
 
 
 def _counts(root: Path) -> dict[str, Any]:
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     con = connect(OutputRoot(str(root)))
     catalog = dict(con.execute("SELECT status, count(*) FROM catalog GROUP BY ALL").fetchall())

@@ -60,7 +60,7 @@ def write_good_series(archive: Path, n: int) -> int:
     """``n`` small CT series of 4 slices each; the number of files."""
     import numpy as np
 
-    from tasks.demo_dicom import DemoPatient, write_ct_series
+    from medflow.tasks.demo_dicom import DemoPatient, write_ct_series
 
     rng = np.random.default_rng(0)
     files = 0
@@ -77,7 +77,7 @@ def write_good_series(archive: Path, n: int) -> int:
 
 def write_bad_files(archive: Path, n: int, template: Path) -> None:
     """``n`` files that must be quarantined, five kinds in turn, ``PER_FOLDER`` per folder."""
-    from tasks.demo_dicom import write_truncated
+    from medflow.tasks.demo_dicom import write_truncated
 
     truncated = archive / ".truncated-template.dcm"
     write_truncated(truncated, template, keep=0.5)
@@ -130,10 +130,10 @@ def _peak_rss(proc: subprocess.Popen[str], stop: threading.Event, out: list[floa
 
 
 def run_night(label: str, archive: Path, root: Path, files: int, bad: int) -> Night:
-    from flows.cli import _print_summary, console
-    from storage.layout import OutputRoot
-    from storage.tables import RUNS_SCHEMA, read_table
-    from tasks.report import build_report
+    from medflow.flows.cli import _print_summary, console
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import RUNS_SCHEMA, read_table
+    from medflow.tasks.report import build_report
 
     medflow = str(Path(sys.executable).with_name("medflow"))
     with tempfile.TemporaryDirectory(prefix="medflow-bench-home-") as home:

@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import flows  # noqa: F401  (Prefect's offline defaults before Prefect is imported)
+from medflow import flows  # noqa: F401  (Prefect's offline defaults before Prefect is imported)
 
 LABELS = ("sphere", "cube", "stripes")
 RAW_GRID = (4, 16, 16)
@@ -156,7 +156,7 @@ def _moving_marks(
     share: tuple[float, float] = (0.09, 0.12),
 ) -> Iterator[np.ndarray]:
     """Video frames with ``count`` structures of ``label`` drifting across (demo colours)."""
-    from tasks.demo_archive import draw_label_2d
+    from medflow.tasks.demo_archive import draw_label_2d
 
     frames = list(base)
     ny, nx = frames[0].shape[:2]
@@ -185,14 +185,14 @@ def make_labelled_archive(
     """
     from pydicom.uid import generate_uid
 
-    from tasks.demo_archive import (
+    from medflow.tasks.demo_archive import (
         chest_radiograph,
         demo_patients,
         draw_label_2d,
         draw_label_3d,
         endoscopy_frames,
     )
-    from tasks.demo_dicom import ct_phantom, write_2d, write_ct_series
+    from medflow.tasks.demo_dicom import ct_phantom, write_2d, write_ct_series
 
     rng = np.random.default_rng(seed)
     patients = demo_patients(8)
@@ -252,8 +252,8 @@ def make_labelled_archive(
 
 def series_labels(root: str, by_source: dict[str, str]) -> dict[str, str]:
     """Class labels by series key, through the restricted sources table."""
-    from storage.layout import OutputRoot
-    from storage.tables import SOURCES_SCHEMA, read_table
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import SOURCES_SCHEMA, read_table
 
     t = read_table(OutputRoot(root).sources_dir(), SOURCES_SCHEMA)
     out: dict[str, str] = {}
@@ -272,8 +272,8 @@ def series_labels(root: str, by_source: dict[str, str]) -> dict[str, str]:
 
 def encode_with(root: str, spec: Any) -> tuple[int, float]:
     """Embed every pending series with ``spec`` (the encode stage, no Prefect); count, seconds."""
-    from storage.layout import OutputRoot
-    from tasks.encode import encode_items, get_encoder, pending_items
+    from medflow.storage.layout import OutputRoot
+    from medflow.tasks.encode import encode_items, get_encoder, pending_items
 
     out = OutputRoot(root)
     t0 = time.perf_counter()
@@ -314,10 +314,10 @@ def baseline_embeddings(root: str, encoder: str = "m3ret_tiny") -> dict[str, str
     only). Raw pixels: mean-centred; gradient histogram: each feature standardised over the
     archive (a reference of what simple global statistics recover, fitted on the archive).
     """
-    from encoders import create_encoder
-    from storage.images import open_image
-    from storage.layout import OutputRoot
-    from storage.tables import connect, embeddings_schema, utcnow, write_part
+    from medflow.encoders import create_encoder
+    from medflow.storage.images import open_image
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect, embeddings_schema, utcnow, write_part
 
     out = OutputRoot(root)
     prep = create_encoder(encoder, random_weights=True, device="cpu").preprocessor()
@@ -419,7 +419,7 @@ def _goals(reports: dict[str, Any], pretrained: list[str], random_name: str) -> 
 
 def _describe(name: str) -> str:
     """The encoder's architecture in a few words, from its registered config."""
-    from encoders._registry import get_entry, thaw
+    from medflow.encoders._registry import get_entry, thaw
 
     c = thaw(get_entry(name).config)
     v, d = c["vit"], c["decoder"]
@@ -436,10 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from flows.nightly import ingest_archive
-    from flows.pretrain import pretrain
-    from tasks.encode import EncoderSpec
-    from tasks.retrieval import evaluate_retrieval
+    from medflow.flows.nightly import ingest_archive
+    from medflow.flows.pretrain import pretrain
+    from medflow.tasks.encode import EncoderSpec
+    from medflow.tasks.retrieval import evaluate_retrieval
 
     t_start = time.perf_counter()
     work = args.workdir

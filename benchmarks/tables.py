@@ -105,7 +105,7 @@ def _no_partitions(schema: Any) -> Any:
 
 def synthesise(root: Any, args: argparse.Namespace) -> dict[str, float]:
     """Write the parts; returns seconds per table kind."""
-    from storage.tables import (
+    from medflow.storage.tables import (
         CATALOG_SCHEMA,
         FINDINGS_SCHEMA,
         RUNS_SCHEMA,
@@ -267,7 +267,7 @@ def _norm(row: tuple[Any, ...]) -> str:
 
 def time_queries(root: Any, args: argparse.Namespace, probe: str) -> dict[str, Any]:
     """Median seconds of connect() and of each query; the sorted results, to compare."""
-    from storage.tables import connect
+    from medflow.storage.tables import connect
 
     connects = []
     for _ in range(args.repeats + 1):
@@ -296,8 +296,8 @@ def time_queries(root: Any, args: argparse.Namespace, probe: str) -> dict[str, A
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from storage.compact import compact
-    from storage.layout import OutputRoot
+    from medflow.storage.compact import compact
+    from medflow.storage.layout import OutputRoot
 
     started = datetime.now(UTC)
     t_all = time.perf_counter()

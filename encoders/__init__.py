@@ -7,15 +7,15 @@ for what an encoder offers, :func:`stream_encode` for overlapped batch encoding,
 
 from __future__ import annotations
 
-from encoders import clip2d as _clip2d  # noqa: F401  (registers "clip2d")
-from encoders import m3ret as _m3ret  # noqa: F401  (registers "m3ret_tiny", "m3ret_s", "m3ret_b")
-from encoders import merlin as _merlin  # noqa: F401  (registers "merlin", "merlin_tiny")
-from encoders._base import Encoder, EncoderInfo, EncoderVersion, parse_device
-from encoders._checkpoint import CheckpointError
-from encoders._factory import create_encoder
-from encoders._registry import list_encoders, register_encoder
-from encoders._streaming import EncodedSeries, load_series, stream_encode
-from encoders.findings import (
+from medflow.encoders import clip2d as _clip2d  # noqa: F401  (registers "clip2d")
+from medflow.encoders import m3ret as _m3ret  # noqa: F401  (registers "m3ret_tiny", "m3ret_s", "m3ret_b")
+from medflow.encoders import merlin as _merlin  # noqa: F401  (registers "merlin", "merlin_tiny")
+from medflow.encoders._base import Encoder, EncoderInfo, EncoderVersion, parse_device
+from medflow.encoders._checkpoint import CheckpointError
+from medflow.encoders._factory import create_encoder
+from medflow.encoders._registry import list_encoders, register_encoder
+from medflow.encoders._streaming import EncodedSeries, load_series, stream_encode
+from medflow.encoders.findings import (
     Finding,
     PromptBank,
     bank_text_embeddings,

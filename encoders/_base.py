@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.images import ImageMeta
+from medflow.storage.images import ImageMeta
 
 __all__ = [
     "Encoder",

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from encoders._base import Encoder, parse_device
-from encoders._registry import get_entry, thaw
+from medflow.encoders._base import Encoder, parse_device
+from medflow.encoders._registry import get_entry, thaw
 
 __all__ = ["create_encoder"]
 

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from encoders._base import Encoder
+    from medflow.encoders._base import Encoder
 
 __all__ = [
     "CONFIG_DIR",

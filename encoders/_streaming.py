@@ -39,8 +39,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from encoders._base import Encoder
-from storage.images import ImageMeta, open_image
+from medflow.encoders._base import Encoder
+from medflow.storage.images import ImageMeta, open_image
 
 __all__ = ["EncodedSeries", "load_series", "stream_encode"]
 

@@ -51,8 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from encoders._base import Encoder, EncoderInfo, EncoderVersion, config_sha256
-from encoders._checkpoint import (
+from medflow.encoders._base import Encoder, EncoderInfo, EncoderVersion, config_sha256
+from medflow.encoders._checkpoint import (
     CheckpointError,
     describe_mismatch,
     diff_state_dict,
@@ -60,8 +60,8 @@ from encoders._checkpoint import (
     read_state_dict,
     sha256_file,
 )
-from encoders._registry import register_encoder
-from storage.images import ImageMeta
+from medflow.encoders._registry import register_encoder
+from medflow.storage.images import ImageMeta
 
 __all__ = [
     "Clip2DEncoder",

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from encoders._base import Encoder
+from medflow.encoders._base import Encoder
 
 __all__ = [
     "PROMPT_DIR",

@@ -52,16 +52,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders._base import Encoder, EncoderInfo, EncoderVersion, config_sha256, files_sha256
-from encoders._checkpoint import (
+from medflow.encoders._base import Encoder, EncoderInfo, EncoderVersion, config_sha256, files_sha256
+from medflow.encoders._checkpoint import (
     CheckpointError,
     load_state_dict_strict,
     parse_checkpoint_path,
     read_state_dict,
     sha256_file,
 )
-from encoders._registry import register_encoder
-from storage.images import ImageMeta
+from medflow.encoders._registry import register_encoder
+from medflow.storage.images import ImageMeta
 
 __all__ = [
     "Bottleneck3d",

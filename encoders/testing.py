@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.images import ImageMeta
+from medflow.storage.images import ImageMeta
 
 __all__ = [
     "GOLDEN_DIR",
@@ -192,7 +192,7 @@ def write_random_checkpoint(
     ``kwargs`` go to :func:`encoders.create_encoder` (e.g. ``arch_config=`` for clip2d,
     ``text_model_dir=`` to include Merlin's text tower). Returns the path written.
     """
-    from encoders import create_encoder
+    from medflow.encoders import create_encoder
 
     enc = create_encoder(name, random_weights=True, device="cpu", **kwargs)
     state = deterministic_state_dict(enc.model.state_dict(), seed)
@@ -364,7 +364,7 @@ def _fixed_input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def run_golden_case(case: GoldenCase, work_dir: Path) -> tuple[dict[str, np.ndarray], str]:
     """Outputs of ``case`` on the CPU by name, and the content hash of its checkpoint."""
-    from encoders import create_encoder
+    from medflow.encoders import create_encoder
 
     kwargs = dict(case.kwargs)
     if case.encoder.startswith("merlin"):

@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
-from tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
+from medflow import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
+from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -60,7 +60,7 @@ def _run_nightly(
     dask_address: str | None = None,
     dask_workers: int | None = None,
 ) -> dict[str, Any]:
-    from flows import nightly as nightly_mod
+    from medflow.flows import nightly as nightly_mod
 
     runner = nightly_mod._runner(workers, dask_address=dask_address, dask_workers=dask_workers)
     dask = dask_address is not None or dask_workers is not None
@@ -85,9 +85,9 @@ def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
     """
     import time
 
-    from storage.layout import OutputRoot
-    from storage.lock import run_lock
-    from storage.tables import utcnow
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.lock import run_lock
+    from medflow.storage.tables import utcnow
 
     started, t0 = utcnow(), time.perf_counter()
     out = OutputRoot(root)
@@ -106,10 +106,10 @@ def _idle_locked(
     import time
     import uuid
 
-    from flows.nightly import IngestSummary, record_run, resolve_specs
-    from tasks.discover import discover
-    from tasks.encode import known_encoder, pending_items
-    from tasks.preprocess import DenoiseConfig, pending_denoise
+    from medflow.flows.nightly import IngestSummary, record_run, resolve_specs
+    from medflow.tasks.discover import discover
+    from medflow.tasks.encode import known_encoder, pending_items
+    from medflow.tasks.preprocess import DenoiseConfig, pending_denoise
 
     disc, _ = discover.fn(archive, out.url)
     counts = disc.counts()
@@ -202,7 +202,7 @@ def nightly(
     ] = None,
 ) -> None:
     """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT, then encode."""
-    from flows.nightly import _runner, default_workers
+    from medflow.flows.nightly import _runner, default_workers
 
     try:
         _runner(workers, dask_address=dask_address, dask_workers=dask_workers)
@@ -233,8 +233,8 @@ def demo(
     workers: Annotated[int, typer.Option(help="Concurrent tasks.")] = 0,
 ) -> None:
     """Generate a demo archive (synthetic, no real patients) and run the nightly job on it."""
-    from flows.nightly import default_workers
-    from tasks.demo_archive import make_demo_archive
+    from medflow.flows.nightly import default_workers
+    from medflow.tasks.demo_archive import make_demo_archive
 
     archive = out / "archive"
     root = out / "out"
@@ -261,9 +261,9 @@ def demo_encoder_specs(models_dir: Path) -> list[dict[str, Any]]:
     """Tiny random-weight checkpoints for the demo (written once), and the specs using them."""
     from importlib.resources import files
 
-    from encoders.testing import write_random_checkpoint, write_tiny_text_model
+    from medflow.encoders.testing import write_random_checkpoint, write_tiny_text_model
 
-    clip_config = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    clip_config = str(files("medflow.encoders") / "configs" / "demo_clip_tiny.json")
     text_dir = models_dir / "merlin-tiny-text"
     merlin_ck = models_dir / "merlin_tiny.pt"
     clip_ck = models_dir / "clip_tiny.pt"
@@ -297,8 +297,8 @@ def query(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Run SQL (DuckDB) over the output tables, each registered as a view by name."""
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     con = connect(OutputRoot(root))
     try:
@@ -330,8 +330,8 @@ def query(
 def status(root: RootOpt = "medflow-out") -> None:
     """Counts by modality and status, the last run, quarantined series by reason code, and
     unexpected errors (restricted: their text may quote paths)."""
-    from storage.layout import OutputRoot
-    from storage.tables import INCIDENTS_SCHEMA, connect, read_table
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table
 
     out = OutputRoot(root)
     con = connect(out)
@@ -420,9 +420,9 @@ def quarantine(
     import csv as csv_mod
     import sys
 
-    from storage.layout import OutputRoot
-    from storage.tables import quarantine_listing
-    from tasks.reasons import parse_reason_code
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import quarantine_listing
+    from medflow.tasks.reasons import parse_reason_code
 
     wanted = parse_reason_code(code).value if code is not None else None
     rows = quarantine_listing(OutputRoot(root), code=wanted, run_id=run).to_pylist()
@@ -482,8 +482,8 @@ def encoders_cmd(
     config: Annotated[str | None, typer.Option(help="Encoder config (TOML/JSON).")] = None,
 ) -> None:
     """Registered encoders, and the configured ones with their versions and checkpoint status."""
-    from encoders import list_encoders
-    from encoders._registry import get_entry
+    from medflow.encoders import list_encoders
+    from medflow.encoders._registry import get_entry
 
     t = Table("encoder", "config", title="registered encoders")
     for name in list_encoders():
@@ -492,7 +492,7 @@ def encoders_cmd(
     console.print(t)
     if not config:
         return
-    from tasks.encode import get_encoder, load_encoder_specs, version_tag
+    from medflow.tasks.encode import get_encoder, load_encoder_specs, version_tag
 
     c = Table(
         "label", "encoder", "checkpoint", "status", "version", title=f"configured in {config}"
@@ -519,8 +519,8 @@ def findings(
     encoder: Annotated[str | None, typer.Option(help="Only this encoder.")] = None,
 ) -> None:
     """Zero-shot findings of one series, newest per encoder and finding, highest first."""
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     con = connect(OutputRoot(root))
     if "findings" not in _views(con):
@@ -552,8 +552,8 @@ def similar(
     k: Annotated[int, typer.Option("--k", help="How many neighbours.")] = 10,
 ) -> None:
     """Nearest series by cosine similarity of one encoder's embeddings (DuckDB)."""
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     con = connect(OutputRoot(root))
     if "embeddings" not in _views(con):
@@ -606,19 +606,19 @@ def _views(con: Any) -> set[str]:
 
 
 def _register_extra_commands() -> None:
-    from flows.pretrain import pretrain_cmd
-    from tasks.retrieval import eval_retrieval
+    from medflow.flows.pretrain import pretrain_cmd
+    from medflow.tasks.retrieval import eval_retrieval
 
     app.command("pretrain")(pretrain_cmd)
     app.command("eval-retrieval")(eval_retrieval)
-    from flows.cli_serve import serve_cmd
+    from medflow.flows.cli_serve import serve_cmd
 
     app.command("serve")(serve_cmd)
-    from flows.cli_reprocess import prune_cmd, reprocess_cmd
+    from medflow.flows.cli_reprocess import prune_cmd, reprocess_cmd
 
     app.command("reprocess")(reprocess_cmd)
     app.command("prune")(prune_cmd)
-    from flows.cli_analytics import compact_cmd, export_duckdb_cmd
+    from medflow.flows.cli_analytics import compact_cmd, export_duckdb_cmd
 
     app.command("export-duckdb")(export_duckdb_cmd)
     app.command("compact")(compact_cmd)

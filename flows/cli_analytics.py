@@ -26,8 +26,8 @@ def export_duckdb_cmd(
     Open it with the duckdb CLI or any DuckDB client: `duckdb -readonly FILE`. The views read
     the Parquet parts by absolute path, so later nightly runs show without exporting again.
     """
-    from storage.layout import OutputRoot
-    from storage.tables import export_duckdb
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import export_duckdb
 
     out = OutputRoot(root)
     if not out.fs.exists(out.table_dir("catalog")):
@@ -58,7 +58,7 @@ def compact_cmd(
     finished (or undone) by the next one. It waits for no one: when a nightly, reprocess or
     prune run holds the output root's lock, nothing is done.
     """
-    from storage.compact import compact
+    from medflow.storage.compact import compact
 
     try:
         report = compact(root, table, dry_run=dry_run)

@@ -109,8 +109,8 @@ def reprocess_cmd(
     """Recompute only what a new encoder checkpoint or prompt bank made stale under ROOT."""
     if dry_run:
         # planning needs no Prefect run (nor its temporary server)
-        from flows.nightly import resolve_specs
-        from tasks.reprocess import plan_reprocess
+        from medflow.flows.nightly import resolve_specs
+        from medflow.tasks.reprocess import plan_reprocess
 
         try:
             plan = plan_reprocess(root, resolve_specs(None, config), encoder).to_dict()
@@ -147,16 +147,16 @@ def reprocess_cmd(
 
 def _run_flow(root: str, config: str | None, encoder: str | None, workers: int) -> dict[str, Any]:
 
-    from flows import reprocess as mod
-    from flows.nightly import _runner, default_workers, resolve_specs
-    from tasks.reprocess import select_specs
+    from medflow.flows import reprocess as mod
+    from medflow.flows.nightly import _runner, default_workers, resolve_specs
+    from medflow.tasks.reprocess import select_specs
 
     try:  # a bad config or encoder name fails here, before a flow run starts
         select_specs(resolve_specs(None, config), encoder)
     except ValueError as e:
         console.print(f"[red]reprocess:[/red] {e}")
         raise typer.Exit(2) from e
-    from flows.cli import stage_progress
+    from medflow.flows.cli import stage_progress
 
     with stage_progress(mod._PROGRESS):
         flow = mod.reprocess.with_options(task_runner=_runner(workers or default_workers()))
@@ -177,8 +177,8 @@ def prune_cmd(
     With --config, the configured encoders' versions and prompt banks are kept (encoders not
     configured are left alone); without, each encoder's most recently written version is.
     """
-    from flows.nightly import resolve_specs
-    from tasks.reprocess import prune
+    from medflow.flows.nightly import resolve_specs
+    from medflow.tasks.reprocess import prune
 
     try:
         keep: Any = resolve_specs(None, config) if config else "latest"

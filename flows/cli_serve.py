@@ -42,9 +42,9 @@ def build_deployments(
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
-    from flows.nightly import nightly
-    from flows.reprocess import reprocess
-    from storage.layout import parse_root
+    from medflow.flows.nightly import nightly
+    from medflow.flows.reprocess import reprocess
+    from medflow.storage.layout import parse_root
 
     if "://" not in archive:
         archive = os.path.abspath(archive)

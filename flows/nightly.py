@@ -21,11 +21,11 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.layout import OutputRoot
-from storage.lock import exclusive_run
-from storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
-from tasks.discover import discover
-from tasks.encode import (
+from medflow.storage.layout import OutputRoot
+from medflow.storage.lock import exclusive_run
+from medflow.storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
+from medflow.tasks.discover import discover
+from medflow.tasks.encode import (
     FOUR_D_REASON,
     EncoderSpec,
     encode_batch,
@@ -37,7 +37,7 @@ from tasks.encode import (
     remember_encoder,
     version_tag,
 )
-from tasks.ingest import (
+from medflow.tasks.ingest import (
     HeaderScan,
     Outcome,
     SeriesJob,
@@ -46,10 +46,10 @@ from tasks.ingest import (
     rejected_outcome,
     scan_headers,
 )
-from tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
-from tasks.reasons import ReasonCode, shielded, tally_add, tally_groups
-from tasks.report import publish_report
-from tasks.tables import commit_outcomes, commit_sources_only, commit_touched
+from medflow.tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
+from medflow.tasks.reasons import ReasonCode, shielded, tally_add, tally_groups
+from medflow.tasks.report import publish_report
+from medflow.tasks.tables import commit_outcomes, commit_sources_only, commit_touched
 
 __all__ = ["IngestSummary", "default_workers", "ingest_archive", "nightly", "run_ingest"]
 
@@ -230,8 +230,8 @@ def record_run(root: str, flow_name: str, summary: IngestSummary, started_at: An
     """One row in the runs table: when a run started and ended, and what it counted."""
     import json
 
-    from storage.tables import RUNS_SCHEMA, utcnow, write_part
-    from tasks.ingest import medflow_version
+    from medflow.storage.tables import RUNS_SCHEMA, utcnow, write_part
+    from medflow.tasks.ingest import medflow_version
 
     out = OutputRoot(root)
     row = {
@@ -353,8 +353,8 @@ def run_encode(
     import json
     import time
 
-    from storage.tables import write_part
-    from tasks.ingest import medflow_version
+    from medflow.storage.tables import write_part
+    from medflow.tasks.ingest import medflow_version
 
     logger = get_run_logger()
     out = OutputRoot(root)
@@ -436,7 +436,7 @@ def run_preprocess(
     """Denoise low-dose series that have raw projections; results go to the catalog."""
     import time
 
-    from storage.tables import write_part
+    from medflow.storage.tables import write_part
 
     if not cfg.enabled:
         return

@@ -42,7 +42,7 @@ def pretrain(root: str, config: str | dict[str, Any]) -> dict[str, Any]:
     JSON file path. Returns the registered version's record (name, version, weights, steps,
     final loss).
     """
-    from tasks.pretrain import load_pretrain_config, register_task, train_task
+    from medflow.tasks.pretrain import load_pretrain_config, register_task, train_task
 
     logger = get_run_logger()
     cfg = load_pretrain_config(config)  # a bad config fails before any work

@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.nightly import (
+from medflow.flows.nightly import (
     IngestSummary,
     _run_id,
     _runner,
@@ -26,11 +26,11 @@ from flows.nightly import (
     resolve_specs,
     run_encode,
 )
-from storage.layout import OutputRoot
-from storage.lock import exclusive_run
-from storage.tables import utcnow
-from tasks.reasons import shielded, tally_groups
-from tasks.reprocess import ReprocessPlan, plan_reprocess, select_specs
+from medflow.storage.layout import OutputRoot
+from medflow.storage.lock import exclusive_run
+from medflow.storage.tables import utcnow
+from medflow.tasks.reasons import shielded, tally_groups
+from medflow.tasks.reprocess import ReprocessPlan, plan_reprocess, select_specs
 
 __all__ = ["plan_rows", "reprocess"]
 

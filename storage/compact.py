@@ -50,8 +50,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.layout import OutputRoot
-from storage.tables import (
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import (
     COMPACTED_PREFIX,
     MARKER_DIR_PREFIX,
     MARKER_PREFIX,
@@ -323,7 +323,7 @@ def compact(
         report.partitions = _reports(out, table, merges, planned=True)
         report.seconds = time.perf_counter() - t0
         return report
-    from storage.lock import run_lock
+    from medflow.storage.lock import run_lock
 
     with run_lock(out.url, "compact") as lock:
         if not lock.acquired:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec
 
-from storage.layout import OutputRoot
+from medflow.storage.layout import OutputRoot
 
 __all__ = ["RunLock", "exclusive_run", "run_lock", "skipped_result"]
 

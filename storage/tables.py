@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.layout import OutputRoot, is_object_store
+from medflow.storage.layout import OutputRoot, is_object_store
 
 __all__ = [
     "CATALOG_SCHEMA",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tasks.reasons import ReasonCode, SourceError
+from medflow.tasks.reasons import ReasonCode, SourceError
 
 __all__ = ["SourceError", "parse_source_path"]
 

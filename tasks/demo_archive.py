@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
-from tasks.demo_dicom import (
+from medflow.tasks.demo_dicom import (
     AXIAL,
     DemoPatient,
     ct_phantom,

@@ -17,9 +17,9 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.layout import OutputRoot
-from storage.tables import SOURCES_SCHEMA, read_table
-from tasks.reasons import InputError, shielded
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import SOURCES_SCHEMA, read_table
+from medflow.tasks.reasons import InputError, shielded
 
 __all__ = [
     "ArchiveFile",

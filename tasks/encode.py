@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.layout import OutputRoot
-from storage.tables import (
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import (
     CATALOG_SCHEMA,
     FINDINGS_SCHEMA,
     connect,
@@ -40,7 +40,7 @@ from storage.tables import (
     utcnow,
     write_part,
 )
-from tasks.reasons import clip_text, shielded
+from medflow.tasks.reasons import clip_text, shielded
 
 __all__ = [
     "FOUR_D_REASON",
@@ -124,7 +124,7 @@ _CACHE_LOCK = threading.Lock()
 
 def get_encoder(spec: EncoderSpec, device: str | None = None) -> Any:
     """The encoder for ``spec``, built once per process (weights are loaded once)."""
-    from encoders import create_encoder
+    from medflow.encoders import create_encoder
 
     key = json.dumps([spec.to_dict(), device], sort_keys=True, default=str)
     with _CACHE_LOCK:
@@ -166,7 +166,7 @@ def encoder_inputs_stamp(spec: EncoderSpec) -> str:
     """A digest of everything an encoder's version follows from, by file size and mtime: the
     spec, the checkpoint, any file or folder an option names (a text tower, say), the
     architecture configs and medflow's version. Any change gives another stamp."""
-    from tasks.ingest import medflow_version
+    from medflow.tasks.ingest import medflow_version
 
     files: list[list[Any]] = []
     if spec.checkpoint and not spec.random_weights:
@@ -281,8 +281,8 @@ def record_four_d_refusals(
     """Record each 4D image a 3D volume encoder would otherwise take as ``refused`` with reason
     code ``four_d_not_supported`` (one catalog row per series, encoder and version, so that
     later runs do not try again); the keys recorded."""
-    from tasks.ingest import medflow_version
-    from tasks.reasons import ReasonCode
+    from medflow.tasks.ingest import medflow_version
+    from medflow.tasks.reasons import ReasonCode
 
     items = four_d_items(root, encoder, spec)
     if not items:
@@ -377,7 +377,7 @@ def _pending(
 
 def bank_embeddings(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> tuple[Any, np.ndarray]:
     """The bank and its per-finding mean text embeddings, from storage or computed and stored."""
-    from encoders.findings import bank_text_embeddings, load_prompt_bank
+    from medflow.encoders.findings import bank_text_embeddings, load_prompt_bank
 
     if spec.bank is None:
         raise ValueError(f"Encoder {spec.output_name!r} has no prompt bank configured.")
@@ -414,7 +414,7 @@ def bank_embeddings(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> tuple[
 
 
 def _provenance(encoder: Any, spec: EncoderSpec, item: EncodeItem, run_id: str) -> dict[str, Any]:
-    from tasks.ingest import medflow_version
+    from medflow.tasks.ingest import medflow_version
 
     return {
         "encoder": spec.output_name,
@@ -438,7 +438,7 @@ def findings_rows(
     run_id: str,
 ) -> list[dict[str, Any]]:
     """One row per (series, finding), scored from stored or fresh contrastive embeddings."""
-    from encoders.findings import score_findings
+    from medflow.encoders.findings import score_findings
 
     if not items:
         return []
@@ -475,7 +475,7 @@ def encode_items(
     device: str | None = None,
 ) -> EncodeManifest:
     """Embed ``items`` with ``spec``'s encoder, write embeddings and findings parts."""
-    from encoders._streaming import stream_encode
+    from medflow.encoders._streaming import stream_encode
 
     t0 = time.perf_counter()
     encoder = get_encoder(spec, device)
@@ -610,7 +610,7 @@ def encode_batch(
 
     The device work holds a slot of the device's concurrency limit (see tasks.device_slots).
     """
-    from tasks.device_slots import device_slot
+    from medflow.tasks.device_slots import device_slot
 
     with device_slot(None):  # None: the device the encoder picks (cuda when present)
         return encode_items(OutputRoot(root), spec, items, run_id)

@@ -22,14 +22,14 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.images import DecodedImage, publish_tree, write_image
-from storage.layout import OutputRoot, Pseudonymizer
-from storage.tables import utcnow
-from tasks.discover import Discovery, KnownSource
-from tasks.reasons import ReasonCode, SourceError, shielded, unexpected
+from medflow.storage.images import DecodedImage, publish_tree, write_image
+from medflow.storage.layout import OutputRoot, Pseudonymizer
+from medflow.storage.tables import utcnow
+from medflow.tasks.discover import Discovery, KnownSource
+from medflow.tasks.reasons import ReasonCode, SourceError, shielded, unexpected
 
 if TYPE_CHECKING:
-    from tasks.dicom import DicomHeader
+    from medflow.tasks.dicom import DicomHeader
 
 __all__ = [
     "HeaderScan",
@@ -118,7 +118,7 @@ def scan_header_files(
     reads a file laid out like one before it from that layout; a bad file gets its own error
     and the scan goes on.
     """
-    from tasks.dicom import read_dicom_headers
+    from medflow.tasks.dicom import read_dicom_headers
 
     out: list[HeaderScan | None] = [None] * len(relpaths)
     with local_files(archive, relpaths) as paths:
@@ -235,15 +235,15 @@ def plan_jobs(
 def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
     """The reader of a one-image source kind (DICOM series: :func:`_read_parts`)."""
     if kind == "nifti":
-        from tasks.ingest_nifti import read_nifti
+        from medflow.tasks.ingest_nifti import read_nifti
 
         return lambda paths: read_nifti(paths[0])
     if kind == "image":
-        from tasks.ingest_image import read_image
+        from medflow.tasks.ingest_image import read_image
 
         return lambda paths: read_image(paths[0])
     if kind == "video":
-        from tasks.ingest_video import read_video
+        from medflow.tasks.ingest_video import read_video
 
         return lambda paths: read_video(paths[0])
     raise ValueError(f"Expected a source kind in nifti, image, video, got {kind!r} instead.")
@@ -253,7 +253,7 @@ def ingest_sinogram(
     archive: str, root: OutputRoot, job: SeriesJob, run_id: str, keys: Pseudonymizer
 ) -> Outcome:
     """Store raw projections under the root, keyed by the series they belong to."""
-    from storage.sinograms import read_sinogram, write_sinogram
+    from medflow.storage.sinograms import read_sinogram, write_sinogram
 
     t0 = time.perf_counter()
     row = _base_row(job, run_id)
@@ -329,7 +329,7 @@ def _base_row(job: SeriesJob, run_id: str) -> dict[str, Any]:
 def _read_parts(kind: str, paths: list[str]) -> tuple[list[tuple[str, DecodedImage]], list[Any]]:
     """The images a source makes, each with its key suffix, and (DICOM) the planes left out."""
     if kind == "dicom":
-        from tasks.dicom import read_dicom_parts
+        from medflow.tasks.dicom import read_dicom_parts
 
         got = read_dicom_parts(paths, stream=True)
         return [(p.suffix, p.image) for p in got.parts], list(got.left_out)

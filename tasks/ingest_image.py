@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
-from storage.images import DecodedImage, ImageMeta
-from tasks import SourceError, parse_source_path
-from tasks.reasons import ReasonCode, format_number
+from medflow.storage.images import DecodedImage, ImageMeta
+from medflow.tasks import SourceError, parse_source_path
+from medflow.tasks.reasons import ReasonCode, format_number
 
 __all__ = ["IMAGE_FORMATS", "IMAGE_SUFFIXES", "parse_image_path", "read_image"]
 

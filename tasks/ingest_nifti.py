@@ -55,10 +55,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from storage.images import DecodedImage, ImageMeta
-from tasks import SourceError, parse_source_path
-from tasks.limits import check_image_bytes
-from tasks.reasons import ReasonCode, format_number
+from medflow.storage.images import DecodedImage, ImageMeta
+from medflow.tasks import SourceError, parse_source_path
+from medflow.tasks.limits import check_image_bytes
+from medflow.tasks.reasons import ReasonCode, format_number
 
 __all__ = [
     "NIFTI_SUFFIXES",

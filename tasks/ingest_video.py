@@ -41,9 +41,9 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from storage.images import DecodedImage, ImageMeta
-from tasks import SourceError, parse_source_path
-from tasks.reasons import ReasonCode
+from medflow.storage.images import DecodedImage, ImageMeta
+from medflow.tasks import SourceError, parse_source_path
+from medflow.tasks.reasons import ReasonCode
 
 __all__ = [
     "MAX_SLAB_FRAMES",

@@ -22,11 +22,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage.images import DecodedImage, ImageMeta, open_image, write_image
-from storage.layout import OutputRoot
-from storage.sinograms import read_sinogram
-from storage.tables import connect, utcnow
-from tasks.reasons import ReasonCode, clip_text, shielded
+from medflow.storage.images import DecodedImage, ImageMeta, open_image, write_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.sinograms import read_sinogram
+from medflow.storage.tables import connect, utcnow
+from medflow.tasks.reasons import ReasonCode, clip_text, shielded
 
 __all__ = [
     "DenoiseConfig",
@@ -181,8 +181,8 @@ def denoise_series(
     root: OutputRoot, item: DenoiseItem, cfg: DenoiseConfig, run_id: str
 ) -> dict[str, Any]:
     """Denoise one series from its projections; returns its catalog row (never raises)."""
-    from tasks.denoise import WATER_MU_PER_MM, ParallelBeamGeometry, denoise_sinogram
-    from tasks.ingest import medflow_version
+    from medflow.tasks.denoise import WATER_MU_PER_MM, ParallelBeamGeometry, denoise_sinogram
+    from medflow.tasks.ingest import medflow_version
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {
@@ -270,7 +270,7 @@ def denoise_batch(
 
     The device work holds a slot of the device's concurrency limit (see tasks.device_slots).
     """
-    from tasks.device_slots import device_slot
+    from medflow.tasks.device_slots import device_slot
 
     out = OutputRoot(root)
     with device_slot(cfg.device):

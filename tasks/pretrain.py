@@ -52,10 +52,10 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from encoders._base import config_sha256
-from encoders._checkpoint import sha256_file
-from encoders._registry import get_entry, thaw
-from encoders.m3ret import (
+from medflow.encoders._base import config_sha256
+from medflow.encoders._checkpoint import sha256_file
+from medflow.encoders._registry import get_entry, thaw
+from medflow.encoders.m3ret import (
     M3RetConfig,
     M3RetMAE,
     M3RetViT,
@@ -68,10 +68,10 @@ from encoders.m3ret import (
     series_kind,
     to_grey,
 )
-from storage.images import open_image
-from storage.layout import OutputRoot
-from storage.tables import connect, utcnow
-from tasks.reasons import shielded
+from medflow.storage.images import open_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect, utcnow
+from medflow.tasks.reasons import shielded
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -756,7 +756,7 @@ def train_mae(
     the run as a crash would, leaving the last checkpoint). Returns the result and the MAE
     (whose ``encoder`` is the trained encoder).
     """
-    from encoders._base import parse_device
+    from medflow.encoders._base import parse_device
 
     t0 = time.perf_counter()
     device = parse_device(cfg.device)

@@ -156,8 +156,8 @@ def record_incident(root: str, where: str, e: BaseException) -> str:
 
     Never raises: an incident that cannot be written (the root itself failing) is ``unrecorded``.
     """
-    from storage.layout import OutputRoot
-    from storage.tables import INCIDENTS_SCHEMA, utcnow, write_part
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import INCIDENTS_SCHEMA, utcnow, write_part
 
     incident_id = uuid.uuid4().hex[:12]
     try:

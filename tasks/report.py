@@ -39,10 +39,10 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from storage.images import open_image
-from storage.layout import OutputRoot
-from storage.tables import connect, utcnow
-from tasks.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonCode, tally_groups
+from medflow.storage.images import open_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect, utcnow
+from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonCode, tally_groups
 
 __all__ = [
     "DEFAULT_CT_WINDOW",
@@ -600,7 +600,7 @@ def build_report(
         raise ValueError(f"Expected max_thumbnails >= 0, got {max_thumbnails} instead.")
     if not (len(ct_window) == 2 and ct_window[1] > 0 and all(map(math.isfinite, ct_window))):
         raise ValueError(f"Expected a CT window (level, width > 0), got {ct_window!r} instead.")
-    from tasks.ingest import medflow_version
+    from medflow.tasks.ingest import medflow_version
 
     out = OutputRoot(root)
     quarantined = _quarantined(summary)

@@ -65,9 +65,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.layout import OutputRoot
-from storage.tables import RUNS_SCHEMA, connect, read_table
-from tasks.encode import EncoderSpec, get_encoder, pending_items, version_tag
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import RUNS_SCHEMA, connect, read_table
+from medflow.tasks.encode import EncoderSpec, get_encoder, pending_items, version_tag
 
 __all__ = [
     "DEFAULT_EMBED_SECONDS",
@@ -216,8 +216,8 @@ def current_encoder(spec: EncoderSpec, device: str | None = None) -> Any:
     Encoders are built once per process (:func:`tasks.encode.get_encoder`); a checkpoint
     replaced in place since then would otherwise keep its old weights and version here.
     """
-    from encoders._checkpoint import sha256_file
-    from tasks import encode
+    from medflow.encoders._checkpoint import sha256_file
+    from medflow.tasks import encode
 
     enc = get_encoder(spec, device)
     if spec.random_weights or not spec.checkpoint or not os.path.isfile(spec.checkpoint):
@@ -247,7 +247,7 @@ def plan_reprocess(
 ) -> ReprocessPlan:
     """Compare the stored outputs with the configured encoders: what to recompute, and how
     long that should take (see the module docstring for the rules)."""
-    from encoders.findings import load_prompt_bank
+    from medflow.encoders.findings import load_prompt_bank
 
     out = root if isinstance(root, OutputRoot) else OutputRoot(root)
     _check_root(out)
@@ -464,7 +464,7 @@ def _kept_versions(
     out: OutputRoot, keep: Sequence[EncoderSpec] | Literal["latest"]
 ) -> dict[str, dict[str, str | None]]:
     """label -> {"version": v, "bank": name or None, "bank_version": v or None}."""
-    from encoders.findings import load_prompt_bank
+    from medflow.encoders.findings import load_prompt_bank
 
     if isinstance(keep, str):
         if keep != "latest":
@@ -520,7 +520,7 @@ def _list_dirs(fs: Any, path: str, prefix: str) -> list[tuple[str, str]]:
 def _part_files(out: OutputRoot, path: str) -> list[str]:
     """The parts under ``path`` that queries see (as the tables' readers list them: parts that
     a committed compaction merged are left out), as paths of ``out.fs``."""
-    from storage.tables import _parts
+    from medflow.storage.tables import _parts
 
     fs = out.fs
     return sorted(fs._strip_protocol(p) for p in _parts(out.join(_rel(out, path))))
@@ -649,7 +649,7 @@ def prune(
 
     Returns what was (or, with ``dry_run``, would be) dropped.
     """
-    from storage.lock import run_lock
+    from medflow.storage.lock import run_lock
 
     out = root if isinstance(root, OutputRoot) else OutputRoot(root)
     if dry_run:

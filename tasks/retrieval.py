@@ -182,8 +182,8 @@ def load_embeddings(
 
     ``version`` ``None`` takes the encoder's most recently written version.
     """
-    from storage.layout import OutputRoot
-    from storage.tables import connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import connect
 
     out = root if isinstance(root, OutputRoot) else OutputRoot(os.fspath(root))
     con = connect(out)
@@ -252,8 +252,8 @@ def load_labels(root: Any, labels: Mapping[str, str] | str | os.PathLike[str]) -
 
 
 def _catalog_labels(root: Any, column: str) -> dict[str, str]:
-    from storage.layout import OutputRoot
-    from storage.tables import CATALOG_SCHEMA, connect
+    from medflow.storage.layout import OutputRoot
+    from medflow.storage.tables import CATALOG_SCHEMA, connect
 
     allowed = set(CATALOG_SCHEMA.names) - {"series_key"}
     if column not in allowed:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from storage.layout import OutputRoot, Pseudonymizer
-from storage.tables import CATALOG_SCHEMA, SOURCES_SCHEMA, part_id, utcnow, write_part
-from tasks.discover import ArchiveFile, Discovery, KnownSource
-from tasks.ingest import Outcome, SeriesJob
+from medflow.storage.layout import OutputRoot, Pseudonymizer
+from medflow.storage.tables import CATALOG_SCHEMA, SOURCES_SCHEMA, part_id, utcnow, write_part
+from medflow.tasks.discover import ArchiveFile, Discovery, KnownSource
+from medflow.tasks.ingest import Outcome, SeriesJob
 
 __all__ = ["commit_outcomes", "commit_sources_only", "commit_touched"]
 

@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from storage.compact import compact, plan_compaction
-from storage.layout import OutputRoot
-from storage.lock import run_lock
-from storage.tables import (
+from medflow.storage.compact import compact, plan_compaction
+from medflow.storage.layout import OutputRoot
+from medflow.storage.lock import run_lock
+from medflow.storage.tables import (
     CATALOG_SCHEMA,
     FINDINGS_SCHEMA,
     RUNS_SCHEMA,
@@ -501,7 +501,7 @@ def test_a_killed_compaction_between_rename_and_delete(tmp_path: Path) -> None:
     before = _snapshot(out)
     script = (
         "import os, signal, sys\n"
-        "from storage.compact import compact\n"
+        "from medflow.storage.compact import compact\n"
         "def hook(step, folder):\n"
         "    if step == 'committed' and folder.endswith('restricted/sources'):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -597,7 +597,7 @@ def test_export_refuses_bad_targets(tmp_path: Path) -> None:
 
 
 def _app() -> Any:
-    from flows.cli import app
+    from medflow.flows.cli import app
 
     return app
 
@@ -628,9 +628,9 @@ def test_cli_commands(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutputRoot]:
-    from flows.cli import demo_encoder_specs
-    from flows.nightly import nightly
-    from tasks.demo_archive import make_demo_archive
+    from medflow.flows.cli import demo_encoder_specs
+    from medflow.flows.nightly import nightly
+    from medflow.tasks.demo_archive import make_demo_archive
 
     base = tmp_path_factory.mktemp("analytics")
     make_demo_archive(base / "archive", size="tiny")

@@ -26,7 +26,7 @@ from support import canonical as _canonical
 from support import reference_tolerance as _tolerance
 from support import world_bvecs as _world_bvecs
 
-from storage.images import open_image
+from medflow.storage.images import open_image
 
 DATA = Path(__file__).parent / "data" / "dcm_qa"
 SETS = sorted(p.name for p in DATA.iterdir() if (p / "In").is_dir() and (p / "Ref").is_dir())
@@ -43,7 +43,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Each set ingested once by the ingest-archive flow: its catalog rows and images."""
     import duckdb
 
-    from flows.nightly import ingest_archive
+    from medflow.flows.nightly import ingest_archive
 
     out: dict[str, Any] = {}
     for name in SETS:
@@ -116,7 +116,7 @@ def test_query_reads_the_4d_rows(ingested: dict[str, Any]) -> None:
     """``medflow query`` over the catalog: 4D images with their volume facts, by SQL."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from medflow.flows.cli import app
 
     sql = (
         "SELECT axes, shape[1] AS volumes, json_extract(attrs_json, '$.n_volumes') AS n, "

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from tasks import SourceError
-from tasks.demo_archive import (
+from medflow.tasks import SourceError
+from medflow.tasks.demo_archive import (
     LABELS,
     DemoEntry,
     DemoManifest,
@@ -23,9 +23,9 @@ from tasks.demo_archive import (
     parse_seed,
     parse_size,
 )
-from tasks.ingest_image import read_image
-from tasks.ingest_nifti import read_nifti
-from tasks.ingest_video import read_video
+from medflow.tasks.ingest_image import read_image
+from medflow.tasks.ingest_nifti import read_nifti
+from medflow.tasks.ingest_video import read_video
 
 _READERS = {"nifti": read_nifti, "image": read_image, "video": read_video}
 

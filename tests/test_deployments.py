@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from support import nifti_archive as _archive
 
-from storage.layout import OutputRoot
-from storage.lock import run_lock
-from storage.tables import connect
+from medflow.storage.layout import OutputRoot
+from medflow.storage.lock import run_lock
+from medflow.storage.tables import connect
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,7 +215,7 @@ def test_prefect_yaml_deployments_are_created_and_nightly_runs(
 
 
 def _nightly_cmd(archive: Path, root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "nightly", str(archive), "--root", str(root), *extra]
+    return [sys.executable, "-m", "medflow.flows.cli", "nightly", str(archive), "--root", str(root), *extra]
 
 
 @pytest.mark.slow
@@ -234,7 +234,7 @@ def test_overlapping_nightly_runs_never_both_write(tmp_path: Path, prefect_api: 
     }
     # the second `medflow nightly` imports everything first, then starts on a line on stdin,
     # so that it tries while the first one (one series per task, one worker) is still writing
-    warm = "import sys, flows.cli as cli; sys.stdin.readline(); cli.main()"
+    warm = "import sys, medflow.flows.cli as cli; sys.stdin.readline(); cli.main()"
     second = subprocess.Popen(
         [sys.executable, "-c", warm, "nightly", str(archive), "--root", str(root)],
         stdin=subprocess.PIPE,
@@ -243,9 +243,9 @@ def test_overlapping_nightly_runs_never_both_write(tmp_path: Path, prefect_api: 
     # the first run writes slowly (a pause before each series), so that however fast this
     # machine is, it still holds the lock when the second one tries
     slow = (
-        "import sys, time, tasks.ingest as ti; one = ti.ingest_series\n"
+        "import sys, time, medflow.tasks.ingest as ti; one = ti.ingest_series\n"
         "def paused(*a, **k):\n    time.sleep(0.5)\n    return one(*a, **k)\n"
-        "ti.ingest_series = paused; import flows.cli as cli; cli.main()"
+        "ti.ingest_series = paused; import medflow.flows.cli as cli; cli.main()"
     )
     one_by_one = ("--batch-size", "1", "--workers", "1")
     first = subprocess.Popen(
@@ -276,7 +276,7 @@ def test_overlapping_nightly_runs_never_both_write(tmp_path: Path, prefect_api: 
 
 @pytest.mark.slow
 def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path: Path, prefect_api: None) -> None:
-    from flows.nightly import nightly
+    from medflow.flows.nightly import nightly
 
     n = 12
     archive = _archive(tmp_path / "archive", n)
@@ -310,7 +310,7 @@ def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path: Path, prefect_ap
 def test_a_run_inside_the_lock_of_another_is_skipped_in_process(
     tmp_path: Path, prefect_api: None
 ) -> None:
-    from flows.nightly import ingest_archive
+    from medflow.flows.nightly import ingest_archive
 
     archive = _archive(tmp_path / "archive", 2)
     root = tmp_path / "out"
@@ -337,7 +337,7 @@ def test_medflow_serve_registers_its_deployments(tmp_path: Path, prefect_api: No
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "medflow.flows.cli",
             "serve",
             "--archive",
             str(archive),
@@ -390,7 +390,7 @@ def test_medflow_serve_without_a_server_says_what_to_do(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "medflow.flows.cli",
             "serve",
             "--archive",
             str(tmp_path),

@@ -25,12 +25,12 @@ import pytest
 from pydicom.uid import generate_uid
 from support import as_nifti_order, canonical, reference_tolerance, world_bvecs
 
-from storage.layout import OutputRoot
-from tasks import SourceError
-from tasks.demo_dicom import ct_phantom, write_ct_series
-from tasks.dicom import DicomParts, read_dicom_parts, read_dicom_series
-from tasks.ingest import SeriesJob, ingest_series
-from tasks.reasons import ReasonCode
+from medflow.storage.layout import OutputRoot
+from medflow.tasks import SourceError
+from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+from medflow.tasks.dicom import DicomParts, read_dicom_parts, read_dicom_series
+from medflow.tasks.ingest import SeriesJob, ingest_series
+from medflow.tasks.reasons import ReasonCode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -308,8 +308,8 @@ def test_two_oblique_stacks_in_one_series_are_parts_as_dcm2niix(tmp_path: Path) 
 def test_parts_through_the_flow_and_a_run_killed_before_its_sources(tmp_path: Path) -> None:
     """A series of parts gives one catalog row and image per part; a run that died after its
     catalog part and before its sources part is recognised by the next (no second rows)."""
-    from flows.nightly import ingest_archive
-    from storage.tables import connect
+    from medflow.flows.nightly import ingest_archive
+    from medflow.storage.tables import connect
 
     def edit(ds: pydicom.Dataset, t: int, k: int) -> None:
         ds.EchoNumbers = t + 1  # two echoes: every part has a suffix, none the series' key
@@ -333,7 +333,7 @@ def test_parts_through_the_flow_and_a_run_killed_before_its_sources(tmp_path: Pa
 def test_streamed_4d_equals_the_whole_read_and_restarts_as_float(tmp_path: Path) -> None:
     """A 4D series read as slabs of volumes (as ingest reads it) writes the image the whole
     read gives; a value beyond int16 in a later volume restarts the write as float32."""
-    from storage.images import open_image, write_image
+    from medflow.storage.images import open_image, write_image
 
     vols = _volumes(5)
 

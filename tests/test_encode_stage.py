@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import demo_encoder_specs, nearest_series
-from flows.nightly import nightly
-from storage.layout import OutputRoot
-from storage.tables import connect
-from tasks.demo_archive import make_demo_archive
-from tasks.encode import EncoderSpec, recompute_findings
+from medflow.flows.cli import demo_encoder_specs, nearest_series
+from medflow.flows.nightly import nightly
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect
+from medflow.tasks.demo_archive import make_demo_archive
+from medflow.tasks.encode import EncoderSpec, recompute_findings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -95,8 +95,8 @@ def test_similarity_sql_over_fixed_size_lists(encoded: tuple[Path, Path, list[di
 def test_bank_change_rescores_from_stored_embeddings(
     encoded: tuple[Path, Path, list[dict]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from encoders._base import Encoder
-    from encoders.findings import PROMPT_DIR
+    from medflow.encoders._base import Encoder
+    from medflow.encoders.findings import PROMPT_DIR
 
     _, root, specs = encoded
     bank = json.loads((PROMPT_DIR / "merlin_ct_findings.json").read_text())
@@ -152,7 +152,7 @@ def test_four_d_image_is_refused_by_volume_encoders_with_its_code(tmp_path: Path
     the 3D volume encoder records it as refused, once, instead of passing it over in silence."""
     import pydicom
 
-    from tasks.demo_dicom import ct_phantom, write_ct_series
+    from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
 
     archive = tmp_path / "archive"
     first = write_ct_series(archive / "t0", ct_phantom((6, 24, 20)), (2.5, 0.8, 0.8), (0, 0, 0))

@@ -8,19 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import encoders
-from encoders import CheckpointError, Encoder, EncoderVersion, create_encoder, list_encoders
-from encoders.clip2d import frame_indices, scale_intensity
-from encoders.merlin import sanitize_report
-from encoders.testing import (
+from medflow import encoders
+from medflow.encoders import CheckpointError, Encoder, EncoderVersion, create_encoder, list_encoders
+from medflow.encoders.clip2d import frame_indices, scale_intensity
+from medflow.encoders.merlin import sanitize_report
+from medflow.encoders.testing import (
     TINY_CLIP_CONFIG,
     deterministic_state_dict,
     synthetic_ct,
     write_random_checkpoint,
     write_tiny_text_model,
 )
-from storage.images import ImageMeta
+from medflow.storage.images import ImageMeta
 
 CLIP_KW = {"arch_config": str(TINY_CLIP_CONFIG)}
 

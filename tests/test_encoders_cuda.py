@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from encoders import create_encoder
-from encoders._streaming import stream_encode
-from encoders.testing import TINY_CLIP_CONFIG, synthetic_ct, write_random_checkpoint
-from storage.images import DecodedImage, write_image
+from medflow.encoders import create_encoder
+from medflow.encoders._streaming import stream_encode
+from medflow.encoders.testing import TINY_CLIP_CONFIG, synthetic_ct, write_random_checkpoint
+from medflow.storage.images import DecodedImage, write_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from encoders import create_encoder
-from encoders.findings import (
+from medflow.encoders import create_encoder
+from medflow.encoders.findings import (
     bank_text_embeddings,
     list_prompt_banks,
     load_prompt_bank,
@@ -18,7 +18,7 @@ from encoders.findings import (
     score_findings,
     text_embedding_key,
 )
-from encoders.testing import TINY_CLIP_CONFIG, write_random_checkpoint, write_tiny_text_model
+from medflow.encoders.testing import TINY_CLIP_CONFIG, write_random_checkpoint, write_tiny_text_model
 
 MERLIN_FINDINGS = {
     "pleural effusion",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.testing import GOLDEN_DIR, GoldenCase, golden_cases, run_golden_case
+from medflow.encoders.testing import GOLDEN_DIR, GoldenCase, golden_cases, run_golden_case
 
 
 @pytest.mark.parametrize("case", golden_cases(), ids=lambda c: c.name)

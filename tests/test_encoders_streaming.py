@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from encoders import Encoder, create_encoder
-from encoders._streaming import EncodedSeries, load_series, stream_encode
-from encoders.testing import TINY_CLIP_CONFIG, synthetic_ct, write_random_checkpoint
-from storage.images import DecodedImage, ImageMeta, write_image
+from medflow.encoders import Encoder, create_encoder
+from medflow.encoders._streaming import EncodedSeries, load_series, stream_encode
+from medflow.encoders.testing import TINY_CLIP_CONFIG, synthetic_ct, write_random_checkpoint
+from medflow.storage.images import DecodedImage, ImageMeta, write_image
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,9 @@ from pydicom.data import get_testdata_files
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 from support import full_parses as _full_parses
 
-from storage.layout import Pseudonymizer
-from tasks import SourceError
-from tasks.demo_dicom import (
+from medflow.storage.layout import Pseudonymizer
+from medflow.tasks import SourceError
+from medflow.tasks.demo_dicom import (
     DEMO_PATIENT,
     ct_phantom,
     write_2d,
@@ -28,9 +28,9 @@ from tasks.demo_dicom import (
     write_sr,
     write_truncated,
 )
-from tasks.dicom import DicomHeader, headers, read_dicom_header, read_dicom_headers, scan
-from tasks.ingest import HeaderScan, scan_header_files
-from tasks.reasons import ReasonCode, unexpected
+from medflow.tasks.dicom import DicomHeader, headers, read_dicom_header, read_dicom_headers, scan
+from medflow.tasks.ingest import HeaderScan, scan_header_files
+from medflow.tasks.reasons import ReasonCode, unexpected
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
 

@@ -15,10 +15,10 @@ import pytest
 from support import nifti_archive as _archive
 from support import write_nifti as _nifti
 
-from flows.nightly import ingest_archive, nightly
-from storage.images import open_image
-from storage.layout import OutputRoot
-from storage.tables import connect
+from medflow.flows.nightly import ingest_archive, nightly
+from medflow.storage.images import open_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -85,7 +85,7 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "medflow.flows.cli",
         "nightly",
         str(archive),
         "--root",
@@ -131,7 +131,7 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
 
 
 def test_idle_night_is_recorded_without_a_flow_run(tmp_path: Path) -> None:
-    from flows.cli import _idle
+    from medflow.flows.cli import _idle
 
     archive = _archive(tmp_path / "archive", 3)
     root = tmp_path / "out"
@@ -153,14 +153,14 @@ def test_idle_night_knows_encoder_versions_without_loading_models(
 
     from PIL import Image
 
-    import tasks.encode as encode_mod
-    from encoders.testing import write_random_checkpoint
-    from flows.cli import _idle
+    import medflow.tasks.encode as encode_mod
+    from medflow.encoders.testing import write_random_checkpoint
+    from medflow.flows.cli import _idle
 
     archive = _archive(tmp_path / "archive", 2)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(archive / "xr.png")
-    arch = str(files("encoders") / "configs" / "demo_clip_tiny.json")
+    arch = str(files("medflow.encoders") / "configs" / "demo_clip_tiny.json")
     ck = tmp_path / "models" / "clip.pt"
     write_random_checkpoint("clip2d", ck, arch_config=arch, seed=1)
     cfg = tmp_path / "encoders.json"

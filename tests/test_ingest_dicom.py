@@ -19,8 +19,8 @@ from pydicom.pixels import apply_color_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from support import full_parses as _full_parses
 
-from tasks import SourceError
-from tasks.demo_dicom import (
+from medflow.tasks import SourceError
+from medflow.tasks.demo_dicom import (
     AXIAL,
     COMPRESSED_SYNTAXES,
     DEMO_PATIENT,
@@ -31,7 +31,7 @@ from tasks.demo_dicom import (
     write_sr,
     write_truncated,
 )
-from tasks.dicom import (
+from medflow.tasks.dicom import (
     DicomHeader,
     files,
     group_by_series,
@@ -43,7 +43,7 @@ from tasks.dicom import (
     series,
     values,
 )
-from tasks.reasons import ReasonCode
+from medflow.tasks.reasons import ReasonCode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
 
@@ -758,7 +758,7 @@ def test_reason_numbers_are_plain_text(tmp_path: Path, volume: np.ndarray) -> No
 
 
 def test_restart_names_no_file(tmp_path: Path) -> None:
-    from storage.images import Restart
+    from medflow.storage.images import Restart
 
     vol = ct_phantom((3, 8, 8), seed=5)
     folder = tmp_path / IDENTIFYING_FOLDER
@@ -979,7 +979,7 @@ def test_single_slice_keeps_patient_geometry() -> None:
 
 
 def _written(img: object, path: Path) -> tuple[np.ndarray, dict[str, object]]:
-    from storage.images import DecodedImage, open_image, write_image
+    from medflow.storage.images import DecodedImage, open_image, write_image
 
     assert isinstance(img, DecodedImage)
     write_image(img, str(path), name="s")
@@ -1052,7 +1052,7 @@ def test_streamed_value_beyond_int16_restarts_as_float(tmp_path: Path) -> None:
 
 
 def test_streamed_truncated_slice_leaves_nothing(tmp_path: Path) -> None:
-    from storage.images import write_image
+    from medflow.storage.images import write_image
 
     vol = ct_phantom((70, 16, 16), seed=6)
     paths = _paths(write_ct_series(tmp_path / "s", vol, SPACING, ORIGIN, shuffle_names=False))

@@ -11,9 +11,9 @@ import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
-from tasks import SourceError
-from tasks.ingest_image import read_image
-from tasks.reasons import ReasonCode
+from medflow.tasks import SourceError
+from medflow.tasks.ingest_image import read_image
+from medflow.tasks.reasons import ReasonCode
 
 _SKIMAGE_DIR = os.path.dirname(skimage.data.__file__)
 _RNG = np.random.default_rng(7)

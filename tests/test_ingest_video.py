@@ -10,9 +10,9 @@ import av
 import numpy as np
 import pytest
 
-from tasks import SourceError
-from tasks.ingest_video import read_video
-from tasks.reasons import ReasonCode
+from medflow.tasks import SourceError
+from medflow.tasks.ingest_video import read_video
+from medflow.tasks.reasons import ReasonCode
 
 
 def _write(

@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from storage.images import ImageMeta
+from medflow.storage.images import ImageMeta
 
 
 @pytest.fixture(scope="module")
 def m3() -> Any:
     # imported here, not at collection: until encoders/__init__ imports it, registering the
     # m3ret names at collection would change the registry other test modules list
-    return importlib.import_module("encoders.m3ret")
+    return importlib.import_module("medflow.encoders.m3ret")
 
 
 @pytest.fixture(scope="module")
 def enc(m3: Any) -> Any:
-    from encoders import create_encoder
+    from medflow.encoders import create_encoder
 
     return create_encoder("m3ret_tiny", random_weights=True, device="cpu", seed=3)
 
@@ -40,8 +40,8 @@ def _meta(axes: tuple[str, ...], modality: str) -> ImageMeta:
 
 
 def test_registered_sizes_and_declaration(enc: Any, m3: Any) -> None:
-    from encoders import list_encoders
-    from encoders._registry import get_entry
+    from medflow.encoders import list_encoders
+    from medflow.encoders._registry import get_entry
 
     assert {"m3ret_tiny", "m3ret_s", "m3ret_b"} <= set(list_encoders())
     dims = {n: m3.parse_m3ret_config(get_entry(n).config).embed_dim for n in ("m3ret_s", "m3ret_b")}
@@ -55,7 +55,7 @@ def test_registered_sizes_and_declaration(enc: Any, m3: Any) -> None:
 
 
 def test_finer_patch_config_builds_with_four_times_the_tokens(m3: Any) -> None:
-    from encoders import create_encoder, list_encoders
+    from medflow.encoders import create_encoder, list_encoders
 
     assert "m3ret_tiny_p4" in list_encoders()
     fine: Any = create_encoder("m3ret_tiny_p4", random_weights=True, device="cpu", seed=3)
@@ -209,7 +209,7 @@ def test_bad_valid_slice_channel_is_refused(enc: Any) -> None:
 def test_checkpoint_round_trip_through_the_factory(tmp_path: Path, enc: Any) -> None:
     from safetensors.torch import save_file
 
-    from encoders import CheckpointError, create_encoder
+    from medflow.encoders import CheckpointError, create_encoder
 
     path = tmp_path / "m3ret.safetensors"
     save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(path))
@@ -240,7 +240,7 @@ def test_no_text_tower(enc: Any) -> None:
 
 
 def test_config_errors_say_what_was_expected(m3: Any) -> None:
-    from encoders._registry import get_entry, thaw
+    from medflow.encoders._registry import get_entry, thaw
 
     good = thaw(get_entry("m3ret_tiny").config)
     bad = thaw(good)

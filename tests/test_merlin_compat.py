@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from encoders import create_encoder
-from encoders.testing import deterministic_state_dict, synthetic_ct
+from medflow.encoders import create_encoder
+from medflow.encoders.testing import deterministic_state_dict, synthetic_ct
 
 _SPEC = importlib.util.find_spec("merlin")
 pytestmark = [

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from flows.cli import demo_encoder_specs
-from flows.nightly import nightly
-from storage.images import open_image
-from storage.layout import OutputRoot
-from storage.sinograms import Sinogram, write_sinogram
-from storage.tables import connect
-from tasks.demo_dicom import ct_phantom, write_ct_series
-from tasks.denoise import ParallelBeamGeometry, hu_to_mu, simulate_low_dose
-from tasks.preprocess import (
+from medflow.flows.cli import demo_encoder_specs
+from medflow.flows.nightly import nightly
+from medflow.storage.images import open_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.sinograms import Sinogram, write_sinogram
+from medflow.storage.tables import connect
+from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+from medflow.tasks.denoise import ParallelBeamGeometry, hu_to_mu, simulate_low_dose
+from medflow.tasks.preprocess import (
     DenoiseConfig,
     DenoiseItem,
     NoRawProjectionsError,

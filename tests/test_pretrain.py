@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from storage.images import DecodedImage, ImageMeta, write_image
-from storage.layout import OutputRoot
-from storage.tables import CATALOG_SCHEMA, utcnow, write_part
+from medflow.storage.images import DecodedImage, ImageMeta, write_image
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import CATALOG_SCHEMA, utcnow, write_part
 
 REPO = Path(__file__).resolve().parent.parent
 # small and quick: 1 thread keeps runs repeatable and leaves the other core to the rest
@@ -29,7 +29,7 @@ FAST = {"batch_size": 3, "warmup_steps": 2, "device": "cpu", "num_threads": 1, "
 @pytest.fixture(scope="module")
 def pt() -> Any:
     # imported here, not at collection (tasks.pretrain registers the m3ret encoders)
-    return importlib.import_module("tasks.pretrain")
+    return importlib.import_module("medflow.tasks.pretrain")
 
 
 def make_root(path: Path) -> OutputRoot:
@@ -223,7 +223,7 @@ def test_killed_process_resumes_from_its_last_checkpoint(
     ckpt = Path(root.url) / "models" / "m3ret" / "runs" / "kill" / "checkpoint.pt"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.pretrain", "--root", root.url, "--config", str(config)],
+        [sys.executable, "-m", "medflow.tasks.pretrain", "--root", root.url, "--config", str(config)],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -250,8 +250,8 @@ def test_killed_process_resumes_from_its_last_checkpoint(
 def test_loss_falls_and_the_registered_version_encodes(
     pt: Any, root: OutputRoot, prefect_api: None
 ) -> None:
-    from flows.pretrain import pretrain
-    from tasks.encode import EncoderSpec, get_encoder, pending_items, version_tag
+    from medflow.flows.pretrain import pretrain
+    from medflow.tasks.encode import EncoderSpec, get_encoder, pending_items, version_tag
 
     settings = {**FAST, "steps": 40, "checkpoint_every": 20, "run_name": "flow"}
     record = pretrain(root=root.url, config=settings)

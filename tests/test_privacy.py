@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from tasks.demo_archive import make_demo_archive
-from tasks.demo_dicom import DemoPatient, write_ct_series
+from medflow.tasks.demo_archive import make_demo_archive
+from medflow.tasks.demo_dicom import DemoPatient, write_ct_series
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,7 @@ def _env(prefect_home: Path) -> dict[str, str]:
 
 def _medflow(args: list[str], env: dict[str, str]) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "medflow.flows.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -143,7 +143,7 @@ def _damage_one_ct_image(root: Path) -> str:
 
 
 def _encoder_config(path: Path, models: Path) -> Path:
-    from flows.cli import demo_encoder_specs
+    from medflow.flows.cli import demo_encoder_specs
 
     path.write_text(json.dumps({"encoders": demo_encoder_specs(models)}))
     return path

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.layout import OutputRoot
-from storage.tables import (
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import (
     CATALOG_SCHEMA,
     INCIDENTS_SCHEMA,
     SOURCES_SCHEMA,
@@ -20,7 +20,7 @@ from storage.tables import (
     read_table,
     write_part,
 )
-from tasks.reasons import (
+from medflow.tasks.reasons import (
     MAX_EXAMPLE_KEYS,
     REASON_DESCRIPTIONS,
     InputError,

@@ -19,12 +19,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app, demo_encoder_specs
-from flows.nightly import nightly
-from flows.reprocess import reprocess
-from storage.layout import OutputRoot
-from storage.tables import connect
-from tasks.reprocess import DEFAULT_EMBED_SECONDS, plan_reprocess, prune
+from medflow.flows.cli import app, demo_encoder_specs
+from medflow.flows.nightly import nightly
+from medflow.flows.reprocess import reprocess
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect
+from medflow.tasks.reprocess import DEFAULT_EMBED_SECONDS, plan_reprocess, prune
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -113,7 +113,7 @@ def _ct_keys(site: Site) -> set[str]:
 
 
 def test_swapped_checkpoint_recomputes_exactly_the_stale_pairs(site: Site) -> None:
-    from encoders.testing import write_random_checkpoint
+    from medflow.encoders.testing import write_random_checkpoint
 
     before = _rows_per_version(site, "embeddings")
     (old_merlin,) = [v for e, v in before if e == "merlin"]
@@ -203,8 +203,8 @@ def test_swapped_checkpoint_recomputes_exactly_the_stale_pairs(site: Site) -> No
 def test_bank_change_recomputes_only_findings(
     site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from encoders._base import Encoder
-    from encoders.findings import PROMPT_DIR
+    from medflow.encoders._base import Encoder
+    from medflow.encoders.findings import PROMPT_DIR
 
     bank = json.loads((PROMPT_DIR / "merlin_ct_findings.json").read_text())
     bank["findings"] = bank["findings"][:3]
@@ -333,7 +333,7 @@ def _versions(out: OutputRoot) -> dict[tuple[str, str], int]:
 
 
 def test_estimate_comes_from_past_runs(site: Site) -> None:
-    from encoders.testing import write_random_checkpoint
+    from medflow.encoders.testing import write_random_checkpoint
 
     clip = site.specs[1]
     write_random_checkpoint("clip2d", clip["checkpoint"], seed=2, **clip["options"])
@@ -382,7 +382,7 @@ def _newest_artifact(key: str) -> Any:
 
 
 def _spec(d: dict[str, Any]) -> Any:
-    from tasks.encode import EncoderSpec
+    from medflow.tasks.encode import EncoderSpec
 
     return EncoderSpec.from_dict(d)
 

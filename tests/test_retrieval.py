@@ -11,9 +11,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from storage.layout import OutputRoot
-from storage.tables import CATALOG_SCHEMA, embeddings_schema, utcnow, write_part
-from tasks.retrieval import eval_retrieval, evaluate_retrieval, load_labels, retrieval_scores
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import CATALOG_SCHEMA, embeddings_schema, utcnow, write_part
+from medflow.tasks.retrieval import eval_retrieval, evaluate_retrieval, load_labels, retrieval_scores
 
 
 def test_scores_by_hand() -> None:

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.cli import demo_encoder_specs
-from flows.nightly import _runner, nightly
-from storage.layout import OutputRoot
-from storage.tables import connect
-from tasks.demo_archive import make_demo_archive
+from medflow.flows.cli import demo_encoder_specs
+from medflow.flows.nightly import _runner, nightly
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import connect
+from medflow.tasks.demo_archive import make_demo_archive
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.slow]
 
@@ -75,7 +75,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def _cpu_limit_name() -> str:
-    from tasks.device_slots import limit_name
+    from medflow.tasks.device_slots import limit_name
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDFLOW_CPU_SLOTS", "1")
@@ -128,7 +128,7 @@ def test_dask_address_runs_tasks_on_that_cluster(
     from distributed import Client, LocalCluster
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from medflow.flows.cli import app
 
     root = str(env["base"] / "by-address")
     with (
@@ -186,7 +186,7 @@ def test_nightly_encode_used_the_cpu_limit_and_released_it(baseline: dict[str, A
 
 
 def test_no_limit_on_the_cpu_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.device_slots import limit_name
+    from medflow.tasks.device_slots import limit_name
 
     monkeypatch.delenv("MEDFLOW_CPU_SLOTS", raising=False)
     assert limit_name("cpu") is None
@@ -196,7 +196,7 @@ def test_no_limit_on_the_cpu_unless_asked(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_gpu_limit_names_follow_the_physical_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.device_slots import limit_name
+    from medflow.tasks.device_slots import limit_name
 
     host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -213,7 +213,7 @@ def test_device_slot_creates_holds_and_releases_the_limit(
 ) -> None:
     from prefect import flow, task
 
-    from tasks.device_slots import device_slot, limit_name
+    from medflow.tasks.device_slots import device_slot, limit_name
 
     index = 11  # a device (limit) no other test touches; torch keeps indices below 128
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -242,7 +242,7 @@ def test_device_slot_uses_an_existing_limit_as_it_is() -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from tasks.device_slots import device_slot, limit_name
+    from medflow.tasks.device_slots import device_slot, limit_name
 
     index = 12
     name = (limit_name(f"cuda:{index}") or ("", 0))[0]
@@ -267,7 +267,7 @@ def test_device_slot_uses_an_existing_limit_as_it_is() -> None:
 def test_one_slot_keeps_device_work_from_overlapping() -> None:
     from prefect import flow, task
 
-    from tasks.device_slots import device_slot
+    from medflow.tasks.device_slots import device_slot
 
     index = 13
     lock = threading.Lock()
@@ -344,8 +344,8 @@ def test_nightly_on_an_s3_root(env: dict[str, Any], s3: str) -> None:
     import fsspec
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from storage.images import open_image
+    from medflow.flows.cli import app
+    from medflow.storage.images import open_image
 
     root = f"s3://{s3}/medflow/out"
     first = nightly(archive=env["archive"], root=root, batch_size=4, encoders=env["specs"][1:])
@@ -391,7 +391,7 @@ def test_nightly_on_an_s3_root(env: dict[str, Any], s3: str) -> None:
 def test_s3_image_replaced_whole(s3: str) -> None:
     import fsspec
 
-    from storage.images import DecodedImage, ImageMeta, open_image, write_image
+    from medflow.storage.images import DecodedImage, ImageMeta, open_image, write_image
 
     def image(shape: tuple[int, int, int], value: int) -> DecodedImage:
         meta = ImageMeta(
@@ -433,10 +433,10 @@ def _png_archive(base: Path, n: int) -> Path:
 
 
 def test_batches_run_twice_add_no_rows(env: dict[str, Any], tmp_path: Path) -> None:
-    from tasks.discover import discover
-    from tasks.encode import EncoderSpec, encode_batch, get_encoder, pending_items
-    from tasks.ingest import ingest_batch, plan_jobs
-    from tasks.tables import commit_outcomes
+    from medflow.tasks.discover import discover
+    from medflow.tasks.encode import EncoderSpec, encode_batch, get_encoder, pending_items
+    from medflow.tasks.ingest import ingest_batch, plan_jobs
+    from medflow.tasks.tables import commit_outcomes
 
     archive = str(_png_archive(tmp_path / "archive", 3))
     out = OutputRoot(str(tmp_path / "out"))
@@ -486,7 +486,7 @@ def test_cli_dask_workers_without_a_configured_server(tmp_path: Path) -> None:
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # Prefect logs each temporary server it starts
     env.pop("PREFECT_API_URL", None)
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    cmd = [sys.executable, "-m", "flows.cli", "nightly", str(archive), "--root", str(root)]
+    cmd = [sys.executable, "-m", "medflow.flows.cli", "nightly", str(archive), "--root", str(root)]
     proc = subprocess.run(
         [*cmd, "--dask-workers", "1"], env=env, capture_output=True, text=True, timeout=600
     )

@@ -11,9 +11,9 @@ import pytest
 import zarr
 from ome_zarr_models.v05.image import Image as OmeImage
 
-from storage.images import DecodedImage, ImageMeta, open_image, parse_axes, write_image
-from storage.layout import KEY_SECRET_ENV, OutputRoot
-from storage.tables import CATALOG_SCHEMA, connect, part_id, read_table, utcnow, write_part
+from medflow.storage.images import DecodedImage, ImageMeta, open_image, parse_axes, write_image
+from medflow.storage.layout import KEY_SECRET_ENV, OutputRoot
+from medflow.storage.tables import CATALOG_SCHEMA, connect, part_id, read_table, utcnow, write_part
 
 
 def _meta(axes: tuple[str, ...], spacing: tuple[float, ...], **kw: object) -> ImageMeta:

@@ -27,17 +27,17 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from tasks.denoise.conjugate import (
+from medflow.tasks.denoise.conjugate import (
     DEFAULT_MIN_RELATIVE_DIFFERENCE,
     check_raw_projections,
     conjugate_relative_difference,
 )
-from tasks.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
-from tasks.denoise.geometry import ParallelBeamGeometry
-from tasks.denoise.guard import GuardEstimate, guard_estimate
-from tasks.denoise.lowdose import WATER_MU_PER_MM, mu_to_hu
-from tasks.denoise.projector import FilterName, fbp, parse_filter_name
-from tasks.denoise.zsn2n import ZSN2NSettings, denoise_zsn2n, train_zsn2n
+from medflow.tasks.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
+from medflow.tasks.denoise.geometry import ParallelBeamGeometry
+from medflow.tasks.denoise.guard import GuardEstimate, guard_estimate
+from medflow.tasks.denoise.lowdose import WATER_MU_PER_MM, mu_to_hu
+from medflow.tasks.denoise.projector import FilterName, fbp, parse_filter_name
+from medflow.tasks.denoise.zsn2n import ZSN2NSettings, denoise_zsn2n, train_zsn2n
 
 __all__ = [
     "METHODS",

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from tasks.denoise.geometry import ParallelBeamGeometry
+from medflow.tasks.denoise.geometry import ParallelBeamGeometry
 
 __all__ = [
     "NotRawProjectionsError",

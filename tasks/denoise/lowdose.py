@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.denoise.geometry import ParallelBeamGeometry, parse_positive_float
-from tasks.denoise.projector import fbp, radon
+from medflow.tasks.denoise.geometry import ParallelBeamGeometry, parse_positive_float
+from medflow.tasks.denoise.projector import fbp, radon
 
 __all__ = [
     "MIN_COUNTS",

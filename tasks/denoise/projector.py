@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from tasks.denoise.geometry import ParallelBeamGeometry
+from medflow.tasks.denoise.geometry import ParallelBeamGeometry
 
 __all__ = [
     "FILTER_NAMES",

@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks.dicom.geometry import (
+from medflow.tasks.dicom.geometry import (
     SLICE_TOLERANCE_MM,
     SLICE_TOLERANCE_REL,
     Plane,
     placement,
 )
-from tasks.reasons import ReasonCode, SourceError
+from medflow.tasks.reasons import ReasonCode, SourceError
 
 __all__ = ["LeftOut", "Part", "split_parts", "volumes_of"]
 

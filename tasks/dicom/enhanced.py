@@ -21,11 +21,11 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from tasks.dicom.facts import frame_facts
-from tasks.dicom.geometry import Plane, geometry_of, rescale_of, spacing_of
-from tasks.dicom.series import Instance
-from tasks.dicom.values import first_item, float_or_none, text_of, value_of
-from tasks.reasons import ReasonCode, SourceError
+from medflow.tasks.dicom.facts import frame_facts
+from medflow.tasks.dicom.geometry import Plane, geometry_of, rescale_of, spacing_of
+from medflow.tasks.dicom.series import Instance
+from medflow.tasks.dicom.values import first_item, float_or_none, text_of, value_of
+from medflow.tasks.reasons import ReasonCode, SourceError
 
 __all__ = ["PHILIPS_FLOAT", "enhanced_planes", "philips_scale"]
 

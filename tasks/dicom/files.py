@@ -30,7 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from tasks.dicom.values import (
+from medflow.tasks.dicom.values import (
     UNDEFINED_LENGTH,
     io_error,
     library_text,
@@ -38,8 +38,8 @@ from tasks.dicom.values import (
     valid_uid,
     value_of,
 )
-from tasks.limits import max_image_bytes
-from tasks.reasons import ReasonCode, SourceError
+from medflow.tasks.limits import max_image_bytes
+from medflow.tasks.reasons import ReasonCode, SourceError
 
 _DEFER_BYTES = 16 * 1024  # values above this (pixel data) are read only when decoded
 

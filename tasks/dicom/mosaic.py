@@ -23,11 +23,11 @@ import math
 
 import numpy as np
 
-from tasks.dicom.facts import classic_facts
-from tasks.dicom.geometry import Plane, geometry_of, rescale_of, spacing_of
-from tasks.dicom.series import Instance
-from tasks.dicom.values import float_or_none, text_of, value_of
-from tasks.reasons import ReasonCode, SourceError
+from medflow.tasks.dicom.facts import classic_facts
+from medflow.tasks.dicom.geometry import Plane, geometry_of, rescale_of, spacing_of
+from medflow.tasks.dicom.series import Instance
+from medflow.tasks.dicom.values import float_or_none, text_of, value_of
+from medflow.tasks.reasons import ReasonCode, SourceError
 
 __all__ = ["is_mosaic", "mosaic_planes"]
 

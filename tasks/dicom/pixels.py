@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from storage.images import DecodedImage, Restart
-from tasks.dicom.files import transfer_syntax_of
-from tasks.dicom.geometry import Plane
-from tasks.dicom.series import Instance
-from tasks.dicom.values import (
+from medflow.storage.images import DecodedImage, Restart
+from medflow.tasks.dicom.files import transfer_syntax_of
+from medflow.tasks.dicom.geometry import Plane
+from medflow.tasks.dicom.series import Instance
+from medflow.tasks.dicom.values import (
     as_source_error,
     int_of,
     io_error,
@@ -27,8 +27,8 @@ from tasks.dicom.values import (
     text_of,
     uid_known,
 )
-from tasks.limits import check_image_bytes
-from tasks.reasons import ReasonCode, SourceError, format_values
+from medflow.tasks.limits import check_image_bytes
+from medflow.tasks.reasons import ReasonCode, SourceError, format_values
 
 
 @dataclass(frozen=True, slots=True)

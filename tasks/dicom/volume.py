@@ -15,12 +15,12 @@ from pydicom.uid import (
     UID,
 )
 
-from storage.images import DecodedImage, ImageMeta, Restart, slab_rows
-from tasks.dicom.assembly import LeftOut, Part, split_parts, volumes_of
-from tasks.dicom.enhanced import PHILIPS_FLOAT, enhanced_planes, philips_rescale, philips_scale
-from tasks.dicom.facts import classic_facts
-from tasks.dicom.files import transfer_syntax_of
-from tasks.dicom.geometry import (
+from medflow.storage.images import DecodedImage, ImageMeta, Restart, slab_rows
+from medflow.tasks.dicom.assembly import LeftOut, Part, split_parts, volumes_of
+from medflow.tasks.dicom.enhanced import PHILIPS_FLOAT, enhanced_planes, philips_rescale, philips_scale
+from medflow.tasks.dicom.facts import classic_facts
+from medflow.tasks.dicom.files import transfer_syntax_of
+from medflow.tasks.dicom.geometry import (
     Plane,
     affine_of,
     geometry_of,
@@ -31,8 +31,8 @@ from tasks.dicom.geometry import (
     stack_planes,
     us_spacing,
 )
-from tasks.dicom.mosaic import is_mosaic, mosaic_planes
-from tasks.dicom.pixels import (
+from medflow.tasks.dicom.mosaic import is_mosaic, mosaic_planes
+from medflow.tasks.dicom.pixels import (
     PixelFormat,
     check_promised,
     fill_planes,
@@ -42,10 +42,10 @@ from tasks.dicom.pixels import (
     pixel_format,
     stream_slices,
 )
-from tasks.dicom.series import Instance, open_series
-from tasks.dicom.values import as_source_error, float_or_none, quiet, text_of, value_of
-from tasks.limits import check_image_bytes
-from tasks.reasons import ReasonCode, SourceError
+from medflow.tasks.dicom.series import Instance, open_series
+from medflow.tasks.dicom.values import as_source_error, float_or_none, quiet, text_of, value_of
+from medflow.tasks.limits import check_image_bytes
+from medflow.tasks.reasons import ReasonCode, SourceError
 
 # transfer syntaxes that always lose information (JPEG DCT, MPEG); for the others, whose
 # streams may be lossless or not (JPEG 2000, JPEG-LS near-lossless), LossyImageCompression says
