@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint pytest bench clean
+.PHONY: setup system-packages demo test lint pytest bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps merlin-vlm==0.0.7
 	touch $@
 
+# Debian packages the tests need (tests/debian-packages.txt): installed when missing, as root
+system-packages:
+	sh tests/debian-packages.sh tests/debian-packages.txt
+
 demo: setup
 	$(BIN)/medflow demo --out demo
 
@@ -24,14 +28,15 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict medflow/storage medflow/encoders
 
-pytest: setup
+pytest: system-packages setup
 	$(BIN)/python -m pytest -q
 
 test: pytest lint
 
 bench: setup
-	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python -m benchmarks.ingest
 
 clean:
 	rm -rf demo .pytest_cache .mypy_cache .ruff_cache

@@ -17,28 +17,22 @@ wall time of the whole call (training, averaged inference, FBP and the guard).
 
 Examples::
 
-    python benchmarks/denoise.py --quick                           # CPU smoke run, ~1 minute
-    python benchmarks/denoise.py --device cpu --steps 2000 --out benchmarks/results/denoise.md
-    python benchmarks/denoise.py --device cuda --out /tmp/denoise.md
+    python -m benchmarks.denoise --quick                           # CPU smoke run, ~1 minute
+    python -m benchmarks.denoise --device cpu --steps 2000 --out benchmarks/results/denoise.md
+    python -m benchmarks.denoise --device cuda --out /tmp/denoise.md
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import sys
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.harness import command_line, machine_facts, timed, utc_now, write_report
 from medflow.tasks.denoise import (
     WATER_MU_PER_MM,
     ParallelBeamGeometry,
@@ -183,27 +177,16 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where readable, else the architecture."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(device: str) -> str:
-    cores = os.cpu_count() or 0
+    facts = machine_facts(device=device)
+    torch_ = facts["torch"]
     text = (
-        f"{platform.system()}, {cpu_name()} ({cores} cores), "
-        f"{torch.get_num_threads()} torch threads"
+        f"{facts['system']}, {facts['cpu']} ({facts['cores']} cores), "
+        f"{torch_['threads']} torch threads"
     )
-    if device == "cuda":
-        text += f", {torch.cuda.get_device_name()}"
-    return text + f"; torch {torch.__version__}, Python {platform.python_version()}"
+    if torch_["cuda"]:
+        text += f", {torch_['cuda']}"
+    return text + f"; torch {torch_['version']}, Python {facts['python']}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,26 +215,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         size_phantom, size_ct, steps, n_average, n_views = 65, 64, 100, 4, 180
     slices = [shepp_logan(size_phantom), ct_small(size_ct)]
-    started = time.perf_counter()
     rows: list[Row] = []
-    for slc in slices:
-        for dose in DOSES:
-            rows.extend(
-                run_case(
-                    slc,
-                    dose,
-                    n_views=n_views,
-                    steps=steps,
-                    n_average=n_average,
-                    device=args.device,
-                    seed=args.seed,
+    with timed() as clock:
+        for slc in slices:
+            for dose in DOSES:
+                rows.extend(
+                    run_case(
+                        slc,
+                        dose,
+                        n_views=n_views,
+                        steps=steps,
+                        n_average=n_average,
+                        device=args.device,
+                        seed=args.seed,
+                    )
                 )
-            )
-    total = time.perf_counter() - started
-    command = "python benchmarks/denoise.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    total = clock.wall_s
+    command = command_line("denoise", argv)
     report = "\n".join(
         [
-            f"## Low-dose CT denoising ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+            f"## Low-dose CT denoising ({utc_now()})",
             "",
             f"- command: `{command.strip()}`",
             f"- machine: {machine(args.device)}; device {args.device}",
@@ -273,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report, encoding="utf-8")
+        write_report(args.out, report)
     return 0
 
 

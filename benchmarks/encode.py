@@ -18,35 +18,37 @@ its children (PSS where available, sampled every 100 ms), and
 
 Results are appended to ``--out`` as a markdown section. Examples::
 
-    python benchmarks/encode.py --quick                     # CPU, a minute or two
-    python benchmarks/encode.py --device cpu --n-series 4   # CPU, full size (slow)
-    python benchmarks/encode.py --device cuda               # GPU, full size (a few minutes)
+    python -m benchmarks.encode --quick                     # CPU, a minute or two
+    python -m benchmarks.encode --device cpu --n-series 4   # CPU, full size (slow)
+    python -m benchmarks.encode --device cuda               # GPU, full size (a few minutes)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import platform
 import shutil
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.harness import (
+    PeakMemory,
+    command_line,
+    load_text,
+    machine_facts,
+    results_path,
+    timed,
+    utc_now,
+    write_report,
+)
 from medflow.encoders import Encoder, create_encoder
 from medflow.encoders._streaming import load_series, stream_encode
 from medflow.encoders.testing import synthetic_ct
@@ -99,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="voxel size of the synthetic volumes, z,y,x mm (default 2.5,0.78125,0.78125; "
         "0.7 mm in-plane lets pyramid level 1 qualify)",
     )
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "encode.md")
+    p.add_argument("--out", type=Path, default=results_path("encode"))
     p.add_argument("--data-dir", type=Path, default=None, help="where volumes are written (kept)")
     p.add_argument(
         "--modes",
@@ -121,49 +123,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class PeakMemory:
-    """Peak memory of this process and its children, sampled in a thread, in bytes.
-
-    PSS (proportional set size) where the OS reports it, so pages that forked workers share
-    with this process count once; RSS elsewhere (which counts shared pages in every process).
-    """
-
-    def __init__(self, interval_s: float = 0.1) -> None:
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def _one(proc: psutil.Process) -> int:
-        try:
-            return int(proc.memory_full_info().pss)
-        except (AttributeError, psutil.AccessDenied):
-            return int(proc.memory_info().rss)
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = self._one(me)
-        for child in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):  # a worker that just ended
-                total += self._one(child)
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakMemory:
-        self.peak = self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 @contextmanager
 def measured(device: torch.device) -> Iterator[dict[str, float | None]]:
     """Wall time, peak host memory and peak GPU memory of the block."""
@@ -171,12 +130,11 @@ def measured(device: torch.device) -> Iterator[dict[str, float | None]]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with PeakMemory() as mem:
-        start = time.perf_counter()
+    with PeakMemory() as mem, timed() as clock:
         yield result
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        result["seconds"] = time.perf_counter() - start
+    result["seconds"] = clock.wall_s
     result["mem_gb"] = mem.peak / 1e9
     result["gpu_gb"] = (
         torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
@@ -253,7 +211,7 @@ def loading_only(
         [(p, ras_spacing) for p in paths],  # type: ignore[arg-type]  # a map-style dataset
         batch_size=None,
         num_workers=workers,
-        collate_fn=_read_nbytes,
+        collate_fn=_read_nbytes,  # type: ignore[arg-type]  # batch_size None: one item each
         prefetch_factor=2 if workers else None,
     )
     with measured(device) as m:
@@ -326,22 +284,21 @@ def preprocess_timing(enc: Encoder, path: str, repeats: int = 3) -> dict[str, fl
 def markdown(args: argparse.Namespace, enc: Encoder, rows: list[Row], extra: dict[str, Any]) -> str:
     base = next((r.series_per_s for r in rows if r.name.startswith("(a)") and not r.note), None)
     dev = enc.device
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    facts = machine_facts(device=dev)
+    gpu = facts["torch"]["cuda"]
     cfg = FULL if not args.quick else QUICK
     if args.spacing is not None:
         cfg = {**cfg, "spacing": args.spacing}
     lines = [
-        f"## {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} -- {gpu or 'CPU'}"
-        f"{' (--quick)' if args.quick else ''}",
+        f"## {utc_now()} -- {gpu or 'CPU'}{' (--quick)' if args.quick else ''}",
         "",
-        f"- command: `python benchmarks/encode.py {' '.join(sys.argv[1:])}`",
-        f"- host: {platform.node()}, {os.cpu_count()} CPUs, load average "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the end",
-        f"- torch {torch.__version__}; device {dev}"
+        f"- command: `{command_line('encode')}`",
+        f"- host: {facts['node']}, {facts['cores']} CPUs, load average {load_text()} at the end",
+        f"- torch {facts['torch']['version']}; device {dev}"
         + ("; bf16 autocast, channels-last 3D" if dev.type == "cuda" else "; float32"),
         f"- model: full-size Merlin image tower (ResNet152-I3D, random weights), input "
         f"{enc.info.extra['input_shape']}; preprocess.input_level "
-        f"{getattr(enc.config, 'input_level', 'full')}",
+        f"{getattr(getattr(enc, 'config', None), 'input_level', 'full')}",
         f"- volumes: synthetic CT {cfg['volume']} (z, y, x) int16 at {cfg['spacing']} mm, "
         f"{MAX_DISTINCT} distinct at most, cycled",
         "- per series: " + ", ".join(f"{k} {v:.3f} s" for k, v in extra["timing"].items()),
@@ -423,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", encoding="utf-8") as f:
-        f.write("\n" + text)
+    write_report(args.out, "\n" + text, append=True)
     print(text)
     return 0
 

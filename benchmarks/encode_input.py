@@ -12,28 +12,29 @@ CT volumes and in one run, Merlin with ``preprocess.input_level`` ``full`` (leve
 
 No model is run. Results are appended to ``--out``::
 
-    python benchmarks/encode_input.py                 # 512 x 512 x 192 at 0.7 mm, 1 worker
-    python benchmarks/encode_input.py --workers 14    # a GPU host's reading processes
+    python -m benchmarks.encode_input                 # 512 x 512 x 192 at 0.7 mm, 1 worker
+    python -m benchmarks.encode_input --workers 14    # a GPU host's reading processes
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import sys
 import tempfile
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from encode import loading_only, preprocess_timing, write_volumes
-
+from benchmarks.encode import loading_only, preprocess_timing, write_volumes
+from benchmarks.harness import (
+    command_line,
+    load_text,
+    machine_facts,
+    results_path,
+    timed,
+    utc_now,
+    write_report,
+)
 from medflow.encoders import create_encoder
 from medflow.encoders._streaming import load_series
 
@@ -45,9 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", default="192,512,512", help="volume z,y,x voxels")
     p.add_argument("--spacing", default="2.5,0.7,0.7", help="voxel size z,y,x mm")
     p.add_argument("--data-dir", type=Path, default=None, help="where volumes are written")
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).parent / "results" / "encode_input.md"
-    )
+    p.add_argument("--out", type=Path, default=results_path("encode_input"))
     args = p.parse_args(argv)
     args.shape = tuple(int(v) for v in args.shape.split(","))
     args.spacing = tuple(float(v) for v in args.spacing.split(","))
@@ -65,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     root = args.data_dir or Path(tempfile.mkdtemp(prefix="medflow-bench-input-"))
     root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    paths = write_volumes(root, args.n_series, args.shape, args.spacing)
-    print(f"volumes written in {time.perf_counter() - t0:.1f} s", flush=True)
+    with timed() as clock:
+        paths = write_volumes(root, args.n_series, args.shape, args.spacing)
+    print(f"volumes written in {clock.wall_s:.1f} s", flush=True)
 
     rows = []
     inputs = {}
@@ -82,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     diff = (inputs["full"] - inputs["pyramid"]).abs()
 
     base = rows[0][2].series_per_s
+    facts = machine_facts(device="cpu")
     lines = [
         "",
-        f"## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"## {utc_now()}",
         "",
-        f"- command: `python benchmarks/encode_input.py {' '.join(sys.argv[1:])}`",
-        f"- host: {platform.node()}, {os.cpu_count()} CPUs, load average "
-        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the end; torch {torch.__version__}",
+        f"- command: `{command_line('encode_input')}`",
+        f"- host: {facts['node']}, {facts['cores']} CPUs, load average {load_text()} at the "
+        f"end; torch {facts['torch']['version']}",
         f"- volumes: synthetic CT {args.shape} (z, y, x) int16 at {args.spacing} mm; "
         f"{args.n_series} series read per row with {args.workers} worker process(es)",
         "",
@@ -108,15 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{float(diff.mean()):.4f}, largest {float(diff.max()):.3f} (x 2000 for HU).",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if not args.out.exists():
-        args.out.write_text(
-            "# Merlin input from a pyramid level (`benchmarks/encode_input.py`)\n\n"
-            "Reading and CPU preprocessing of full-resolution volumes against the coarsest "
-            "pyramid level within Merlin's grid; each run appends a section.\n"
-        )
-    with open(args.out, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_report(
+        args.out,
+        "\n".join(lines),
+        append=True,
+        preamble="# Merlin input from a pyramid level (`benchmarks/encode_input.py`)\n\n"
+        "Reading and CPU preprocessing of full-resolution volumes against the coarsest "
+        "pyramid level within Merlin's grid; each run appends a section.\n",
+    )
     print("\n".join(lines))
     return 0
 

@@ -16,11 +16,11 @@ export PYTHONUNBUFFERED=1 PREFECT_HOME="$out/prefect-home" PREFECT_SERVER_ANALYT
 if [ -n "${MEDFLOW_WHEELS:-}" ]; then
     pip install -q --no-deps "$MEDFLOW_WHEELS"/*.whl
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import medflow from the tree
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # medflow from the tree; the benchmarks run as modules
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 data="$out/volumes"
 for level in full pyramid; do
-    timeout 240 python benchmarks/encode.py --device cuda --input-level "$level" \
+    timeout 240 python -m benchmarks.encode --device cuda --input-level "$level" \
         --spacing 2.5,0.7,0.7 --modes device --data-dir "$data" \
         --out "$out/encode_$level.md" 2>&1 | tail -n 40 | tee "$out/encode_$level.log"
 done

@@ -25,7 +25,7 @@ markdown and written to ``--out``.
 
 Usage::
 
-    python benchmarks/ingest.py --slices 300 --size 512 --video-seconds 60 --noop-series 2000 \
+    python -m benchmarks.ingest --slices 300 --size 512 --video-seconds 60 --noop-series 2000 \
         --fmri-volumes 300
 """
 
@@ -38,9 +38,7 @@ import gc
 import io
 import json
 import os
-import platform
 import pstats
-import resource
 import shlex
 import shutil
 import statistics
@@ -52,9 +50,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from benchmarks.harness import command_line, cpu_seconds, machine_facts, rss_now, rss_peak
 
 if TYPE_CHECKING:
     import numpy as np
@@ -208,28 +207,6 @@ def make_config(args: argparse.Namespace) -> Config:
 
 # ---------------------------------------------------------------------------------------------
 # measuring, inside a case's own process
-
-
-def rss_now() -> int:
-    """This process's resident set size now, in bytes."""
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def rss_peak() -> int:
-    """This process's peak resident set size so far (``ru_maxrss``), in bytes.
-
-    Linux reports KiB, and counts the parent's resident size at fork time too (see
-    :func:`run_case`).
-    """
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def cpu_seconds() -> float:
-    """User plus system CPU time of this process so far, all threads, in seconds."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def tree_size(path: Path) -> int:
@@ -501,9 +478,9 @@ def ct_medflow(cfg: Config) -> Work:
     Prefect (the scan is called below the task module so that the baseline memory is the
     reader's, not the orchestrator's)."""
     import numpy as np
+    from medflow.tasks.ingest_dicom import read_dicom_headers, read_dicom_series
 
     from medflow.storage.images import write_image
-    from medflow.tasks.dicom import read_dicom_headers, read_dicom_series
 
     paths = _dicom_paths(cfg)
     out = fresh_dir(cfg.ct_out) / "ct.zarr"
@@ -727,8 +704,7 @@ def tail(path: Path, lines: int = 15) -> str:
 def case_command(cfg: Config, name: str, result: Path) -> list[str]:
     """The command line that runs case ``name`` in a fresh interpreter."""
     cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
+        sys.executable, "-m", "benchmarks.ingest",
         "--case", name,
         "--result", str(result),
         "--workdir", str(cfg.workdir),
@@ -996,7 +972,16 @@ def nightly_cases(cfg: Config) -> dict[str, Any]:
     if cfg.profile:
         prof = cfg.profiles / "nightly_noop.prof"
         prof.parent.mkdir(parents=True, exist_ok=True)
-        pcmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "medflow.flows.cli", "nightly"]
+        pcmd = [
+            sys.executable,
+            "-m",
+            "cProfile",
+            "-o",
+            str(prof),
+            "-m",
+            "medflow",
+            "nightly",
+        ]
         run_process([*pcmd, *base], cfg.logs / "nightly-profiled.log", env, CASE_TIMEOUT_S)
         text = io.StringIO()
         pstats.Stats(str(prof), stream=text).strip_dirs().sort_stats("cumulative").print_stats(60)
@@ -1082,29 +1067,10 @@ def import_time(env: dict[str, str]) -> float:
 
 
 def machine() -> dict[str, Any]:
-    """Cores, memory (bytes), CPU model and the versions that matter here."""
-    import psutil
-
-    model = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for dist in ("zarr", "numcodecs", "pydicom", "av", "nibabel", "prefect"):
-        try:  # from the metadata, not by importing: this process must stay small (see run_case)
-            versions[dist] = version(dist)
-        except PackageNotFoundError:
-            versions[dist] = "?"
-    return {
-        "cores": os.cpu_count(),
-        "ram": psutil.virtual_memory().total,
-        "cpu": model,
-        "python": platform.python_version(),
-        "versions": versions,
-        "dcm2niix": dcm2niix_version(),
-    }
+    """Cores, memory (bytes), CPU model and the versions that matter here (no imports: this
+    process must stay small, see run_case)."""
+    facts = machine_facts(("zarr", "numcodecs", "pydicom", "av", "nibabel", "prefect"))
+    return {**facts, "dcm2niix": dcm2niix_version()}
 
 
 @dataclass(slots=True)
@@ -1499,7 +1465,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.workdir = Path(tempfile.mkdtemp(prefix="medflow-bench-"))
     cfg = make_config(args)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    command = command_line("ingest", [shlex.quote(a) for a in sys.argv[1:]])
     report = Report(command, cfg, machine(), datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     t0 = time.perf_counter()
     try:

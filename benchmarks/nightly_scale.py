@@ -20,7 +20,7 @@ library (``OMP_NUM_THREADS=1``) so that the figures say what the code costs, not
 
 Usage::
 
-    python benchmarks/nightly_scale.py --series 10000 --workdir /tmp/mfscale
+    python -m benchmarks.nightly_scale --series 10000 --workdir /tmp/mfscale
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -41,8 +40,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "nightly_scale.md"
+from benchmarks.harness import (
+    REPO,
+    command_line,
+    machine_facts,
+    markdown_table,
+    results_path,
+    timed,
+    utc_now,
+    write_report,
+)
+
+DEFAULT_OUT = results_path("nightly_scale")
 NOOP_GOAL_S = 10.0
 PER_FOLDER = 100
 
@@ -116,17 +125,14 @@ def _env(prefect_home: Path) -> dict[str, str]:
 def run_cli(what: str, args: Sequence[str]) -> Timed:
     """Run ``medflow ARGS`` in a fresh process and a fresh Prefect home; time the whole command."""
     medflow = str(Path(sys.executable).with_name("medflow"))
-    with tempfile.TemporaryDirectory(prefix="medflow-bench-home-") as home:
-        load = os.getloadavg()[0]
-        t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="medflow-bench-home-") as home, timed() as clock:
         proc = subprocess.run(
             [medflow, *args], env=_env(Path(home)), capture_output=True, text=True, cwd=REPO
         )
-        seconds = time.perf_counter() - t0
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"medflow {' '.join(args)} failed ({proc.returncode}):\n{out[-4000:]}")
-    return Timed(what, "medflow " + " ".join(args), seconds, load, out.strip()[-600:])
+    return Timed(what, "medflow " + " ".join(args), clock.wall_s, clock.load, out.strip()[-600:])
 
 
 def noop_breakdown(archive: Path, root: Path, config: Path) -> list[tuple[str, float]]:
@@ -300,14 +306,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     median = statistics.median(t.seconds for t in noops)
+    facts = machine_facts()
+    settings = [f"--series {args.series}", f"--repeat {args.repeat}"]
+    settings.append(f"--batch-size {args.batch_size}")
     lines = [
         f"# Nightly at scale: {args.series:,} tiny series",
         "",
-        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}; machine: {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, Python {platform.python_version()}; "
-        "`OMP_NUM_THREADS=1`.",
-        f"- Command: `python benchmarks/nightly_scale.py --series {args.series} "
-        f"--repeat {args.repeat} --batch-size {args.batch_size}`",
+        f"- Date: {utc_now()}; machine: {facts['arch']}, {facts['cores']} CPU cores, Python "
+        f"{facts['python']}; `OMP_NUM_THREADS=1`.",
+        f"- Command: `{command_line('nightly_scale', settings)}`",
         f"- Archive: {args.series:,} PNG files of 16x16 grey pixels, {PER_FOLDER} per folder, "
         f"one series each (generated in {gen_s:.1f} s, not timed below; 0 = reused).",
         "- Encoder: the demo's tiny CLIP model (random weights) with the CheXpert prompt bank.",
@@ -315,11 +322,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`PREFECT_API_URL`; wall time of the whole command. Load = 1-minute load average "
         "when it started (the machine is shared).",
         "",
-        "| command | wall (s) | load |",
-        "|---|---:|---:|",
+        *markdown_table(
+            ["command", "wall (s)", "load"],
+            (
+                [t.what, f"{t.seconds:.2f}", f"{t.load:.1f}"]
+                for t in [
+                    first,
+                    *noops,
+                    bare,
+                    dry_current,
+                    dry_swapped,
+                    compact_run,
+                    noop_compacted,
+                ]
+            ),
+            "lrr",
+        ),
     ]
-    for t in [first, *noops, bare, dry_current, dry_swapped, compact_run, noop_compacted]:
-        lines.append(f"| {t.what} | {t.seconds:.2f} | {t.load:.1f} |")
     verdict = "**met**" if median < NOOP_GOAL_S else "**not met**"
     lines += [
         "",
@@ -358,8 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += [f"`{t.command}`:", "", "```", t.tail, "```", ""]
     text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(args.out, text)
     return 0
 
 

@@ -16,7 +16,7 @@ HTML size), plus the printed run summary (lines). Generation is not timed.
 
 Usage::
 
-    python benchmarks/quarantine_scale.py --good 100 --bad 50000 --workdir /tmp/mfq
+    python -m benchmarks.quarantine_scale --good 100 --bad 50000 --workdir /tmp/mfq
 """
 
 from __future__ import annotations
@@ -24,21 +24,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "quarantine_scale.md"
+from benchmarks.harness import (
+    REPO,
+    PeakMemory,
+    generated_line,
+    markdown_table,
+    results_path,
+    timed,
+    write_report,
+)
+
+DEFAULT_OUT = results_path("quarantine_scale")
 REPORT_GOAL_S = 5.0
+COLUMNS = (
+    "night",
+    "files",
+    "quarantined",
+    "night (s)",
+    "s per 1,000 files",
+    "vs baseline",
+    "ingest stage (s)",
+    "report (s)",
+    "report size (KiB)",
+    "summary lines",
+    "peak memory (MiB)",
+)
 PER_FOLDER = 200
 
 
@@ -110,25 +129,6 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _peak_rss(proc: subprocess.Popen[str], stop: threading.Event, out: list[float]) -> None:
-    import psutil
-
-    peak = 0.0
-    try:
-        root = psutil.Process(proc.pid)
-    except psutil.Error:
-        return
-    while not stop.is_set():
-        try:
-            procs = [root, *root.children(recursive=True)]
-            total = sum(p.memory_info().rss for p in procs if p.is_running())
-            peak = max(peak, total)
-        except psutil.Error:
-            pass
-        stop.wait(0.2)
-    out.append(peak / 2**20)
-
-
 def run_night(label: str, archive: Path, root: Path, files: int, bad: int) -> Night:
     from medflow.flows.cli import _print_summary, console
     from medflow.storage.layout import OutputRoot
@@ -136,8 +136,7 @@ def run_night(label: str, archive: Path, root: Path, files: int, bad: int) -> Ni
     from medflow.tasks.report import build_report
 
     medflow = str(Path(sys.executable).with_name("medflow"))
-    with tempfile.TemporaryDirectory(prefix="medflow-bench-home-") as home:
-        t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="medflow-bench-home-") as home, timed() as clock:
         proc = subprocess.Popen(
             [medflow, "nightly", str(archive), "--root", str(root)],
             env=_env(Path(home)),
@@ -146,13 +145,10 @@ def run_night(label: str, archive: Path, root: Path, files: int, bad: int) -> Ni
             text=True,
             cwd=REPO,
         )
-        stop, peak = threading.Event(), []  # type: ignore[var-annotated]
-        watcher = threading.Thread(target=_peak_rss, args=(proc, stop, peak))
-        watcher.start()
-        output, _ = proc.communicate()
-        seconds = time.perf_counter() - t0
-        stop.set()
-        watcher.join()
+        # the command's process tree (with Prefect's temporary server), RSS every 0.2 s
+        with PeakMemory(pid=proc.pid, interval_s=0.2, pss=False) as memory:
+            output, _ = proc.communicate()
+    seconds = clock.wall_s
     if proc.returncode != 0:
         raise RuntimeError(f"{label}: medflow nightly failed:\n{output[-4000:]}")
     runs = read_table(OutputRoot(str(root)).table_dir("runs"), RUNS_SCHEMA).to_pylist()
@@ -167,7 +163,7 @@ def run_night(label: str, archive: Path, root: Path, files: int, bad: int) -> Ni
         files=files,
         bad=bad,
         seconds=seconds,
-        peak_rss_mb=peak[0] if peak else float("nan"),
+        peak_rss_mb=memory.peak / 2**20 if memory.peak else float("nan"),
         stage_seconds={k: float(v) for k, v in summary.get("stage_seconds", {}).items()},
         quarantined=sum(int(g["count"]) for g in summary.get("quarantined", {}).values()),
         report_seconds=report_seconds,
@@ -181,26 +177,34 @@ def render(nights: list[Night], good: int) -> str:
     lines = [
         "# Quarantine at scale",
         "",
-        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} on {platform.node()} "
-        f"({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}) by "
-        "`benchmarks/quarantine_scale.py`.",
+        generated_line("quarantine_scale"),
         "",
         f"Each night: `medflow nightly` in a fresh process and Prefect home, on {good} good CT "
         "series (4 DICOM slices each) plus the bad files (not DICOM, empty, truncated DICOM, "
         "broken NIfTI and PNG, in turn). Report: rebuilt in-process from the run's recorded "
         "summary. Peak memory: the command's process tree (with Prefect's temporary server).",
         "",
-        "| night | files | quarantined | night (s) | s per 1,000 files | vs baseline | ingest "
-        "stage (s) | report (s) | report size (KiB) | summary lines | peak memory (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *markdown_table(
+            COLUMNS,
+            (
+                [
+                    n.label,
+                    f"{n.files:,}",
+                    f"{n.quarantined:,}",
+                    f"{n.seconds:.1f}",
+                    f"{1000 * n.seconds / n.files:.2f}",
+                    f"{n.seconds / base.seconds:.2f}x",
+                    f"{n.stage_seconds.get('ingest', float('nan')):.1f}",
+                    f"{n.report_seconds:.2f}",
+                    f"{n.report_kb:.0f}",
+                    n.summary_lines,
+                    f"{n.peak_rss_mb:.0f}",
+                ]
+                for n in nights
+            ),
+            "l" + "r" * 10,
+        ),
     ]
-    for n in nights:
-        lines.append(
-            f"| {n.label} | {n.files:,} | {n.quarantined:,} | {n.seconds:.1f} | "
-            f"{1000 * n.seconds / n.files:.2f} | {n.seconds / base.seconds:.2f}x | "
-            f"{n.stage_seconds.get('ingest', float('nan')):.1f} | {n.report_seconds:.2f} | "
-            f"{n.report_kb:.0f} | {n.summary_lines} | {n.peak_rss_mb:.0f} |"
-        )
     worst = max(n.report_seconds for n in nights[1:]) if len(nights) > 1 else float("nan")
     lines += [
         "",
@@ -251,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(archive, ignore_errors=True)
             print(render(nights, args.good), flush=True)
         text = render(nights, args.good)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_report(args.out, text)
         print(f"written to {args.out}")
     finally:
         if not args.keep:

@@ -21,33 +21,28 @@ Steps, all in one run:
    (same intensity normalisation, 16 x 64 x 64 grid, valid slices): raw pixels average-pooled
    to 4 x 16 x 16 and mean-centred, and, as a reference of what simple global statistics
    recover, a gradient-orientation histogram standardised over the archive;
-5. score Recall@1/5/10 and mAP with ``tasks.retrieval.evaluate_retrieval`` against the class
+5. score Recall@1/5/10 and mAP with ``medflow.evaluation.retrieval.evaluate_retrieval`` against the class
    labels: all series, within each modality, and across modalities.
 
 Results go to ``--out`` (markdown). Example (about 15 minutes on 2 busy cores)::
 
-    python benchmarks/retrieval.py --workdir /tmp/m3ret-bench --per-class 10 --steps 1000
+    python -m benchmarks.retrieval --workdir /tmp/m3ret-bench --per-class 10 --steps 1000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from medflow import flows  # noqa: F401  (Prefect's offline defaults before Prefect is imported)
+from benchmarks.harness import command_line, machine_facts, results_path, utc_now, write_report
+from medflow.flows.entry import apply_offline_defaults
 
 LABELS = ("sphere", "cube", "stripes")
 RAW_GRID = (4, 16, 16)
@@ -69,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch CPU threads (1: fastest on a busy machine)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "retrieval.md")
+    p.add_argument("--out", type=Path, default=results_path("retrieval"))
     p.add_argument(
         "--scene",
         choices=tuple(SCENES),
@@ -432,14 +427,15 @@ def _describe(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_offline_defaults()  # before Prefect is imported
     args = parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
+    from medflow.evaluation.retrieval import evaluate_retrieval
     from medflow.flows.nightly import ingest_archive
     from medflow.flows.pretrain import pretrain
     from medflow.tasks.encode import EncoderSpec
-    from medflow.tasks.retrieval import evaluate_retrieval
 
     t_start = time.perf_counter()
     work = args.workdir
@@ -530,13 +526,14 @@ def main(argv: list[str] | None = None) -> int:
             f"curve `models/m3ret/{record['version']}/loss.png` under the output root"
         )
     total = time.perf_counter() - t_start
-    cmd = "python benchmarks/retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = command_line("retrieval", argv)
     counts = next(iter(reports.values()))
+    facts = machine_facts(device="cpu")
     text = f"""# M3Ret retrieval benchmark (synthetic labelled archive, CPU)
 
 - Command: `{cmd}`
-- Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; whole benchmark {total:.0f} s
-- Machine: {os.cpu_count()} cores (shared with other jobs), {platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__} ({args.threads} thread(s)), no GPU
+- Run {utc_now()}; whole benchmark {total:.0f} s
+- Machine: {facts["cores"]} cores (shared with other jobs), {facts["arch"]}, Python {facts["python"]}, torch {facts["torch"]["version"]} ({args.threads} thread(s)), no GPU
 - Archive (scene `{args.scene}`: {SCENE_TEXT[args.scene]} per series): {args.per_class} series per class (sphere, cube, stripes) in each of CT (DICOM volumes 24x64x64), DX (DICOM 96x96) and ES (MP4, 24 frames 64x80): {counts.n_labelled} labelled series ingested ({dict(counts.labels)})
 - Pretraining: {enc} ({_describe(enc)}; mask ratio 0.75), {args.steps} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up {max(1, args.steps // 20)} steps, cosine), seed {args.seed}, crops of 0.4..1 of the area and flips; `mae+simdino` adds the SimDINO-style term (weight 1, MAE term weight {args.mae_weight:g}, coding-rate gamma 0.1, 64-d projection, EMA 0.99; two global crops, each student crop against the teacher's other crop, plus {args.local_crops} local crops of 0.05..0.4 of the area at half the grid){" with photometric augmentation (contrast, brightness, gamma, blur or noise)" if args.augment else ""}, one objective per run:
 {chr(10).join(trained)}
@@ -552,9 +549,11 @@ Goal: pretrained clearly above random init and above raw pixels (R@1 higher by m
 standard errors of the baseline's R@1):
 
 {_goals(reports, list(specs)[: len(records)], random_name)}
+
+Research notes on these figures (hypotheses, diagnostics, other settings and objectives tried):
+[`docs/research/retrieval.md`](../../docs/research/retrieval.md).
 """
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    write_report(args.out, text)
     print(f"wrote {args.out}")
     return 0
 

@@ -15,7 +15,7 @@ Steps, all in one run:
 
 Results go to ``--out`` (markdown). Example (a few minutes on 2 busy cores)::
 
-    python benchmarks/tables.py --series 10000
+    python -m benchmarks.tables --series 10000
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shutil
 import statistics
-import sys
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -35,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import command_line, machine_facts, results_path, utc_now, write_report
 
 ENCODERS = {  # label -> (modalities it embeds, embedding size, findings)
     "merlin": (("CT",), 512, 30),
@@ -90,9 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="DuckDB threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/medflow-tables-bench"))
-    p.add_argument(
-        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "tables.md"
-    )
+    p.add_argument("--out", type=Path, default=results_path("tables"))
     p.add_argument("--keep", action="store_true", help="keep the synthetic output")
     return p.parse_args(argv)
 
@@ -299,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from medflow.storage.compact import compact
     from medflow.storage.layout import OutputRoot
 
-    started = datetime.now(UTC)
+    started = utc_now()
     t_all = time.perf_counter()
     shutil.rmtree(args.workdir, ignore_errors=True)
     root = OutputRoot(str(args.workdir / "out"))
@@ -340,18 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     for table in sorted(before_parts):
         parts_table.append(f"| {table} | {before_parts[table]} | {after_parts.get(table, 0)} |")
     parts_table.append(f"| **all** | {sum(before_parts.values())} | {sum(after_parts.values())} |")
-    import duckdb
-    import pyarrow
-
-    cores = os.cpu_count()
+    facts = machine_facts(packages=("duckdb", "pyarrow"))
     lines = [
         "# Tables benchmark: DuckDB over compacted vs uncompacted parts",
         "",
-        f"- Command: `python benchmarks/tables.py {' '.join(argv or sys.argv[1:])}`",
-        f"- Run {started:%Y-%m-%d %H:%M} UTC; whole benchmark {time.perf_counter() - t_all:.0f} s",
-        f"- Machine: {cores} cores (shared with other jobs), {platform.machine()}, Python "
-        f"{platform.python_version()}, DuckDB {duckdb.__version__} ({args.threads} threads), "
-        f"pyarrow {pyarrow.__version__}; local disk, files in the page cache",
+        f"- Command: `{command_line('tables', argv or None)}`",
+        f"- Run {started}; whole benchmark {time.perf_counter() - t_all:.0f} s",
+        f"- Machine: {facts['cores']} cores (shared with other jobs), {facts['arch']}, Python "
+        f"{facts['python']}, DuckDB {facts['versions']['duckdb']} ({args.threads} threads), "
+        f"pyarrow {facts['versions']['pyarrow']}; local disk, files in the page cache",
         f"- Synthetic output: {args.series} series ({args.series // 3} studies) arriving over "
         f"{args.nights} nights; per night a catalog and a sources part per {args.batch} "
         f"series, an embeddings and a findings part per {args.encode_batch} series and "
@@ -369,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     text = "\n".join(lines)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_report(args.out, text)
     print(text)
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)

@@ -24,14 +24,17 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from medflow.devices import parse_device
 from medflow.storage.images import ImageMeta
 
 __all__ = [
+    "Acceptance",
+    "Declared",
     "Encoder",
     "EncoderInfo",
     "EncoderVersion",
@@ -120,21 +123,35 @@ def files_sha256(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """The device to compute on: ``None`` picks cuda when present, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, str | torch.device):
-        raise TypeError(f"Expected a device name or torch.device, got {type(device).__name__}.")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"Expected a device such as 'cpu' or 'cuda:0', got {device!r}.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Expected an available device, got {device!r} but CUDA is not available.")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"Expected a 'cpu' or 'cuda' device, got {device!r}.")
-    return dev
+class VersionId(Protocol):
+    """An encoder version as far as telling versions apart goes: its :attr:`id`."""
+
+    @property
+    def id(self) -> str: ...
+
+
+class Acceptance(Protocol):
+    """The part of an encoder's declaration that says which series it takes."""
+
+    @property
+    def modalities(self) -> tuple[str, ...]: ...
+
+    @property
+    def kinds(self) -> tuple[str, ...]: ...
+
+
+class Declared(Protocol):
+    """What choosing pending work needs of an encoder: its version and what it accepts.
+
+    Every :class:`Encoder` is one; so is a version remembered from an earlier build, which
+    answers without loading a model.
+    """
+
+    @property
+    def version(self) -> VersionId: ...
+
+    @property
+    def info(self) -> Acceptance: ...
 
 
 class Encoder(abc.ABC):

@@ -2,8 +2,8 @@
 
 Each architecture module registers its builder once per config file in ``encoders/configs/``::
 
-    @register_encoder("merlin", config="merlin.json")
-    @register_encoder("merlin_tiny", config="merlin_tiny.json")
+    @register_encoder("merlin", config="merlin.json", architecture="merlin")
+    @register_encoder("merlin_tiny", config="merlin_tiny.json", architecture="merlin")
     def _build_merlin(config, *, name, checkpoint, device, **kwargs): ...
 """
 
@@ -44,6 +44,11 @@ class EncoderEntry:
     config: Mapping[str, Any]
     config_path: Path
 
+    def plain_config(self) -> dict[str, Any]:
+        """The config as a plain, mutable JSON-like copy."""
+        copy: dict[str, Any] = thaw(self.config)
+        return copy
+
 
 _REGISTRY: dict[str, EncoderEntry] = {}
 
@@ -76,11 +81,45 @@ def load_config(path: str | Path) -> dict[str, Any]:
         cfg = json.load(f)
     if not isinstance(cfg, dict):
         raise ValueError(f"Expected a JSON object in {p}, got {type(cfg).__name__}.")
+    check_config(cfg, p.name)
     return cfg
 
 
-def register_encoder(name: str, *, config: str | Path) -> Callable[[B], B]:
-    """Decorator registering ``builder`` under ``name`` with the given config file."""
+KINDS = ("volume", "image", "video")
+
+
+def check_config(cfg: Mapping[str, Any], where: str, architecture: str | None = None) -> None:
+    """The keys every encoder config shares, checked; an error names the file and the key.
+
+    ``architecture`` (the builder family: ``"merlin"``, ``"m3ret"``, ``"clip2d"``), ``modalities``
+    (DICOM modality codes, ``"*"`` for any), and where given ``description`` (text) and
+    ``kinds`` (some of ``volume``, ``image``, ``video``). Each family checks its own sections.
+    """
+    arch = cfg.get("architecture")
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"{where}: key 'architecture' must name the encoder family, got {arch!r}.")
+    if architecture is not None and arch != architecture:
+        raise ValueError(f"{where}: key 'architecture' must be {architecture!r}, got {arch!r}.")
+    mods = cfg.get("modalities")
+    if not isinstance(mods, list) or not mods or not all(isinstance(m, str) and m for m in mods):
+        raise ValueError(
+            f"{where}: key 'modalities' must be a non-empty list of modality codes, got {mods!r}."
+        )
+    if "description" in cfg and not isinstance(cfg["description"], str):
+        raise ValueError(f"{where}: key 'description' must be text.")
+    if "kinds" in cfg:
+        kinds = cfg["kinds"]
+        if not isinstance(kinds, list) or not kinds or not set(kinds) <= set(KINDS):
+            raise ValueError(
+                f"{where}: key 'kinds' must be a non-empty list of {', '.join(KINDS)}, got {kinds!r}."
+            )
+
+
+def register_encoder(
+    name: str, *, config: str | Path, architecture: str | None = None
+) -> Callable[[B], B]:
+    """Decorator registering ``builder`` under ``name`` with the given config file, whose
+    ``architecture`` key must name the builder's family when one is given."""
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"Expected a non-empty encoder name without spaces around, got {name!r}.")
 
@@ -89,6 +128,7 @@ def register_encoder(name: str, *, config: str | Path) -> Callable[[B], B]:
             raise ValueError(f"Encoder {name!r} is already registered.")
         cfg_path = Path(config) if Path(config).is_absolute() else CONFIG_DIR / config
         cfg = load_config(cfg_path)
+        check_config(cfg, cfg_path.name, architecture)
         _REGISTRY[name] = EncoderEntry(
             name=name, builder=builder, config=_freeze(cfg), config_path=cfg_path
         )

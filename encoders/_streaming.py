@@ -172,7 +172,7 @@ class _Stager:
     def _stream(self) -> torch.cuda.Stream:
         stream = getattr(self._local, "stream", None)
         if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(self.encoder.device)
+            stream = self._local.stream = torch.cuda.Stream(self.encoder.device)  # type: ignore[no-untyped-call]
         return stream
 
     def __call__(self, loaded: _Loaded) -> _Prepared:
@@ -192,7 +192,7 @@ class _Stager:
                 if self.mode == "device":
                     on_device = self.encoder.preprocess_on_device  # type: ignore[attr-defined]
                     x = on_device(loaded.meta, x).to(dtype)
-                ready = torch.cuda.Event()
+                ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 ready.record(stream)
             return _Prepared(loaded.index, x, ready, None)
         except Exception as e:  # e.g. a volume the device preprocessing cannot take
@@ -338,7 +338,7 @@ def _launch(encoder: Encoder, batch: list[_Prepared], chunk: int) -> _Launched:
         outputs = {k: v.to("cpu", non_blocking=cuda) for k, v in on_device.items()}
         done = None
         if cuda:
-            done = torch.cuda.Event()
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record(torch.cuda.current_stream(encoder.device))
         return _Launched(batch, outputs, done, None)
     except Exception as e:  # the whole batch failed in compute: report it on each series

@@ -344,7 +344,7 @@ class Clip2DEncoder(Encoder):
 
 def _register_arch_config(
     arch: str | None, arch_config: str | os.PathLike[str]
-) -> tuple[str, dict]:
+) -> tuple[str, dict[str, Any]]:
     """Register a custom architecture with open_clip; returns its name and preprocess config."""
     import open_clip
 
@@ -399,7 +399,7 @@ def _load_open_clip_checkpoint(model: torch.nn.Module, path: Path, arch: str) ->
         ) from e
 
 
-@register_encoder("clip2d", config="clip2d.json")
+@register_encoder("clip2d", config="clip2d.json", architecture="clip2d")
 def build_clip2d(
     config: dict[str, Any],
     *,

@@ -227,4 +227,5 @@ def score_findings(
     p = np.where(
         z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z)))
     )
-    return p[0] if single else p
+    out: np.ndarray = p[0] if single else p
+    return out

@@ -2,7 +2,7 @@
 
 After M3Ret (zero-shot multimodal medical image retrieval via self-supervision, 2025): a plain
 ViT with no modality-specific parts, pretrained with MAE (optionally plus a SimDINO-style
-term) on whatever the archive holds (``tasks/pretrain.py``), whose embeddings serve image-to-image retrieval within and across
+term) on whatever the archive holds (``medflow.training.pretrain``), whose embeddings serve image-to-image retrieval within and across
 modalities. There is no text tower, so no zero-shot findings.
 
 Tokens
@@ -91,6 +91,7 @@ __all__ = [
     "series_kind",
     "sincos_pos_embed",
     "to_grey",
+    "version_config",
     "video_frame_indices",
 ]
 
@@ -276,7 +277,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        projected: torch.Tensor = self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return projected
 
 
 class Block(nn.Module):
@@ -293,7 +295,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        out: torch.Tensor = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return out
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -368,7 +371,8 @@ class M3RetViT(nn.Module):
         x = torch.cat([cls, tokens], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        normed: torch.Tensor = self.norm(x)
+        return normed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.embed(x)
@@ -489,7 +493,8 @@ def mean_token(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     ``vit`` is an :class:`M3RetViT` (or a copy of one, e.g. an EMA teacher).
     """
-    return vit(x)[:, 1:].mean(dim=1)
+    tokens: torch.Tensor = vit(x)
+    return tokens[:, 1:].mean(dim=1)
 
 
 def coding_rate(z: torch.Tensor, eps2: float = 0.5) -> torch.Tensor:
@@ -500,7 +505,8 @@ def coding_rate(z: torch.Tensor, eps2: float = 0.5) -> torch.Tensor:
     n, d = z.shape
     gram = z.float().T @ z.float() * (d / (n * eps2))
     eye = torch.eye(d, device=z.device, dtype=gram.dtype)
-    return 0.5 * torch.linalg.slogdet(eye + gram).logabsdet
+    logabsdet: torch.Tensor = torch.linalg.slogdet(eye + gram).logabsdet
+    return 0.5 * logabsdet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,8 +547,10 @@ def to_grey(pixels: np.ndarray, has_channels: bool) -> np.ndarray:
         raise ValueError(f"Expected [n, c, h, w] pixels, got shape {a.shape}.")
     if a.shape[1] in (3, 4):
         w = np.asarray(_LUMA, dtype=np.float32).reshape(1, 3, 1, 1)
-        return (a[:, :3].astype(np.float32) * w).sum(axis=1)
-    return a.astype(np.float32).mean(axis=1)
+        luma: np.ndarray = (a[:, :3].astype(np.float32) * w).sum(axis=1)
+        return luma
+    grey: np.ndarray = a.astype(np.float32).mean(axis=1)
+    return grey
 
 
 def normalise_intensity(
@@ -757,10 +765,19 @@ class M3RetEncoder(Encoder):
         return 1.0
 
 
-@register_encoder("m3ret_tiny", config="m3ret_tiny.json")
-@register_encoder("m3ret_tiny_p4", config="m3ret_tiny_p4.json")
-@register_encoder("m3ret_s", config="m3ret_s.json")
-@register_encoder("m3ret_b", config="m3ret_b.json")
+def version_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as an M3Ret version's config digest reads it: the architecture under the key
+    name the first M3Ret versions were digested with (``arch``), so registered versions keep
+    their ids. Registration (``medflow.training.pretrain``) digests it the same way."""
+    hashed = {k: v for k, v in config.items() if k != "architecture"}
+    hashed["arch"] = config["architecture"]
+    return hashed
+
+
+@register_encoder("m3ret_tiny", config="m3ret_tiny.json", architecture="m3ret")
+@register_encoder("m3ret_tiny_p4", config="m3ret_tiny_p4.json", architecture="m3ret")
+@register_encoder("m3ret_s", config="m3ret_s.json", architecture="m3ret")
+@register_encoder("m3ret_b", config="m3ret_b.json", architecture="m3ret")
 def build_m3ret(
     config: dict[str, Any],
     *,
@@ -788,6 +805,6 @@ def build_m3ret(
             model = M3RetViT(cfg)
         load_state_dict_strict(model, state, path, what=f"{name} model", assign=True)
     version = EncoderVersion(
-        name=name, weights_sha256=weights_id, config_sha256=config_sha256(config)
+        name=name, weights_sha256=weights_id, config_sha256=config_sha256(version_config(config))
     )
     return M3RetEncoder(name=name, config=cfg, model=model, version=version, device=device)

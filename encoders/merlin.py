@@ -221,7 +221,8 @@ class Bottleneck3d(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        activated: torch.Tensor = self.relu(out + shortcut)
+        return activated
 
 
 class InflatedResNet3d(nn.Module):
@@ -317,7 +318,8 @@ class MerlinTextTower(nn.Module):
         hidden = self.text_encoder(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state
-        return self.linear_layer(hidden[:, 0, :])
+        projected: torch.Tensor = self.linear_layer(hidden[:, 0, :])
+        return projected
 
 
 class MerlinModel(nn.Module):
@@ -386,7 +388,7 @@ def _build_text_tower(
         encoder = AutoModel.from_pretrained(text_dir, local_files_only=True)
         files += weights
     else:
-        encoder = AutoModel.from_config(hf_config)
+        encoder = AutoModel.from_config(hf_config)  # type: ignore[no-untyped-call]
     tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
     tower = MerlinTextTower(encoder, config.text_hidden_size, config.embed_dim)
     return tower, tokenizer, files
@@ -412,17 +414,14 @@ def _parse_ct(meta: ImageMeta, volume: Any) -> np.ndarray | torch.Tensor:
         raise TypeError(f"Expected integer or float HU values, got dtype {volume.dtype}.")
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise ValueError(f"Expected a non-empty (z, y, x) array, got shape {tuple(volume.shape)}.")
-    return volume
+    parsed: np.ndarray | torch.Tensor = volume
+    return parsed
 
 
 def _monai_transforms(config: MerlinConfig) -> list[Any]:
-    from monai.transforms import (
-        CenterSpatialCrop,
-        Orientation,
-        ScaleIntensityRange,
-        Spacing,
-        SpatialPad,
-    )
+    from monai.transforms.croppad.array import CenterSpatialCrop, SpatialPad
+    from monai.transforms.intensity.array import ScaleIntensityRange
+    from monai.transforms.spatial.array import Orientation, Spacing
 
     return [
         # labels given explicitly: MONAI's current default, stated to silence its notice
@@ -450,7 +449,7 @@ def preprocess_ct(config: MerlinConfig, meta: ImageMeta, volume: Any) -> torch.T
     Runs where ``volume`` is: a numpy array on the CPU, a tensor on its own device (so a cuda
     tensor is preprocessed on the GPU).
     """
-    from monai.data import MetaTensor
+    from monai.data.meta_tensor import MetaTensor
 
     vol = torch.as_tensor(_parse_ct(meta, volume))
     if vol.dtype != torch.float32:
@@ -611,8 +610,8 @@ def _split_checkpoint(
     return keep, sorted(skipped)
 
 
-@register_encoder("merlin", config="merlin.json")
-@register_encoder("merlin_tiny", config="merlin_tiny.json")
+@register_encoder("merlin", config="merlin.json", architecture="merlin")
+@register_encoder("merlin_tiny", config="merlin_tiny.json", architecture="merlin")
 def build_merlin(
     config: dict[str, Any],
     *,

@@ -1,53 +1,74 @@
-"""The ``medflow`` command line."""
+"""medflow: ingest a medical imaging archive into OME-Zarr and Parquet, denoise low-dose CT,
+embed with encoders and score findings; query the outputs with SQL.
+
+Start with: medflow demo (a synthetic archive, run end to end), then medflow nightly ARCHIVE
+--root OUT. Add --debug before the command to see tracebacks of errors."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medflow import flows  # noqa: F401  (sets Prefect's offline defaults before Prefect is imported)
+from medflow.flows.cli_checks import (
+    ArgumentError,
+    check_archive,
+    check_encoder_config,
+    check_output_folder,
+    check_positive,
+    check_root,
+    cli_errors,
+    debug_enabled,
+)
+from medflow.flows.console import console, stage_progress
 from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
+
+class _CommandLine(typer.Typer):
+    """The app, run so that a usage error (an unknown option, a value of the wrong type, a
+    missing argument) is one line and exit status 2, as an argument that fails its checks is."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().__call__(*args, **kwargs)
+        from medflow.flows.cli_checks import click_exceptions, fail
+
+        cx = click_exceptions()
+        try:
+            code = super().__call__(*args, **{**kwargs, "standalone_mode": False})
+        except cx.NoArgsIsHelpError as e:
+            typer.echo(e.ctx.get_help() if e.ctx is not None else str(e))
+            raise SystemExit(0) from None
+        except cx.UsageError as e:
+            cmd = e.ctx.command_path if e.ctx is not None else "medflow"
+            failed = fail(f"{e.format_message()} (see: {cmd} --help)", e)
+            raise SystemExit(failed.exit_code) from None
+        except cx.ClickException as e:
+            raise SystemExit(fail(e.format_message(), e).exit_code) from None
+        except typer.Abort:
+            raise SystemExit(1) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
+app = _CommandLine(add_completion=False, no_args_is_help=True, help=__doc__)
 
 RootOpt = Annotated[str, typer.Option("--root", "-r", help="Output root (folder or fsspec URL).")]
 
 
-@contextlib.contextmanager
-def stage_progress(callbacks: dict[str, Any]) -> Iterator[None]:
-    """Progress bars on the console, one per stage, fed by a flow through ``callbacks["cb"]``
-    (a flow module's ``_PROGRESS``: flows take only serialisable parameters)."""
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        callbacks["cb"] = progress
-        try:
-            yield
-        finally:
-            callbacks.pop("cb", None)
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an error, not just its line.")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ["MEDFLOW_DEBUG"] = "1"
 
 
 def _run_nightly(
@@ -59,6 +80,7 @@ def _run_nightly(
     encoder_config: str | None = None,
     dask_address: str | None = None,
     dask_workers: int | None = None,
+    denoise: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from medflow.flows import nightly as nightly_mod
 
@@ -74,6 +96,7 @@ def _run_nightly(
                 batch_size=batch_size,
                 encoders=encoders,
                 encoder_config=encoder_config,
+                denoise=denoise,
             )
     return result
 
@@ -141,6 +164,8 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
         t.add_row(f"series {k}", str(v))
     for k, v in sorted(summary["modality"].items()):
         t.add_row(f"  ingested {k}", str(v))
+    if summary.get("raw_projections"):
+        t.add_row("raw projections stored", str(summary["raw_projections"]))
     for k, v in sorted(summary.get("denoised", {}).items()):
         t.add_row(f"series denoise {k}", str(v))
     for k, v in sorted(summary.get("encoded", {}).items()):
@@ -148,8 +173,22 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
     for k, v in sorted(summary.get("findings", {}).items()):
         t.add_row(f"finding scores by {k}", str(v))
     console.print(t)
+    _print_stages(summary)
     console.print(f"{summary['seconds']:.1f} s; outputs under {root}")
     _print_reason_groups(tally_groups(summary.get("quarantined")), root, summary.get("run_id"))
+
+
+def _print_stages(summary: dict[str, Any]) -> None:
+    """Every stage of the run with its count and time (as the run report lists them)."""
+    from medflow.tasks.report import count_text, stage_table
+
+    t = Table(title="stages", show_header=True)
+    t.add_column("stage")
+    t.add_column("count", justify="right")
+    t.add_column("seconds", justify="right")
+    for row in stage_table(summary):
+        t.add_row(row.stage, count_text(row), f"{row.seconds:.1f}")
+    console.print(t)
 
 
 def _print_reason_groups(
@@ -204,10 +243,20 @@ def nightly(
     """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT, then encode."""
     from medflow.flows.nightly import _runner, default_workers
 
-    try:
-        _runner(workers, dask_address=dask_address, dask_workers=dask_workers)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
+    if (dask_address is not None or dask_workers is not None) and not debug_enabled():
+        # the cluster's own INFO lines (workers starting, connections closing at its end)
+        # would bury the run's; its warnings and errors still show (here and in the workers)
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    with cli_errors():  # every argument is checked before any work or server starts
+        check_archive(archive)
+        check_root(root)
+        check_positive("--batch-size", batch_size)
+        check_positive("--workers", workers, minimum=0)
+        check_encoder_config(config)
+        try:
+            _runner(workers, dask_address=dask_address, dask_workers=dask_workers)
+        except ValueError as e:
+            raise ArgumentError(f"--dask-address/--dask-workers: {e}") from e
     if not always_run and _idle(archive, root, config):
         return
     summary = _run_nightly(
@@ -231,24 +280,47 @@ def demo(
         "demo"
     ),
     workers: Annotated[int, typer.Option(help="Concurrent tasks.")] = 0,
+    size: Annotated[
+        str, typer.Option(help="Size of the demo images: tiny, small or medium.")
+    ] = "small",
 ) -> None:
     """Generate a demo archive (synthetic, no real patients) and run the nightly job on it."""
     from medflow.flows.nightly import default_workers
-    from medflow.tasks.demo_archive import make_demo_archive
+    from medflow.tasks.demo_archive import DEMO_SIZES, make_demo_archive
 
+    with cli_errors():
+        check_output_folder("--out", out)
+        check_positive("--workers", workers, minimum=0)
+        if size not in DEMO_SIZES:
+            raise ArgumentError(f"--size: expected one of {', '.join(DEMO_SIZES)}, got {size!r}.")
     archive = out / "archive"
     root = out / "out"
+    api = _start_api_early()  # Prefect's temporary server starts while the archive is written
     if not archive.exists():
-        manifest = make_demo_archive(archive)
+        manifest = make_demo_archive(archive, size=size, raw_projections=True)
         console.print(f"demo archive: {len(manifest.entries)} sources written to {archive}")
     else:
         console.print(f"demo archive: reusing {archive}")
-    specs = demo_encoder_specs(out / "models")
+    specs = demo_encoder_specs(out / "models", m3ret=True)
     console.print(
-        "[yellow]demo encoders use tiny models with RANDOM weights written here: their "
-        "embeddings and findings show the pipeline working, not clinical meaning.[/yellow]"
+        "[yellow]demo encoders (Merlin, CLIP, M3Ret) use tiny models with RANDOM weights written "
+        "here: their embeddings and findings show the pipeline working, not clinical "
+        "meaning.[/yellow]"
     )
-    summary = _run_nightly(str(archive), str(root), 8, workers or default_workers(), specs)
+    console.print(
+        f"[yellow]denoising uses REDUCED settings so that it takes seconds on a CPU "
+        f"({_settings_words(DEMO_DENOISE)}; the defaults: {_settings_words(_denoise_defaults())})"
+        ": the image shows the stage working, not its full quality.[/yellow]"
+    )
+    api.wait()
+    summary = _run_nightly(
+        str(archive),
+        str(root),
+        8,
+        workers or default_workers(),
+        specs,
+        denoise=DEMO_DENOISE,
+    )
     _print_summary(summary, str(root))
     console.print(
         f"\nTry: medflow status --root {root}\n"
@@ -257,8 +329,70 @@ def demo(
     )
 
 
-def demo_encoder_specs(models_dir: Path) -> list[dict[str, Any]]:
-    """Tiny random-weight checkpoints for the demo (written once), and the specs using them."""
+class _EarlyApi:
+    """Prefect's temporary local server, started in a thread of its own (seconds) while other
+    set-up work goes on; :meth:`wait` joins it. The flow run then finds it running and uses it,
+    as it would have started it itself. Nothing to do when ``PREFECT_API_URL`` names a server."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        from prefect.settings import PREFECT_API_URL
+
+        if PREFECT_API_URL.value():
+            return
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the instance a flow run without an API starts
+
+        def start() -> None:
+            try:
+                server.start()
+            except BaseException as e:  # raised in the caller's thread by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=start, name="medflow-prefect-api", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
+
+
+def _start_api_early() -> _EarlyApi:
+    return _EarlyApi()
+
+
+DEMO_DENOISE: dict[str, Any] = {
+    "method": "flicking",
+    "steps": 60,
+    "n_average": 4,
+    "channels": 16,
+    "patch_size": 32,
+}
+"""The demo's denoising settings: reduced from the defaults so that it takes seconds on a CPU."""
+
+
+def _denoise_defaults() -> dict[str, Any]:
+    from medflow.tasks.denoise import FlickingSettings
+
+    d = FlickingSettings().to_dict()
+    return {k: d[k] for k in ("steps", "n_average", "channels", "patch_size")}
+
+
+def _settings_words(d: dict[str, Any]) -> str:
+    keep = ("steps", "n_average", "channels", "patch_size")
+    return ", ".join(f"{k.replace('_', ' ')} {d[k]}" for k in keep if k in d)
+
+
+def demo_encoder_specs(models_dir: Path, *, m3ret: bool = False) -> list[dict[str, Any]]:
+    """Tiny random-weight checkpoints for the demo (written once), and the specs using them:
+    Merlin and CLIP, and with ``m3ret`` an M3Ret-style ViT (image-to-image retrieval only)."""
     from importlib.resources import files
 
     from medflow.encoders.testing import write_random_checkpoint, write_tiny_text_model
@@ -267,11 +401,15 @@ def demo_encoder_specs(models_dir: Path) -> list[dict[str, Any]]:
     text_dir = models_dir / "merlin-tiny-text"
     merlin_ck = models_dir / "merlin_tiny.pt"
     clip_ck = models_dir / "clip_tiny.pt"
+    m3ret_ck = models_dir / "m3ret_tiny.pt"
     if not merlin_ck.exists():
         write_tiny_text_model(text_dir, with_weights=True)
         write_random_checkpoint("merlin_tiny", merlin_ck, text_model_dir=str(text_dir))
     if not clip_ck.exists():
         write_random_checkpoint("clip2d", clip_ck, arch_config=clip_config)
+    if m3ret and not m3ret_ck.exists():
+        write_random_checkpoint("m3ret_tiny", m3ret_ck)
+    extra = [{"name": "m3ret_tiny", "label": "m3ret", "checkpoint": str(m3ret_ck)}] if m3ret else []
     return [
         {
             "name": "merlin_tiny",
@@ -287,6 +425,7 @@ def demo_encoder_specs(models_dir: Path) -> list[dict[str, Any]]:
             "bank": "cxr_chexpert_findings",
             "options": {"arch_config": clip_config},
         },
+        *extra,
     ]
 
 
@@ -297,6 +436,8 @@ def query(
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json")] = "table",
 ) -> None:
     """Run SQL (DuckDB) over the output tables, each registered as a view by name."""
+    with cli_errors():
+        check_root(root, must_exist=True)
     from medflow.storage.layout import OutputRoot
     from medflow.storage.tables import connect
 
@@ -328,10 +469,13 @@ def query(
 
 @app.command()
 def status(root: RootOpt = "medflow-out") -> None:
-    """Counts by modality and status, the last run, quarantined series by reason code, and
-    unexpected errors (restricted: their text may quote paths)."""
+    """Counts, the last run, quarantined series by reason code, and unexpected errors.
+
+    The unexpected errors are restricted: their text may quote paths."""
+    with cli_errors():
+        check_root(root, must_exist=True)
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table
+    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table, view_names
 
     out = OutputRoot(root)
     con = connect(out)
@@ -343,7 +487,7 @@ def status(root: RootOpt = "medflow-out") -> None:
     for m, s, n in counts:
         t.add_row(m, s, str(n))
     console.print(t)
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    views = view_names(con)
     last = (
         con.execute(
             "SELECT flow, run_id, finished_at, seconds FROM runs ORDER BY finished_at DESC LIMIT 1"
@@ -417,6 +561,8 @@ def quarantine(
     RESTRICTED: this shows archive paths (folder names often hold patient names and IDs).
     The reason codes and example keys that the report and run summary show are public.
     """
+    with cli_errors():
+        check_root(root, must_exist=True)
     import csv as csv_mod
     import sys
 
@@ -482,9 +628,19 @@ def encoders_cmd(
     config: Annotated[str | None, typer.Option(help="Encoder config (TOML/JSON).")] = None,
 ) -> None:
     """Registered encoders, and the configured ones with their versions and checkpoint status."""
-    from medflow.encoders import list_encoders
-    from medflow.encoders._registry import get_entry
+    from medflow.encoders import get_entry, list_encoders
+    from medflow.tasks.encode import get_encoder, load_encoder_specs, version_tag
 
+    specs = []
+    if config:
+        with cli_errors():
+            if not os.path.isfile(config):
+                what = "is a folder, expected a file" if os.path.isdir(config) else ": no such file"
+                raise ArgumentError(f"--config {config!r} {what}.".replace(" :", ":"))
+            try:
+                specs = load_encoder_specs(config)
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ArgumentError(f"--config: {e}") from e
     t = Table("encoder", "config", title="registered encoders")
     for name in list_encoders():
         entry = get_entry(name)
@@ -492,12 +648,10 @@ def encoders_cmd(
     console.print(t)
     if not config:
         return
-    from medflow.tasks.encode import get_encoder, load_encoder_specs, version_tag
-
     c = Table(
         "label", "encoder", "checkpoint", "status", "version", title=f"configured in {config}"
     )
-    for spec in load_encoder_specs(config):
+    for spec in specs:
         ck = spec.checkpoint or "(random weights)"
         try:
             enc = get_encoder(spec, device="cpu")
@@ -508,7 +662,7 @@ def encoders_cmd(
 
 
 def entry_summary(config: Any) -> dict[str, Any]:
-    keep = ("modalities", "kinds", "embedding_dims", "input_size", "spacing_mm", "arch")
+    keep = ("modalities", "kinds", "embedding_dims", "input_size", "spacing_mm", "architecture")
     return {k: v for k, v in dict(config).items() if k in keep}
 
 
@@ -519,11 +673,13 @@ def findings(
     encoder: Annotated[str | None, typer.Option(help="Only this encoder.")] = None,
 ) -> None:
     """Zero-shot findings of one series, newest per encoder and finding, highest first."""
+    with cli_errors():
+        check_root(root, must_exist=True)
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import connect
+    from medflow.storage.tables import connect, view_names
 
     con = connect(OutputRoot(root))
-    if "findings" not in _views(con):
+    if "findings" not in view_names(con):
         console.print("no findings written yet")
         raise typer.Exit(1)
     rows = con.execute(
@@ -552,13 +708,24 @@ def similar(
     k: Annotated[int, typer.Option("--k", help="How many neighbours.")] = 10,
 ) -> None:
     """Nearest series by cosine similarity of one encoder's embeddings (DuckDB)."""
+    with cli_errors():
+        check_root(root, must_exist=True)
+        check_positive("--k", k)
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import connect
+    from medflow.storage.tables import connect, view_names
 
     con = connect(OutputRoot(root))
-    if "embeddings" not in _views(con):
+    if "embeddings" not in view_names(con):
         console.print("no embeddings written yet")
         raise typer.Exit(1)
+    labels = [
+        r[0] for r in con.execute("SELECT DISTINCT encoder FROM embeddings ORDER BY 1").fetchall()
+    ]
+    if encoder is not None and encoder not in labels:
+        with cli_errors():
+            raise ArgumentError(
+                f"--encoder {encoder!r}: no embeddings by that encoder; have: {', '.join(labels)}."
+            )
     try:
         rows = nearest_series(con, series_key, encoder, k)
     except LookupError as e:
@@ -601,13 +768,9 @@ def nearest_series(con: Any, series_key: str, encoder: str | None, k: int) -> li
     return result
 
 
-def _views(con: Any) -> set[str]:
-    return {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-
-
 def _register_extra_commands() -> None:
+    from medflow.evaluation.retrieval import eval_retrieval
     from medflow.flows.pretrain import pretrain_cmd
-    from medflow.tasks.retrieval import eval_retrieval
 
     app.command("pretrain")(pretrain_cmd)
     app.command("eval-retrieval")(eval_retrieval)
@@ -632,5 +795,5 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m medflow` is the documented form (see flows/entry.py)
     main()

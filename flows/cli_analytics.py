@@ -23,7 +23,7 @@ def export_duckdb_cmd(
 ) -> None:
     """Write a DuckDB database file of views over the output tables (no data is copied).
 
-    Open it with the duckdb CLI or any DuckDB client: `duckdb -readonly FILE`. The views read
+    Open it with the duckdb CLI (duckdb -readonly FILE) or any DuckDB client. The views read
     the Parquet parts by absolute path, so later nightly runs show without exporting again.
     """
     from medflow.storage.layout import OutputRoot

@@ -7,13 +7,13 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from medflow.flows.console import console, stage_progress
+
 __all__ = ["format_seconds", "prune_cmd", "reprocess_cmd"]
 
-console = Console()
 
 RootOpt = Annotated[str, typer.Option("--root", "-r", help="Output root (folder or fsspec URL).")]
 ConfigOpt = Annotated[
@@ -156,7 +156,6 @@ def _run_flow(root: str, config: str | None, encoder: str | None, workers: int) 
     except ValueError as e:
         console.print(f"[red]reprocess:[/red] {e}")
         raise typer.Exit(2) from e
-    from medflow.flows.cli import stage_progress
 
     with stage_progress(mod._PROGRESS):
         flow = mod.reprocess.with_options(task_runner=_runner(workers or default_workers()))

@@ -21,8 +21,8 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from medflow.flows.locking import exclusive_run
 from medflow.storage.layout import OutputRoot
-from medflow.storage.lock import exclusive_run
 from medflow.storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
 from medflow.tasks.discover import discover
 from medflow.tasks.encode import (
@@ -78,12 +78,14 @@ class IngestSummary:
     series_skipped: int = 0
     status: dict[str, int] = field(default_factory=dict)
     modality: dict[str, int] = field(default_factory=dict)
+    raw_projections: int = 0  # sinograms stored beside their series (not counted as series)
     # "stage|status|code" -> count, example keys and reason (see tasks.reasons.tally_add)
     quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)
     denoised: dict[str, int] = field(default_factory=dict)  # outcome -> series
     encoded: dict[str, int] = field(default_factory=dict)  # encoder -> series embedded
     findings: dict[str, int] = field(default_factory=dict)  # encoder -> finding scores written
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    report_pages: int = 0  # run reports written (0 when it could not be made)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,7 +120,7 @@ def _run_id() -> str:
 def _clear_staging(root: OutputRoot) -> None:
     # staging holds only images of runs that died; one nightly writes at a time
     if root.is_local:
-        shutil.rmtree(root.join("images", ".staging"), ignore_errors=True)
+        shutil.rmtree(root.image_staging_dir(), ignore_errors=True)
 
 
 def _current_fingerprints(root: OutputRoot) -> dict[str, tuple[str, str]]:
@@ -209,12 +211,18 @@ def run_ingest(
             progress("ingest", n_done, len(todo))
     commit_touched(out, disc, known, keys, run_id)
 
-    status = Counter(o.catalog["status"] for o in committed)
+    # raw projections are stored beside their series, not series of their own: counted apart
+    series = [o for o in committed if o.catalog.get("stage") != "sinogram"]
+    status = Counter(o.catalog["status"] for o in series)
     modality = Counter(
-        o.catalog.get("modality") or "?" for o in committed if o.catalog["status"] == "ingested"
+        o.catalog.get("modality") or "?" for o in series if o.catalog["status"] == "ingested"
     )
     summary.status = dict(status)
     summary.modality = dict(modality)
+    summary.raw_projections = sum(
+        o.catalog.get("stage") == "sinogram" and o.catalog["status"] == "ingested"
+        for o in committed
+    )
     for o in committed:
         c = o.catalog
         if c["status"] != "ingested":
@@ -253,6 +261,8 @@ def publish_summary(summary: IngestSummary) -> None:
     ]
     rows += [{"what": f"series {k}", "count": v} for k, v in sorted(summary.status.items())]
     rows += [{"what": f"ingested {k}", "count": v} for k, v in sorted(summary.modality.items())]
+    if summary.raw_projections:
+        rows += [{"what": "raw projections stored", "count": summary.raw_projections}]
     rows += [{"what": "series already recorded", "count": summary.series_skipped}]
     rows += [{"what": f"denoise {k}", "count": v} for k, v in sorted(summary.denoised.items())]
     rows += [{"what": f"embedded by {k}", "count": v} for k, v in sorted(summary.encoded.items())]
@@ -358,8 +368,10 @@ def run_encode(
 
     logger = get_run_logger()
     out = OutputRoot(root)
+    findings_seconds = 0.0
     for spec in specs:
         t0 = time.perf_counter()
+        spec_findings_seconds = 0.0
         encoder = get_encoder(spec)
         remember_encoder(out, spec, encoder)  # lets a quiet night skip loading it
         tag = version_tag(encoder)
@@ -383,16 +395,20 @@ def run_encode(
             summary.encoded[spec.output_name] = (
                 summary.encoded.get(spec.output_name, 0) + m.embedded
             )
-            summary.findings[spec.output_name] = (
-                summary.findings.get(spec.output_name, 0) + m.findings
-            )
+            if spec.bank is not None:  # an encoder without a prompt bank scores no findings
+                summary.findings[spec.output_name] = (
+                    summary.findings.get(spec.output_name, 0) + m.findings
+                )
             failures.extend(m.failures)
+            spec_findings_seconds += m.findings_seconds
             done += m.embedded + len(m.failures)
             if progress:
                 progress(label, done, len(items))
         if spec.bank is not None and getattr(encoder, "has_text", True):
             # series embedded earlier but not yet scored with this bank version
+            t_rescore = time.perf_counter()
             n = recompute_findings(out, spec, summary.run_id)
+            spec_findings_seconds += time.perf_counter() - t_rescore
             summary.findings[spec.output_name] = summary.findings.get(spec.output_name, 0) + n
         if failures:
             by_key = {i.series_key: i for i in items}
@@ -427,7 +443,12 @@ def run_encode(
                     key,
                     reason,
                 )
-        summary.stage_seconds[label] = time.perf_counter() - t0
+        # scoring findings is a stage of its own: its time is counted there, not here
+        elapsed = time.perf_counter() - t0
+        summary.stage_seconds[label] = max(0.0, elapsed - spec_findings_seconds)
+        findings_seconds += min(spec_findings_seconds, elapsed)
+    if specs:
+        summary.stage_seconds["findings"] = findings_seconds
 
 
 def run_preprocess(
@@ -443,6 +464,7 @@ def run_preprocess(
     t0 = time.perf_counter()
     out = OutputRoot(root)
     items = pending_denoise(out, cfg)
+    summary.stage_seconds["denoise"] = time.perf_counter() - t0
     if not items:
         return
     get_run_logger().info("denoise: %d low-dose series with raw projections", len(items))
@@ -527,9 +549,17 @@ def _nightly_stages(
     summary.stage_seconds["ingest"] = time.perf_counter() - t0
     run_preprocess(root, denoise_cfg, summary, progress=_PROGRESS.get("cb"))
     run_encode(root, specs, summary, progress=_PROGRESS.get("cb"))
+    t_report = time.perf_counter()
+    summary.stage_seconds["report"] = 0.0  # the page shows the time it took to make it
+    summary.seconds = t_report - t0
+    report = publish_report(root, summary.to_dict())  # HTML under <root>/reports; never raises
+    summary.report_pages = 0 if report is None else 1
+    # as the page shows it (the time to make it); writing it out is in the total
+    summary.stage_seconds["report"] = (
+        report.seconds if report is not None else time.perf_counter() - t_report
+    )
     summary.seconds = time.perf_counter() - t0
     publish_summary(summary)
-    publish_report(root, summary.to_dict())  # HTML under <root>/reports; never raises
     record_run(root, "nightly", summary, started)
     return summary.to_dict()
 

@@ -1,7 +1,7 @@
 """Pretrain an M3Ret encoder on the archive itself (MAE, optionally with SimDINO), and register
 it as an encoder version.
 
-The flow only wires tasks (training logic: ``tasks/pretrain.py``): train or resume, register
+The flow only wires tasks (training logic: ``medflow.training.pretrain``): train or resume, register
 the weights under ``<root>/models/m3ret/<version>/``, publish the loss curve as Prefect
 artifacts (a markdown summary and a table of steps and losses; no paths or identifiers).
 Run it again with the same config after a crash and it resumes from the last checkpoint.
@@ -38,11 +38,12 @@ def loss_table(losses: list[tuple[int, float]] | tuple[tuple[int, float], ...]) 
 def pretrain(root: str, config: str | dict[str, Any]) -> dict[str, Any]:
     """Pretrain the M3Ret encoder ``config`` names on ``root``'s ingested series.
 
-    ``config``: pretraining settings (see ``tasks.pretrain.PretrainConfig``) as a dict or a
+    ``config``: pretraining settings (see ``medflow.training.pretrain.PretrainConfig``) as a dict or a
     JSON file path. Returns the registered version's record (name, version, weights, steps,
     final loss).
     """
-    from medflow.tasks.pretrain import load_pretrain_config, register_task, train_task
+    from medflow.tasks.pretrain import register_task, train_task
+    from medflow.training.pretrain import load_pretrain_config
 
     logger = get_run_logger()
     cfg = load_pretrain_config(config)  # a bad config fails before any work

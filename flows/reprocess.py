@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from medflow.flows.locking import exclusive_run
 from medflow.flows.nightly import (
     IngestSummary,
     _run_id,
@@ -27,7 +28,6 @@ from medflow.flows.nightly import (
     run_encode,
 )
 from medflow.storage.layout import OutputRoot
-from medflow.storage.lock import exclusive_run
 from medflow.storage.tables import utcnow
 from medflow.tasks.reasons import shielded, tally_groups
 from medflow.tasks.reprocess import ReprocessPlan, plan_reprocess, select_specs

@@ -4,7 +4,7 @@ Every nightly batch adds a part to each table it touches, so after months a part
 thousands of small files and every query opens them all. :func:`compact` merges them.
 
 **What a reader sees.** A partition's visible parts are its ``part-*.parquet`` files, less the
-ones a *committed* compaction has superseded (``storage.tables._parts`` for Python and
+ones a *committed* compaction has superseded (``storage.tables.part_paths`` for Python and
 ``connect()``, and the same rule in SQL for the views of ``export_duckdb``). A compaction of
 parts ``I`` in folder ``D`` goes through these steps, each one durable before the next begins:
 
@@ -49,6 +49,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.core import strip_protocol
 
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import (
@@ -193,8 +194,8 @@ def _scan_folders(root: OutputRoot, table: str) -> list[_Folder]:
         elif name.startswith(_TMP_PREFIX):
             folders.setdefault(parent, _Folder(table, parent)).staged.append(name)
     # a marker folder that lost all its markers (killed while clearing) is empty: find it too
-    for raw in fs.glob(f"{fs._strip_protocol(base)}/**/{MARKER_DIR_PREFIX}*") + fs.glob(
-        f"{fs._strip_protocol(base)}/{MARKER_DIR_PREFIX}*"
+    for raw in fs.glob(f"{strip_protocol(base)}/**/{MARKER_DIR_PREFIX}*") + fs.glob(
+        f"{strip_protocol(base)}/{MARKER_DIR_PREFIX}*"
     ):
         path = _strip(root, raw)
         grand, dir_name = path.rsplit("/", 1)

@@ -25,6 +25,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from medflow.storage.layout import is_local_url, local_path, storage_options
+
 __all__ = [
     "AXIS_ORDER",
     "DecodedImage",
@@ -363,18 +365,12 @@ def _compressor(dtype: np.dtype, chunk: Sequence[int]) -> BloscCodec:
     )
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return path[len("file://") :] if path.startswith("file://") else path
-
-
 def _open_store(path: str, mode: str) -> Any:
-    if _is_local(path):
-        return zarr.storage.LocalStore(_local(path), read_only=(mode == "r"))
-    return zarr.storage.FsspecStore.from_url(path, read_only=(mode == "r"))
+    if is_local_url(path):
+        return zarr.storage.LocalStore(local_path(path), read_only=(mode == "r"))
+    return zarr.storage.FsspecStore.from_url(
+        path, read_only=(mode == "r"), storage_options=storage_options(path) or None
+    )
 
 
 def _bound_zarr_threads() -> None:
@@ -552,8 +548,8 @@ def _rebatch(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 
 def _publish(staging: str, path: str) -> None:
-    if _is_local(path):
-        src, dst = _local(staging), _local(path)
+    if is_local_url(path):
+        src, dst = local_path(staging), local_path(path)
         if os.path.exists(dst):
             # move the old one aside first so the swap leaves one complete image at dst
             old = f"{src}.old"
@@ -597,8 +593,8 @@ def publish_tree(staging: str, path: str) -> None:
 
 
 def _remove(path: str) -> None:
-    if _is_local(path):
-        shutil.rmtree(_local(path), ignore_errors=True)
+    if is_local_url(path):
+        shutil.rmtree(local_path(path), ignore_errors=True)
         return
     import fsspec
 
@@ -608,9 +604,9 @@ def _remove(path: str) -> None:
 
 
 def _tree_size(path: str) -> int:
-    if _is_local(path):
+    if is_local_url(path):
         total = 0
-        for dirpath, _, files in os.walk(_local(path)):
+        for dirpath, _, files in os.walk(local_path(path)):
             total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
         return total
     import fsspec

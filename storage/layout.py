@@ -28,7 +28,17 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["KEY_SECRET_ENV", "OutputRoot", "Pseudonymizer", "is_object_store", "parse_root"]
+__all__ = [
+    "KEY_SECRET_ENV",
+    "OutputRoot",
+    "Pseudonymizer",
+    "filesystem",
+    "is_local_url",
+    "is_object_store",
+    "local_path",
+    "parse_root",
+    "storage_options",
+]
 
 KEY_SECRET_ENV = "MEDFLOW_KEY_SECRET"
 _KEY_HEX = 24  # 96 bits: collisions are negligible even for 10^9 series
@@ -37,10 +47,35 @@ TABLES = ("catalog", "embeddings", "findings", "text_embeddings", "runs")
 # Object stores: one PUT makes an object appear whole (there is no rename), and several
 # processes (Dask workers, the flow) write under one prefix, so a listing cached by one of them
 # goes stale. medflow lists parts and images often and must see the others' writes: listings are
-# not cached unless the user's fsspec configuration says otherwise.
+# not cached unless the user's fsspec configuration says otherwise (fsspec's global
+# configuration is read, never changed).
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
-for _protocol in OBJECT_STORES:
-    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """The fsspec options medflow opens ``url`` with: no listings cache on object stores."""
+    if not is_object_store(url):
+        return {}
+    protocol = url.split("://", 1)[0].lower()
+    if "use_listings_cache" in fsspec.config.conf.get(protocol, {}):
+        return {}
+    return {"use_listings_cache": False}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding ``url`` and the path within it, opened with :func:`storage_options`."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    return fs, path
+
+
+def is_local_url(url: str) -> bool:
+    """Whether ``url`` is a local path (plain, or a ``file://`` URL)."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The plain path of a local ``url`` (``file://`` dropped)."""
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def is_object_store(url: str) -> bool:
@@ -75,11 +110,18 @@ class OutputRoot:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        fs, _ = fsspec.core.url_to_fs(self.url)
+        fs, _ = filesystem(self.url)
         return fs
 
     def join(self, *parts: str) -> str:
         return "/".join([self.url, *parts])
+
+    def relpath(self, path: str | os.PathLike[str]) -> str:
+        """``path`` (under the root) relative to the root, with ``/`` separators."""
+        p = os.fspath(path)
+        if not p.startswith(self.url + "/"):
+            raise ValueError(f"Expected a path under the output root, got {p!r}.")
+        return p[len(self.url) + 1 :]
 
     def image_path(self, series_key: str, *, derived: str | None = None) -> str:
         name = series_key if derived is None else f"{series_key}.{derived}"
@@ -102,6 +144,27 @@ class OutputRoot:
 
     def models_dir(self) -> str:
         return self.join("models")
+
+    def model_dir(self, family: str, version: str | None = None) -> str:
+        """``<root>/models/<family>`` (trained models of one family), or one version's folder."""
+        base = f"{self.models_dir()}/{family}"
+        return base if version is None else f"{base}/{version}"
+
+    def training_run_dir(self, family: str, run: str) -> str:
+        """A training run's checkpoints and loss curve: ``<root>/models/<family>/runs/<run>``."""
+        return f"{self.model_dir(family)}/runs/{run}"
+
+    def trash_dir(self) -> str:
+        """Where prune moves what it drops (one rename), until it is deleted: ``<root>/.pruned``."""
+        return self.join(".pruned")
+
+    def image_staging_dir(self) -> str:
+        """Where image groups are written before they are renamed into ``images/``."""
+        return self.join("images", ".staging")
+
+    def known_versions_path(self) -> str:
+        """The encoder versions remembered by their inputs (so a night need not load a model)."""
+        return f"{self.models_dir()}/.known_versions.json"
 
     def reports_dir(self) -> str:
         return self.join("reports")

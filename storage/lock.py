@@ -14,31 +14,29 @@ The lock lives under the root itself, so every writer sees it:
   a lease is written, then read back after a short pause, and the run holds it only if the lease
   read back is its own.
 
-The second run does not fail: it is told who holds the lock and returns a *skipped* result.
+The second run does not fail: it is told who holds the lock and returns a *skipped* result
+(``medflow.flows.locking.exclusive_run`` wraps a flow in the lock).
 No patient data goes into a lock: only process ids, host, flow name and times.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import json
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ParamSpec
+from typing import Any
 
 from medflow.storage.layout import OutputRoot
 
-__all__ = ["RunLock", "exclusive_run", "run_lock", "skipped_result"]
+__all__ = ["RunLock", "run_lock", "skipped_result"]
 
-P = ParamSpec("P")
 _LEASE_TTL_S = 120.0
 _LEASE_SETTLE_S = 0.5  # pause between writing a lease and reading it back (object stores)
 
@@ -219,66 +217,3 @@ def skipped_result(lock: RunLock) -> dict[str, Any]:
         "quarantined": {},
         "seconds": 0.0,
     }
-
-
-def exclusive_run(
-    flow: str, *, unless: str | None = None
-) -> Callable[[Callable[P, dict[str, Any]]], Callable[P, dict[str, Any]]]:
-    """Decorate a flow function so its body runs only while it holds its root's run lock.
-
-    The function must take a ``root`` parameter. When another run holds the lock, the body is
-    not run: the skip is logged and :func:`skipped_result` is returned. ``unless`` names a bool
-    parameter that, when true, means the run only reads (a dry run) and needs no lock. Put it
-    under ``@flow`` so the flow keeps the function's signature.
-    """
-
-    def wrap(fn: Callable[P, dict[str, Any]]) -> Callable[P, dict[str, Any]]:
-        sig = inspect.signature(fn)
-        if "root" not in sig.parameters:
-            raise TypeError(f"{fn.__qualname__}: expected a 'root' parameter to lock.")
-
-        @functools.wraps(fn)
-        def locked(*args: P.args, **kwargs: P.kwargs) -> dict[str, Any]:
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            if unless is not None and bound.arguments.get(unless):
-                return fn(*args, **kwargs)
-            root = str(bound.arguments["root"])
-            with run_lock(root, flow, run_id=_flow_run_id()) as lock:
-                if lock.acquired:
-                    return fn(*args, **kwargs)
-                _report_skip(flow, lock)
-                return skipped_result(lock)
-
-        return locked
-
-    return wrap
-
-
-def _flow_run_id() -> str | None:
-    try:
-        from prefect.context import FlowRunContext
-
-        ctx = FlowRunContext.get()
-    except Exception:
-        return None
-    return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
-
-
-def _report_skip(flow: str, lock: RunLock) -> None:
-    message = f"{flow} skipped: another run holds the lock ({lock.describe_holder()})"
-    try:
-        from prefect import get_run_logger
-        from prefect.artifacts import create_markdown_artifact
-
-        get_run_logger().warning(message)
-        create_markdown_artifact(
-            key=f"{flow}-skipped",
-            markdown=f"# {flow} skipped\n\nAnother run holds the output root's lock: "
-            f"{lock.describe_holder()}.\n",
-            description=f"{flow} skipped: another run holds the lock",
-        )
-    except Exception:  # outside a flow run: the plain logger is all there is
-        import logging
-
-        logging.getLogger("medflow").warning(message)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +22,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medflow.storage.layout import OutputRoot, is_object_store
+from medflow.storage.atomic import atomic_file, atomic_path
+from medflow.storage.layout import OutputRoot, filesystem, is_local_url
 
 __all__ = [
     "CATALOG_SCHEMA",
@@ -35,10 +35,12 @@ __all__ = [
     "embeddings_schema",
     "export_duckdb",
     "part_id",
+    "part_paths",
     "quarantine_listing",
     "read_table",
     "text_embeddings_schema",
     "utcnow",
+    "view_names",
     "write_part",
 ]
 
@@ -192,38 +194,23 @@ def write_part(
     if not rows:
         return None
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=schema)
-    fs, base = _fs(directory)
+    _, base = _fs(directory)
     final = f"{base}/part-{name}.parquet"
-    if is_object_store(directory):
-        # no rename on object stores, but a PUT is atomic: the part appears whole, under its
-        # final content-derived name (a retried batch overwrites it), or not at all
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
-        fs.pipe_file(final, buf.getvalue().to_pybytes())
-        return final
-    fs.makedirs(base, exist_ok=True)
-    tmp = f"{base}/.tmp-{name}-{uuid.uuid4().hex[:8]}.parquet"
-    with fs.open(tmp, "wb") as f:
+    # the part appears whole under its final content-derived name (a retried batch overwrites
+    # it), or not at all: a rename locally, one PUT on an object store
+    target = final if is_local_url(directory) else f"{directory}/part-{name}.parquet"
+    with atomic_file(target) as f:
         pq.write_table(table, f, compression="zstd")
-    if _is_local(directory):
-        os.replace(tmp, final)
-    else:
-        fs.mv(tmp, final)
     return final
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def _fs(path: str) -> tuple[Any, str]:
-    import fsspec
 
-    fs, p = fsspec.core.url_to_fs(path)
+    fs, p = filesystem(path)
     return fs, p
 
 
-def _parts(directory: str) -> list[str]:
+def part_paths(directory: str) -> list[str]:
     """The visible parts under ``directory``: parts a committed compaction merged are left out
     (see storage.compact)."""
     fs, base = _fs(directory)
@@ -231,7 +218,7 @@ def _parts(directory: str) -> list[str]:
         return []
     found = fs.glob(f"{base}/**/part-*.parquet") + fs.glob(f"{base}/part-*.parquet")
     found = _without_superseded(fs, base, found)
-    prefix = "" if _is_local(directory) else directory.split("://", 1)[0] + "://"
+    prefix = "" if is_local_url(directory) else directory.split("://", 1)[0] + "://"
     return sorted({prefix + p for p in found})
 
 
@@ -266,7 +253,7 @@ def read_table(directory: str, schema: pa.Schema, columns: Iterable[str] | None 
     cols = list(columns) if columns is not None else None
     fs, _ = _fs(directory)
     for attempt in range(3):
-        parts = _parts(directory)
+        parts = part_paths(directory)
         if not parts:
             empty = schema.empty_table()
             return empty.select(cols) if cols else empty
@@ -316,6 +303,11 @@ def connect(root: OutputRoot, database: str = ":memory:") -> duckdb.DuckDBPyConn
     return con
 
 
+def view_names(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The names of the views registered on ``con`` (the tables that have parts)."""
+    return {str(r[0]) for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+
+
 PUBLIC_TABLES = ("catalog", "runs", "embeddings", "findings")  # never the restricted sources
 
 
@@ -323,7 +315,7 @@ def register_views(con: duckdb.DuckDBPyConnection, root: OutputRoot) -> list[str
     """(Re)create the views over the tables under ``root``; returns the view names."""
     sources: dict[str, str] = {}
     for table in PUBLIC_TABLES:
-        parts = _parts(root.table_dir(table))
+        parts = part_paths(root.table_dir(table))
         if parts:
             sources[table] = _scan(parts)
     if "catalog" not in sources:
@@ -467,28 +459,24 @@ def export_duckdb(root: OutputRoot, file: str | os.PathLike[str]) -> list[str]:
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise ValueError(f"{target}: its folder {parent} does not exist.")
-    sources = {t: _glob_scan(root.table_dir(t)) for t in PUBLIC_TABLES if _parts(root.table_dir(t))}
-    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    sources = {
+        t: _glob_scan(root.table_dir(t)) for t in PUBLIC_TABLES if part_paths(root.table_dir(t))
+    }
     names: list[str] = []
-    con = duckdb.connect(tmp)
-    try:
-        if "catalog" not in sources:
-            con.register("_empty_arrow", CATALOG_SCHEMA.empty_table())
-            con.execute("CREATE TABLE _empty_catalog AS SELECT * FROM _empty_arrow")
-            con.unregister("_empty_arrow")
-            sources["catalog"] = "_empty_catalog"
-        for name, sql in view_definitions(sources):
-            con.execute(f"CREATE VIEW {name} AS {sql}")
-            names.append(name)
-        con.execute("CHECKPOINT")
-    except BaseException:
-        con.close()
-        for leftover in (tmp, f"{tmp}.wal"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
-        raise
-    con.close()
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        con = duckdb.connect(tmp)
+        try:
+            if "catalog" not in sources:
+                con.register("_empty_arrow", CATALOG_SCHEMA.empty_table())
+                con.execute("CREATE TABLE _empty_catalog AS SELECT * FROM _empty_arrow")
+                con.unregister("_empty_arrow")
+                sources["catalog"] = "_empty_catalog"
+            for name, sql in view_definitions(sources):
+                con.execute(f"CREATE VIEW {name} AS {sql}")
+                names.append(name)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
     return names
 
 
@@ -498,7 +486,7 @@ def _scan(parts: list[str]) -> str:
 
 
 def _glob_scan(directory: str) -> str:
-    """Every visible part under ``directory``, found when queried: the SQL form of ``_parts``."""
+    """Every visible part under ``directory``, found when queried: the SQL form of :func:`part_paths`."""
     parts = _sql_str(f"{directory}/**/part-*.parquet")
     markers = _sql_str(f"{directory}/**/{MARKER_DIR_PREFIX}*/{MARKER_PREFIX}*")
     merged = _sql_str(f"{directory}/**/{COMPACTED_PREFIX}*.parquet")

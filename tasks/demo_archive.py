@@ -6,7 +6,10 @@ about content order:
 
 * DICOM CT series of a torso phantom (realistic HU) at several spacings, one oblique, one
   enhanced multi-frame, one JPEG 2000 compressed, one low-dose (CTDIvol 1.5 mGy against about
-  10 mGy for the others); a chest-radiograph-like picture as DICOM DX and CR;
+  10 mGy for the others), and (``raw_projections``) a few slices of an ultra-low-dose scan
+  with its raw projections (a ``.sino.zarr`` sinogram linked to the series, see
+  ``storage/sinograms.py``) for the denoising stage; a chest-radiograph-like picture as DICOM
+  DX and CR;
 * the same kind of picture as PNG, a colour JPEG "clinical photo", a 3-D and a 4-D NIfTI
   (``.nii.gz``) and a short endoscopy-like MP4;
 * sources that must end quarantined: a truncated DICOM, a zero-byte ``.dcm``, a NIfTI with a
@@ -87,7 +90,8 @@ class DemoEntry:
     """One source in the demo archive and what the pipeline should make of it.
 
     ``relpaths`` are the files (relative to the archive root, ``/``-separated) that make the
-    source -- all slices of a DICOM series. ``kind`` is the source kind (dicom, nifti, image,
+    source -- all slices of a DICOM series; ``projections`` the files of its raw projections
+    (a ``.sino.zarr`` group, a source of its own linked to the series), if any. ``kind`` is the source kind (dicom, nifti, image,
     video). ``expected_status`` is ``"ingested"`` or ``"quarantined"``; a quarantine's reason
     should contain one of ``reason_keywords`` (case-insensitive). ``modality`` is the expected
     modality of an ingested source; ``label`` its structure class, if any; ``facts`` holds the
@@ -105,6 +109,7 @@ class DemoEntry:
     patient: str | None = None
     description: str = ""
     facts: Mapping[str, Any] = field(default_factory=dict)
+    projections: tuple[str, ...] = ()  # files of its raw projections (a .sino.zarr group)
 
     def __post_init__(self) -> None:
         if self.expected_status not in STATUSES:
@@ -135,6 +140,7 @@ class DemoEntry:
             "patient": self.patient,
             "description": self.description,
             "facts": _jsonable(dict(self.facts)),
+            "projections": list(self.projections),
         }
 
 
@@ -169,8 +175,8 @@ class DemoManifest:
 
     @property
     def relpaths(self) -> tuple[str, ...]:
-        """Every file written, sorted."""
-        return tuple(sorted(p for e in self.entries for p in e.relpaths))
+        """Every file written (raw projections' included), sorted."""
+        return tuple(sorted(p for e in self.entries for p in (*e.relpaths, *e.projections)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -641,12 +647,16 @@ def make_demo_archive(
     seed: int = 0,
     size: str = "small",
     manifest_path: Path | None = None,
+    raw_projections: bool = False,
 ) -> DemoManifest:
     """Write the demo archive into ``out_dir`` (missing or empty) and return its manifest.
 
     ``size`` is ``"tiny"`` (fast tests), ``"small"`` (default: about 6 MB in about a second) or
     ``"medium"`` (twice the pixels per side). ``manifest_path``, if given, receives the manifest
     as JSON; it must lie outside ``out_dir``, where it would be taken for a source.
+    ``raw_projections`` adds ``ct_low_dose_raw``: a few slices of an ultra-low-dose scan with
+    its raw projections, which the nightly flow denoises (``medflow demo`` adds it, with
+    settings reduced to take seconds on a CPU; the default settings take minutes there).
     """
     out = _parse_out_dir(out_dir)
     scale = parse_size(size)
@@ -659,6 +669,8 @@ def make_demo_archive(
         _write_ct(b, spec, patients[spec.patient])
     _write_p003(b, patients[2], seed)
     _write_p004(b, patients[3], seed)
+    if raw_projections:  # last: the entries above keep their pixels either way
+        _write_raw_projections(b, patients[0])
     manifest = DemoManifest(
         root=str(out),
         seed=seed,
@@ -987,4 +999,111 @@ def _write_p004(b: _Builder, patient: DemoPatient, seed: int) -> None:
         reason_keywords=("corrupt", "truncat"),
         patient=patient.name,
         description="a PNG cut off half way",
+    )
+
+
+_RAW_INCIDENT_PHOTONS = 2e3  # photons per ray: an ultra-low-dose scan, visibly noisy
+_RAW_CTDIVOL = 0.8  # mGy
+_RAW_FOV_MM = 320.0
+
+
+def _write_raw_projections(b: _Builder, patient: DemoPatient) -> DemoEntry:
+    """A few slices of an ultra-low-dose CT scan: its raw projections and their reconstruction.
+
+    The phantom is projected over 360 degrees (parallel beam, ``2 n`` views for an ``n x n``
+    grid) with Poisson noise at :data:`_RAW_INCIDENT_PHOTONS` photons per ray; the projections
+    go to the archive as a ``.sino.zarr`` group naming the series' UIDs (which link the two), and
+    their plain filtered back-projection, in HU, as the reconstructed DICOM series.
+    """
+    import torch
+
+    from medflow.storage.sinograms import Sinogram, write_sinogram
+    from medflow.tasks.denoise import (
+        WATER_MU_PER_MM,
+        ParallelBeamGeometry,
+        hu_to_mu,
+        mu_to_hu,
+        simulate_low_dose,
+    )
+    from medflow.tasks.denoise.projector import fbp
+
+    label = b.next_label()
+    n = b.px(64, 2)
+    px_mm = _RAW_FOV_MM / n
+    spacing = (5.0, px_mm, px_mm)
+    shape = (4, n, n)
+    clean = _ct_volume(b, shape, spacing, label, noise_hu=0.0)
+    geometry = ParallelBeamGeometry.for_image(n, px_mm, n_views=2 * n)
+    scan = simulate_low_dose(
+        hu_to_mu(clean.astype(np.float32)),
+        geometry,
+        incident_photons=_RAW_INCIDENT_PHOTONS,
+        seed=int(b.rng.integers(1 << 31)),
+    )
+    recon = fbp(torch.from_numpy(scan.noisy_sinogram), geometry).numpy()
+    hu = np.rint(mu_to_hu(recon, WATER_MU_PER_MM)).clip(-1024, 3071).astype(np.int16)
+    folder = b.root / "patients/P001/study3/series_01"
+    study_uid = generate_uid(entropy_srcs=[f"medflow-demo-{b.seed}-P001/study3"])
+    series_uid = generate_uid(entropy_srcs=[f"medflow-demo-{b.seed}-P001/study3/series_01"])
+    paths = write_ct_series(
+        folder,
+        hu,
+        spacing,
+        _CT_ORIGIN,
+        AXIAL,
+        ctdivol=_RAW_CTDIVOL,
+        patient=patient,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        seed=int(b.rng.integers(1 << 31)),
+    )
+    sino_dir = b.root / "patients/P001/study3/raw/series_01.sino.zarr"
+    sino_dir.parent.mkdir(parents=True, exist_ok=True)
+    write_sinogram(
+        str(sino_dir),
+        Sinogram(
+            data=scan.noisy_sinogram,
+            geometry=geometry.to_dict(),
+            slice_spacing_mm=spacing[0],
+            attrs={
+                "low_dose": True,
+                "ctdivol_mGy": _RAW_CTDIVOL,
+                "incident_photons": _RAW_INCIDENT_PHOTONS,
+                "mu_water_per_mm": WATER_MU_PER_MM,
+            },
+            link=(study_uid, series_uid),
+        ),
+        include_link=True,
+    )
+    projections = [p for p in sino_dir.rglob("*") if p.is_file()]
+    return b.add(
+        name="ct_low_dose_raw",
+        kind="dicom",
+        relpaths=b.rel(paths),
+        projections=b.rel(projections),
+        expected_status="ingested",
+        modality="CT",
+        label=label,
+        patient=patient.name,
+        description=(
+            f"ultra-low-dose CT, {shape[0]} slices, CTDIvol {_RAW_CTDIVOL} mGy, with its raw "
+            "projections (a sinogram to denoise)"
+        ),
+        facts={
+            "axes": ["z", "y", "x"],
+            "shape": list(shape),
+            "spacing": list(spacing),
+            "origin_lps": list(_CT_ORIGIN),
+            "orientation": [list(v) for v in AXIAL],
+            "ctdivol_mgy": _RAW_CTDIVOL,
+            "low_dose": True,
+            "transfer_syntax": str(ExplicitVRLittleEndian),
+            "missing_slices": [],
+            "n_files": len(paths),
+            "raw_projections": {
+                "views": geometry.n_views,
+                "bins": geometry.n_bins,
+                "incident_photons": _RAW_INCIDENT_PHOTONS,
+            },
+        },
     )

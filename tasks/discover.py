@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import SOURCES_SCHEMA, read_table
-from medflow.tasks.reasons import InputError, shielded
+from medflow.tasks.reasons import InputError, retry_transient, shielded
 
 __all__ = [
     "ArchiveFile",
@@ -239,6 +239,7 @@ def diff_sources(
     name="discover",
     retries=2,
     retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,  # a missing archive fails the same way twice
     cache_policy=NO_CACHE,
     persist_result=False,
 )

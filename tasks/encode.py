@@ -16,12 +16,10 @@ import os
 import threading
 import time
 import tomllib
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +27,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from medflow.storage.atomic import write_atomic
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import (
     CATALOG_SCHEMA,
@@ -40,7 +39,10 @@ from medflow.storage.tables import (
     utcnow,
     write_part,
 )
-from medflow.tasks.reasons import clip_text, shielded
+from medflow.tasks.reasons import clip_text, retry_transient, shielded
+
+if TYPE_CHECKING:  # the encoders (and torch) load only when an encoder is built
+    from medflow.encoders import Acceptance, Declared, Encoder, PromptBank
 
 __all__ = [
     "FOUR_D_REASON",
@@ -49,6 +51,7 @@ __all__ = [
     "EncoderSpec",
     "encode_batch",
     "encode_items",
+    "forget_encoder",
     "four_d_items",
     "get_encoder",
     "known_encoder",
@@ -118,11 +121,11 @@ def load_encoder_specs(path: str | os.PathLike[str]) -> list[EncoderSpec]:
     return [EncoderSpec.from_dict(i) for i in items]
 
 
-_CACHE: dict[str, Any] = {}
+_CACHE: dict[str, Encoder] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def get_encoder(spec: EncoderSpec, device: str | None = None) -> Any:
+def get_encoder(spec: EncoderSpec, device: str | None = None) -> Encoder:
     """The encoder for ``spec``, built once per process (weights are loaded once)."""
     from medflow.encoders import create_encoder
 
@@ -141,16 +144,32 @@ def get_encoder(spec: EncoderSpec, device: str | None = None) -> Any:
     return enc
 
 
+def forget_encoder(spec: EncoderSpec, device: str | None = None) -> None:
+    """Drop the process's built encoder for ``spec``: the next :func:`get_encoder` builds it
+    again (its checkpoint was replaced in place)."""
+    key = json.dumps([spec.to_dict(), device], sort_keys=True, default=str)
+    with _CACHE_LOCK:
+        _CACHE.pop(key, None)
+
+
 @dataclass(frozen=True, slots=True)
 class KnownEncoder:
     """What the pending check needs of an encoder (version and declaration), as remembered
     from the last time it was built with exactly the same inputs: no model is loaded."""
 
-    version: Any  # .id
-    info: Any  # .modalities, .kinds
+    version: KnownVersion
+    info: KnownAcceptance
 
 
-_KNOWN_FILE = ".known_versions.json"
+@dataclass(frozen=True, slots=True)
+class KnownVersion:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KnownAcceptance:
+    modalities: tuple[str, ...]
+    kinds: tuple[str, ...]
 
 
 def _stat_entries(path: Path) -> list[list[Any]]:
@@ -179,20 +198,16 @@ def encoder_inputs_stamp(spec: EncoderSpec) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _known_path(root: OutputRoot) -> str:
-    return f"{root.models_dir()}/{_KNOWN_FILE}"
-
-
 def _read_known(root: OutputRoot) -> dict[str, Any]:
     try:
-        with root.fs.open(_known_path(root), "r") as f:
+        with root.fs.open(root.known_versions_path(), "r") as f:
             data = json.load(f)
     except (FileNotFoundError, OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def remember_encoder(root: OutputRoot, spec: EncoderSpec, encoder: Any) -> None:
+def remember_encoder(root: OutputRoot, spec: EncoderSpec, encoder: Declared) -> None:
     """Record a built encoder's version and declaration under its inputs' stamp."""
     known = _read_known(root)
     known[encoder_inputs_stamp(spec)] = {
@@ -201,24 +216,17 @@ def remember_encoder(root: OutputRoot, spec: EncoderSpec, encoder: Any) -> None:
         "kinds": list(encoder.info.kinds),
     }
     text = json.dumps(known, sort_keys=True, indent=1)
-    path = _known_path(root)
-    root.fs.makedirs(root.models_dir(), exist_ok=True)
-    if root.is_local:
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        Path(tmp).write_text(text)
-        os.replace(tmp, path)
-    else:
-        root.fs.pipe(path, text.encode())
+    write_atomic(root.known_versions_path(), text)
 
 
-def known_encoder(root: OutputRoot, spec: EncoderSpec) -> Any:
+def known_encoder(root: OutputRoot, spec: EncoderSpec) -> Declared:
     """The encoder's version and declaration without loading it when its inputs are unchanged
     since it was last built (see :func:`remember_encoder`); else the built encoder."""
     entry = _read_known(root).get(encoder_inputs_stamp(spec))
     if isinstance(entry, dict) and {"id", "modalities", "kinds"} <= set(entry):
         return KnownEncoder(
-            version=SimpleNamespace(id=entry["id"]),
-            info=SimpleNamespace(
+            version=KnownVersion(id=str(entry["id"])),
+            info=KnownAcceptance(
                 modalities=tuple(entry["modalities"]), kinds=tuple(entry["kinds"])
             ),
         )
@@ -227,7 +235,7 @@ def known_encoder(root: OutputRoot, spec: EncoderSpec) -> Any:
     return encoder
 
 
-def version_tag(encoder: Any) -> str:
+def version_tag(encoder: Declared) -> str:
     """The ``version=`` partition value: weights and config digests (and text tower's)."""
     return str(encoder.version.id).split("@", 1)[1]
 
@@ -250,9 +258,10 @@ class EncodeManifest:
     findings: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (series_key, reason)
     seconds: float = 0.0
+    findings_seconds: float = 0.0  # of ``seconds``: scoring findings and writing them
 
 
-def accepts_row(info: Any, modality: str | None, axes: str | None) -> bool:
+def accepts_row(info: Acceptance, modality: str | None, axes: str | None) -> bool:
     """Whether an encoder (by its declaration) takes a catalog row's modality and axes."""
     mods = tuple(info.modalities)
     if "*" not in mods and (modality or "") not in mods:
@@ -260,7 +269,7 @@ def accepts_row(info: Any, modality: str | None, axes: str | None) -> bool:
     return any(axes in _KIND_AXES.get(k, ()) for k in info.kinds)
 
 
-def pending_items(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> list[EncodeItem]:
+def pending_items(root: OutputRoot, encoder: Declared, spec: EncoderSpec) -> list[EncodeItem]:
     """Series the encoder accepts with no embedding at its current version and sources."""
     return _pending(root, encoder, spec)[0]
 
@@ -375,7 +384,9 @@ def _pending(
 # text embeddings of prompt banks: computed once per (encoder version, bank version), stored
 
 
-def bank_embeddings(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> tuple[Any, np.ndarray]:
+def bank_embeddings(
+    root: OutputRoot, encoder: Encoder, spec: EncoderSpec
+) -> tuple[PromptBank, np.ndarray]:
     """The bank and its per-finding mean text embeddings, from storage or computed and stored."""
     from medflow.encoders.findings import bank_text_embeddings, load_prompt_bank
 
@@ -413,7 +424,9 @@ def bank_embeddings(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> tuple[
     return bank, emb
 
 
-def _provenance(encoder: Any, spec: EncoderSpec, item: EncodeItem, run_id: str) -> dict[str, Any]:
+def _provenance(
+    encoder: Encoder, spec: EncoderSpec, item: EncodeItem, run_id: str
+) -> dict[str, Any]:
     from medflow.tasks.ingest import medflow_version
 
     return {
@@ -429,9 +442,9 @@ def _provenance(encoder: Any, spec: EncoderSpec, item: EncodeItem, run_id: str) 
 
 
 def findings_rows(
-    encoder: Any,
+    encoder: Encoder,
     spec: EncoderSpec,
-    bank: Any,
+    bank: PromptBank,
     text: np.ndarray,
     items: Sequence[EncodeItem],
     contrastive: np.ndarray,
@@ -475,7 +488,7 @@ def encode_items(
     device: str | None = None,
 ) -> EncodeManifest:
     """Embed ``items`` with ``spec``'s encoder, write embeddings and findings parts."""
-    from medflow.encoders._streaming import stream_encode
+    from medflow.encoders import stream_encode
 
     t0 = time.perf_counter()
     encoder = get_encoder(spec, device)
@@ -526,6 +539,7 @@ def encode_items(
     )
     manifest.embedded = len(rows)
     if spec.bank is not None and rows and getattr(encoder, "has_text", True):
+        t_findings = time.perf_counter()
         bank, text = bank_embeddings(root, encoder, spec)
         contrastive = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
         frows = findings_rows(encoder, spec, bank, text, ok_items, contrastive, run_id)
@@ -536,6 +550,7 @@ def encode_items(
             part_id(name, bank.version),
         )
         manifest.findings = len(frows)
+        manifest.findings_seconds = time.perf_counter() - t_findings
     manifest.seconds = time.perf_counter() - t0
     return manifest
 
@@ -598,6 +613,7 @@ def recompute_findings(
 @task(
     name="encode-batch",
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[10],
     cache_policy=NO_CACHE,
     persist_result=False,

@@ -26,7 +26,7 @@ from medflow.storage.images import DecodedImage, publish_tree, write_image
 from medflow.storage.layout import OutputRoot, Pseudonymizer
 from medflow.storage.tables import utcnow
 from medflow.tasks.discover import Discovery, KnownSource
-from medflow.tasks.reasons import ReasonCode, SourceError, shielded, unexpected
+from medflow.tasks.reasons import ReasonCode, SourceError, retry_transient, shielded, unexpected
 
 if TYPE_CHECKING:
     from medflow.tasks.dicom import DicomHeader
@@ -472,6 +472,7 @@ def rejected_outcome(scan: HeaderScan, keys: Pseudonymizer, run_id: str) -> Outc
 @task(
     name="scan-dicom-headers",
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[5],
     cache_policy=NO_CACHE,
     persist_result=False,
@@ -485,6 +486,7 @@ def scan_headers(archive: str, root: str, relpaths: list[str]) -> list[HeaderSca
 @task(
     name="ingest-batch",
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[5],
     cache_policy=NO_CACHE,
     persist_result=False,

@@ -26,7 +26,7 @@ from medflow.storage.images import DecodedImage, ImageMeta, open_image, write_im
 from medflow.storage.layout import OutputRoot
 from medflow.storage.sinograms import read_sinogram
 from medflow.storage.tables import connect, utcnow
-from medflow.tasks.reasons import ReasonCode, clip_text, shielded
+from medflow.tasks.reasons import ReasonCode, clip_text, retry_transient, shielded
 
 __all__ = [
     "DenoiseConfig",
@@ -52,6 +52,8 @@ class DenoiseConfig:
     method: str = "flicking"  # flicking | zsn2n | fbp
     steps: int | None = None  # training steps (None: the method's default)
     n_average: int | None = None  # flicked inferences averaged (None: default)
+    channels: int | None = None  # flicking network width (None: default)
+    patch_size: int | None = None  # flicking training patch, views x bins (None: default)
     seed: int = 0
     ctdivol_max_mGy: float = 5.0
     series_per_task: int = 1
@@ -68,10 +70,27 @@ class DenoiseConfig:
             )
         return cls(**dict(d))
 
+    def flicking_settings(self) -> Any:
+        """Flicking's settings when ``channels`` or ``patch_size`` change its defaults, else
+        None (the method's defaults, with ``steps`` and ``n_average`` applied by the caller)."""
+        if self.method != "flicking" or (self.channels is None and self.patch_size is None):
+            return None
+        from medflow.tasks.denoise import FlickingSettings
+
+        changes = {
+            k: v
+            for k, v in (("channels", self.channels), ("patch_size", self.patch_size))
+            if v is not None
+        }
+        return FlickingSettings(**changes)
+
     def params_hash(self) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("enabled", "series_per_task")}
         keep.pop("device")
         keep.pop("ctdivol_max_mGy")
+        for name in ("channels", "patch_size"):  # newer settings: unset, the hash is as before
+            if keep[name] is None:
+                keep.pop(name)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -206,6 +225,7 @@ def denoise_series(
             steps=cfg.steps,
             n_average=cfg.n_average,
             device=cfg.device,
+            settings=cfg.flicking_settings(),
         )
         water = float(sino.attrs.get("mu_water_per_mm", WATER_MU_PER_MM))
         hu = np.rint(result.to_hu(water)).clip(-32768, 32767).astype(np.int16)
@@ -258,6 +278,7 @@ def denoise_series(
 @task(
     name="denoise-batch",
     retries=1,
+    retry_condition_fn=retry_transient,
     retry_delay_seconds=[10],
     cache_policy=NO_CACHE,
     persist_result=False,

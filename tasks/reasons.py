@@ -39,6 +39,7 @@ __all__ = [
     "format_values",
     "parse_reason_code",
     "record_incident",
+    "retry_transient",
     "shielded",
     "tally_add",
     "tally_groups",
@@ -148,7 +149,24 @@ class SourceError(PublicError, ValueError):
 
 class TaskFailure(PublicError):
     """A task or flow failed unexpectedly: the public message names the exception's kind and
-    the incident whose full text (which may quote paths) is in the restricted incidents table."""
+    the incident whose full text (which may quote paths) is in the restricted incidents table.
+    ``retryable``: whether the error was one a second try may not meet (I/O, a timeout)."""
+
+    retryable: bool = False
+
+
+_TRANSIENT = (OSError, TimeoutError, ConnectionError, MemoryError)
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """A Prefect ``retry_condition_fn``: retry what a second try may get past (I/O errors,
+    timeouts, a worker that died), never a bad argument or bad input, which fails the same way
+    every time (:class:`InputError`, other ``ValueError`` and ``TypeError``)."""
+    exc = getattr(state, "data", None)
+    if isinstance(exc, TaskFailure):
+        return exc.retryable
+    # InputError and SourceError are ValueErrors: the same input fails the same way
+    return not isinstance(exc, ValueError | TypeError | LookupError)
 
 
 def record_incident(root: str, where: str, e: BaseException) -> str:
@@ -199,10 +217,12 @@ def shielded(where: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             except Exception as e:
                 root = str(sig.bind(*args, **kwargs).arguments["root"])
                 incident = record_incident(root, where, e)
-                raise TaskFailure(
+                failure = TaskFailure(
                     f"{where} failed: unexpected {type(e).__name__} (incident {incident}; its "
                     "full text is in the restricted incidents table: medflow status)"
-                ) from None
+                )
+                failure.retryable = isinstance(e, _TRANSIENT)
+                raise failure from None
 
         return guarded
 

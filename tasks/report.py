@@ -5,12 +5,14 @@
 a local root; one whole-object write on an object store). The page holds:
 
 * the run's counts (discovered sources, series outcomes, modalities, denoising, encoders);
-* the time per stage;
+* every stage with its count and time (ingest, denoise, each encoder, findings, report);
 * the series quarantined or failed in the run, grouped by reason code: a count, an example
   reason and a few example keys per code (the page's size does not grow with the archive);
 * thumbnails of a sample of the run's new series: the middle slice of a volume, the first frame
   of a video, read from a coarse pyramid level; CT in a soft-tissue window, other grey images
   between their 1st and 99th percentiles, colour kept;
+* the series denoised in the run: the middle slice of the noisy reconstruction and of the
+  denoised image side by side, with the method and its settings;
 * per encoder, the distribution of the finding probabilities scored in this run (the run's new
   series, and any series rescored after a prompt-bank change) as a strip plot with quartiles.
 
@@ -31,6 +33,7 @@ import logging
 import math
 import os
 import re
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,11 +50,15 @@ from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonC
 __all__ = [
     "DEFAULT_CT_WINDOW",
     "REPORT_ARTIFACT_KEY",
+    "DenoisedPair",
     "RunReport",
+    "StageRow",
     "Thumbnail",
     "build_report",
+    "count_text",
     "publish_report",
     "report_markdown",
+    "stage_table",
     "thumbnail",
 ]
 
@@ -84,6 +91,8 @@ class RunReport:
     thumbnails: int
     plots: int
     plot_encoders: tuple[str, ...] = field(default_factory=tuple)
+    denoised_pairs: int = 0
+    seconds: float = 0.0  # to make it (its row in the stage table, when the summary has one)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -221,6 +230,106 @@ def _thumbnails(
 
 
 # ---------------------------------------------------------------------------------------------
+# denoised low-dose CT: before and after
+
+
+_SHOWN_SETTINGS = ("steps", "n_average", "channels", "patch_size")
+
+
+@dataclass(frozen=True, slots=True)
+class DenoisedPair:
+    """A series denoised in the run: the middle slice before (the noisy reconstruction) and
+    after (PNG bytes, the same window), and how it was made."""
+
+    series_key: str
+    method: str
+    settings: dict[str, Any]  # the method's shown settings and the seed
+    defaults: dict[str, Any]  # the method's defaults where the settings differ from them
+    slices_kept: int  # slices that hold the method's output (the guard kept them)
+    n_slices: int
+    noisy_png: bytes | None = None
+    denoised_png: bytes | None = None
+    error: str | None = None
+
+
+def _method_defaults(method: str) -> dict[str, Any]:
+    try:
+        from medflow.tasks.denoise import FlickingSettings
+        from medflow.tasks.denoise.zsn2n import ZSN2NSettings
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return {}
+    if method == "flicking":
+        return FlickingSettings().to_dict()
+    if method == "zsn2n":
+        return ZSN2NSettings().to_dict()
+    return {}
+
+
+def _denoised_of_run(
+    con: duckdb.DuckDBPyConnection, run_id: str, limit: int
+) -> list[tuple[str, str, str | None]]:
+    """Series denoised in this run: key, denoised image, noisy image (paths under the root)."""
+    rows = con.execute(
+        """
+        SELECT p.series_key, any_value(p.zarr_path), any_value(c.zarr_path)
+        FROM catalog_history p LEFT JOIN catalog c ON c.series_key = p.series_key
+        WHERE p.run_id = ? AND p.stage = 'preprocess' AND p.status = 'denoised'
+        GROUP BY p.series_key ORDER BY p.series_key LIMIT ?
+        """,
+        [run_id, limit],
+    ).fetchall()
+    return [(str(k), str(d), None if n is None else str(n)) for k, d, n in rows]
+
+
+def _denoised_pairs(
+    root: OutputRoot,
+    rows: Sequence[tuple[str, str, str | None]],
+    size: int,
+    ct_window: tuple[float, float],
+) -> list[DenoisedPair]:
+    log = _logger()
+    out: list[DenoisedPair] = []
+    for key, denoised_path, noisy_path in rows:
+        try:
+            img = open_image(root.join(denoised_path))
+            prov = dict(img.attrs.get("medflow", {}).get("denoise", {}))
+            method = str(prov.get("method", "?"))
+            chosen = dict((prov.get("params") or {}).get("settings") or {})
+            defaults = _method_defaults(method)
+            shown = {k: chosen[k] for k in _SHOWN_SETTINGS if k in chosen}
+            shown["seed"] = prov.get("seed")
+            differ = {k: defaults[k] for k in shown if k in defaults and defaults[k] != shown[k]}
+            per_slice = list(prov.get("slice_methods") or [])
+            after = thumbnail(root.join(denoised_path), size=size, ct_window=ct_window)
+            before = (
+                thumbnail(root.join(noisy_path), size=size, ct_window=ct_window)
+                if noisy_path
+                else None
+            )
+            out.append(
+                DenoisedPair(
+                    key,
+                    method,
+                    shown,
+                    differ,
+                    sum(m == method for m in per_slice),
+                    len(per_slice),
+                    noisy_png=before,
+                    denoised_png=after,
+                )
+            )
+        except Exception as e:  # one unreadable image costs its pair only
+            reason = type(e).__name__  # its text may quote the image's path
+            log.warning("report: no before/after pair for series %s (%s)", key, reason)
+            out.append(DenoisedPair(key, "?", {}, {}, 0, 0, error=reason))
+    return out
+
+
+def _settings_text(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in values.items())
+
+
+# ---------------------------------------------------------------------------------------------
 # findings plots
 
 
@@ -319,6 +428,8 @@ def _count_rows(summary: Mapping[str, Any]) -> list[tuple[str, int]]:
     rows.append(("series already recorded", int(summary.get("series_skipped") or 0)))
     rows += [(f"series {k}", v) for k, v in sorted(_int_map(summary, "status").items())]
     rows += [(f"ingested {k}", v) for k, v in sorted(_int_map(summary, "modality").items())]
+    if summary.get("raw_projections"):
+        rows.append(("raw projections stored", int(summary["raw_projections"])))
     rows += [(f"denoise {k}", v) for k, v in sorted(_int_map(summary, "denoised").items())]
     rows += [(f"embedded by {k}", v) for k, v in sorted(_int_map(summary, "encoded").items())]
     rows += [
@@ -327,13 +438,59 @@ def _count_rows(summary: Mapping[str, Any]) -> list[tuple[str, int]]:
     return rows
 
 
-def _stage_rows(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
+@dataclass(frozen=True, slots=True)
+class StageRow:
+    """One stage of a run: what it handled (``count`` of ``unit``) and its time in seconds."""
+
+    stage: str
+    count: int
+    unit: str
+    seconds: float
+
+
+def stage_table(summary: Mapping[str, Any]) -> list[StageRow]:
+    """Every stage of a nightly run in order, with its count and time, then the total.
+
+    ingest (series recorded), denoise (series with raw projections handled), one row per
+    encoder (series embedded), findings (finding scores written), report (pages written). A
+    stage that had nothing to do is listed with 0; one that did not run (no encoder
+    configured, denoising turned off) is not.
+    """
     stages = summary.get("stage_seconds") or {}
     if not isinstance(stages, Mapping):
         raise ValueError(f"Expected summary['stage_seconds'] to be a mapping, got {stages!r}.")
-    rows = [(str(k), float(v)) for k, v in stages.items()]
-    rows.append(("total", float(summary.get("seconds") or 0.0)))
+    seconds = {str(k): float(v) for k, v in stages.items()}
+    status = _int_map(summary, "status")
+    encoded = _int_map(summary, "encoded")
+    rows: list[StageRow] = []
+    if "ingest" in seconds:
+        rows.append(StageRow("ingest", sum(status.values()), "series", seconds.pop("ingest")))
+    if "denoise" in seconds:
+        n = sum(_int_map(summary, "denoised").values())
+        rows.append(StageRow("denoise", n, "series", seconds.pop("denoise")))
+    for name in [k for k in seconds if k.startswith("encode ")]:
+        label = name.removeprefix("encode ")
+        rows.append(StageRow(name, encoded.get(label, 0), "series", seconds.pop(name)))
+    if "findings" in seconds:
+        n = sum(_int_map(summary, "findings").values())
+        rows.append(StageRow("findings", n, "scores", seconds.pop("findings")))
+    if "report" in seconds:
+        pages = int(summary.get("report_pages") or 0)
+        rows.append(StageRow("report", pages, "pages", seconds.pop("report")))
+    rows += [StageRow(k, 0, "", v) for k, v in seconds.items()]  # any other, as recorded
+    rows.append(StageRow("total", 0, "", float(summary.get("seconds") or 0.0)))
     return rows
+
+
+def _stage_rows(summary: Mapping[str, Any]) -> list[tuple[str, float]]:
+    return [(r.stage, r.seconds) for r in stage_table(summary)]
+
+
+def count_text(row: StageRow) -> str:
+    if not row.unit:
+        return ""
+    singular = {"pages": "page", "scores": "score"}  # "series" is both
+    return f"{row.count} {singular.get(row.unit, row.unit) if row.count == 1 else row.unit}"
 
 
 def _quarantined(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -360,6 +517,7 @@ def report_markdown(
     new_series: int,
     thumbnails: int,
     plots: int,
+    pairs: Sequence[DenoisedPair] = (),
 ) -> str:
     """The Prefect artifact: counts, time per stage, quarantined with reasons, and the page."""
     run_id = str(summary.get("run_id"))
@@ -377,9 +535,12 @@ def report_markdown(
         "",
         "## Time per stage",
         "",
-        "| stage | seconds |",
-        "|---|---:|",
-        *(f"| {_md(k)} | {v:.1f} |" for k, v in _stage_rows(summary)),
+        "| stage | count | seconds |",
+        "|---|---:|---:|",
+        *(
+            f"| {_md(r.stage)} | {_md(count_text(r))} | {r.seconds:.1f} |"
+            for r in stage_table(summary)
+        ),
         "",
         f"## Quarantined or failed ({sum(g['count'] for g in quarantined)} series)",
         "",
@@ -399,6 +560,7 @@ def report_markdown(
         lines.append("\nThe files at fault are listed for the operator only: `medflow quarantine`.")
     else:
         lines.append("None.")
+    lines += _pairs_markdown(pairs)
     return "\n".join(lines) + "\n"
 
 
@@ -424,6 +586,8 @@ figcaption{font-size:11px;color:#5a6b7d;word-break:break-all}
 background:#f4f6f8;color:#8a97a5;font-size:11px;margin:auto}
 img.plot{max-width:100%;border:1px solid #eef1f4;margin-bottom:12px}
 .note{color:#5a6b7d;font-size:12px}
+figure.pair{width:auto;max-width:360px}
+.sidebyside{display:flex;gap:6px;justify-content:center;font-size:11px;color:#5a6b7d}
 """
 
 # marks every picture that decoded (naturalWidth > 0): a browser test reads it from the DOM
@@ -460,11 +624,12 @@ def _render_html(
     *,
     generated: str,
     version: str,
+    pairs: Sequence[DenoisedPair] = (),
 ) -> str:
     run_id = str(summary.get("run_id"))
     counts = _count_rows(summary)
-    stages = _stage_rows(summary)
-    longest = max([s for _, s in stages] + [1e-9])
+    stages = stage_table(summary)
+    longest = max([r.seconds for r in stages if r.stage != "total"] + [1e-9])
     n_thumbs = sum(t.png is not None for t in thumbs)
     out: list[str] = [
         "<!DOCTYPE html>",
@@ -484,12 +649,14 @@ def _render_html(
         *(f'<tr><td>{_e(k)}</td><td class="n">{v}</td></tr>' for k, v in counts),
         "</table>",
         '<h2 id="stages">Time per stage</h2>',
-        '<table class="stages"><tr><th>stage</th><th>seconds</th><th></th></tr>',
+        '<table class="stages"><tr><th>stage</th><th>seconds</th><th>count</th><th></th></tr>',
     ]
-    for name, secs in stages:
-        width = max(1, round(240 * secs / longest)) if secs > 0 else 0
+    for row in stages:
+        secs = row.seconds
+        width = min(240, max(1, round(240 * secs / longest))) if secs > 0 else 0
         out.append(
-            f'<tr><td>{_e(name)}</td><td class="n">{secs:.2f}</td>'
+            f'<tr data-stage="{_e(row.stage)}"><td>{_e(row.stage)}</td>'
+            f'<td class="n">{secs:.2f}</td><td class="n">{_e(count_text(row))}</td>'
             f'<td><span class="bar" style="width:{width}px"></span></td></tr>'
         )
     n_bad = sum(g["count"] for g in quarantined)
@@ -542,6 +709,7 @@ def _render_html(
         out.append("</div>")
     else:
         out.append('<p class="note">No new series in this run.</p>')
+    out += _pairs_html(pairs, summary)
     out.append('<h2 id="findings">Findings</h2>')
     if plots:
         out.append(
@@ -558,6 +726,65 @@ def _render_html(
         out.append('<p class="note">No findings were scored in this run.</p>')
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _pairs_html(pairs: Sequence[DenoisedPair], summary: Mapping[str, Any]) -> list[str]:
+    n = sum(_int_map(summary, "denoised").values())
+    out = [f'<h2 id="denoised">Denoised low-dose CT ({len(pairs)})</h2>']
+    if not pairs:
+        what = "no low-dose series with raw projections was pending" if not n else "none shown"
+        return [*out, f'<p class="note">Nothing denoised in this run ({what}).</p>']
+    out.append(
+        '<p class="note">Low-dose series denoised from their raw projections in this run: the '
+        "middle slice of the noisy reconstruction and of the denoised image, side by side, in "
+        "the same soft-tissue window. Slices where the denoised image would be worse than "
+        "plain filtered back-projection keep the latter (the guard).</p>"
+    )
+    out.append('<div class="grid">')
+    for p in pairs:
+        if p.error is not None:
+            out.append(
+                f'<figure class="pair" data-series-key="{_e(p.series_key)}">'
+                f'<div class="missing" title="{_e(p.error)}">no pictures</div>'
+                f"<figcaption><code>{_e(p.series_key)}</code></figcaption></figure>"
+            )
+            continue
+        pics = []
+        for role, png in (("noisy", p.noisy_png), ("denoised", p.denoised_png)):
+            if png is None:
+                pics.append(f'<div class="missing">no {role} image</div>')
+            else:
+                pics.append(
+                    f'<div><img class="thumb" alt="{role} series {_e(p.series_key)}" '
+                    f'data-role="{role}" src="{_data_uri(png)}"><br>{role}</div>'
+                )
+        reduced = (
+            f"<br>reduced from the defaults ({_e(_settings_text(p.defaults))})"
+            if p.defaults
+            else ""
+        )
+        out.append(
+            f'<figure class="pair" data-series-key="{_e(p.series_key)}" '
+            f'data-method="{_e(p.method)}"><div class="sidebyside">{"".join(pics)}</div>'
+            f"<figcaption><code>{_e(p.series_key)}</code><br>method <b>{_e(p.method)}</b>: "
+            f"{_e(_settings_text(p.settings))}{reduced}<br>{p.slices_kept} of {p.n_slices} "
+            "slices denoised, the others plain FBP</figcaption></figure>"
+        )
+    out.append("</div>")
+    return out
+
+
+def _pairs_markdown(pairs: Sequence[DenoisedPair]) -> list[str]:
+    if not pairs:
+        return []
+    lines = ["", f"## Denoised low-dose CT ({len(pairs)})", ""]
+    lines += [
+        f"- `{_md(p.series_key)}`: {_md(p.method)} ({_md(_settings_text(p.settings))}), "
+        f"{p.slices_kept} of {p.n_slices} slices denoised; before and after in the HTML report"
+        for p in pairs
+        if p.error is None
+    ]
+    return lines
 
 
 def _write_atomic(root: OutputRoot, name: str, data: bytes) -> str:
@@ -602,16 +829,29 @@ def build_report(
         raise ValueError(f"Expected a CT window (level, width > 0), got {ct_window!r} instead.")
     from medflow.tasks.ingest import medflow_version
 
+    t0 = time.perf_counter()
     out = OutputRoot(root)
     quarantined = _quarantined(summary)
     con = connect(out)
     try:
         new_series, sample = _new_series(con, run_id, max_thumbnails)
         groups = _findings_of_run(con, run_id)
+        denoised = _denoised_of_run(con, run_id, max_thumbnails)
     finally:
         con.close()
     thumbs = _thumbnails(out, sample, thumbnail_px, ct_window) if sample else []
     plots = [(g, _findings_plot(g)) for g in groups if g.scores]
+    pairs = _denoised_pairs(out, denoised, 2 * thumbnail_px, ct_window) if denoised else []
+    stages = summary.get("stage_seconds")
+    # this page's own row: the time to make it, up to here (the pictures are most of it)
+    seconds = time.perf_counter() - t0
+    if isinstance(stages, Mapping) and "report" in stages:
+        summary = {
+            **summary,
+            "report_pages": 1,
+            "stage_seconds": {**stages, "report": seconds},
+            "seconds": float(summary.get("seconds") or 0.0) + seconds,
+        }
     page = _render_html(
         summary,
         quarantined,
@@ -620,6 +860,7 @@ def build_report(
         plots,
         generated=utcnow().strftime("%Y-%m-%d %H:%M:%S UTC"),
         version=medflow_version(),
+        pairs=pairs,
     ).encode("utf-8")
     html_path = _write_atomic(out, f"{run_id}.html", page)
     latest = _write_atomic(out, "latest.html", page)
@@ -631,6 +872,7 @@ def build_report(
         new_series=new_series,
         thumbnails=n_thumbs,
         plots=len(plots),
+        pairs=pairs,
     )
     return RunReport(
         html_path=html_path,
@@ -640,6 +882,8 @@ def build_report(
         thumbnails=n_thumbs,
         plots=len(plots),
         plot_encoders=tuple(g.encoder for g, _ in plots),
+        denoised_pairs=sum(p.error is None for p in pairs),
+        seconds=seconds,
     )
 
 
@@ -648,8 +892,6 @@ def publish_report(root: str, summary: Mapping[str, Any], **kwargs: Any) -> RunR
 
     Never raises: a report that cannot be made is a warning in the run's log, not a failed run.
     """
-    import time
-
     log = _logger()
     t0 = time.perf_counter()
     try:

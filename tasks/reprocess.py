@@ -59,15 +59,33 @@ import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.core import strip_protocol
 
+from medflow.storage.atomic import atomic_file
 from medflow.storage.layout import OutputRoot
+from medflow.storage.queries import (
+    embedding_history,
+    embeddings_without_findings,
+    latest_banks,
+    latest_versions,
+    stored_groups,
+)
 from medflow.storage.tables import RUNS_SCHEMA, connect, read_table
-from medflow.tasks.encode import EncoderSpec, get_encoder, pending_items, version_tag
+from medflow.tasks.encode import (
+    EncoderSpec,
+    forget_encoder,
+    get_encoder,
+    pending_items,
+    version_tag,
+)
+
+if TYPE_CHECKING:
+    from medflow.encoders import Encoder
 
 __all__ = [
     "DEFAULT_EMBED_SECONDS",
@@ -210,28 +228,21 @@ def select_specs(specs: Sequence[EncoderSpec], encoder: str | None = None) -> li
     raise ValueError(f"Encoder {encoder!r} {what}; configured encoder labels: {labels}.")
 
 
-def current_encoder(spec: EncoderSpec, device: str | None = None) -> Any:
+def current_encoder(spec: EncoderSpec, device: str | None = None) -> Encoder:
     """The encoder of ``spec`` as its checkpoint file is *now*.
 
     Encoders are built once per process (:func:`tasks.encode.get_encoder`); a checkpoint
     replaced in place since then would otherwise keep its old weights and version here.
     """
-    from medflow.encoders._checkpoint import sha256_file
-    from medflow.tasks import encode
+    from medflow.encoders import sha256_file
 
     enc = get_encoder(spec, device)
     if spec.random_weights or not spec.checkpoint or not os.path.isfile(spec.checkpoint):
         return enc
     if sha256_file(spec.checkpoint) == enc.version.weights_sha256:
         return enc
-    key = json.dumps([spec.to_dict(), device], sort_keys=True, default=str)
-    with encode._CACHE_LOCK:
-        encode._CACHE.pop(key, None)
+    forget_encoder(spec, device)
     return get_encoder(spec, device)
-
-
-def _views(con: Any) -> set[str]:
-    return {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
 
 
 def _check_root(out: OutputRoot) -> None:
@@ -253,7 +264,6 @@ def plan_reprocess(
     _check_root(out)
     chosen = select_specs(specs, encoder)
     con = connect(out)
-    views = _views(con)
     rates = estimate_rates(out)
     plan = ReprocessPlan()
     current: dict[str, tuple[str, str, str | None]] = {}  # label -> (version, weights, bank v)
@@ -266,9 +276,9 @@ def plan_reprocess(
             assert spec.bank is not None
             bank = load_prompt_bank(spec.bank)
             ep.bank, ep.bank_version, ep.n_findings = bank.name, bank.version, len(bank.findings)
-        ep.embed = _embed_pairs(con, views, out, enc, spec, tag)
+        ep.embed = _embed_pairs(con, out, enc, spec, tag)
         if scores and ep.bank_version is not None:
-            ep.findings_only = _findings_pairs(con, views, spec.output_name, tag, ep.bank_version)
+            ep.findings_only = _findings_pairs(con, spec.output_name, tag, ep.bank_version)
         rate = rates.get(spec.output_name)
         if rate is not None:
             embed_rate, score_rate, basis = rate
@@ -277,25 +287,18 @@ def plan_reprocess(
             ep.rate_basis = basis
         plan.encoders.append(ep)
         current[spec.output_name] = (tag, ep.weights_sha256, ep.bank_version)
-    plan.partitions = _partitions(con, views, current, encoder is not None)
+    plan.partitions = _partitions(con, current, encoder is not None)
     return plan
 
 
 def _embed_pairs(
-    con: Any, views: set[str], out: OutputRoot, enc: Any, spec: EncoderSpec, tag: str
+    con: Any, out: OutputRoot, enc: Any, spec: EncoderSpec, tag: str
 ) -> list[StalePair]:
     """The series the encode stage would embed, each with why."""
     items = pending_items(out, enc, spec)
     if not items:
         return []
-    stored: dict[str, list[tuple[str, str, str]]] = {}
-    if "embeddings" in views:
-        for key, version, fp, kind in con.execute(
-            "SELECT series_key, version, source_fingerprint, image_kind FROM embeddings "
-            "WHERE encoder = ? ORDER BY created_at",
-            [spec.output_name],
-        ).fetchall():
-            stored.setdefault(key, []).append((version, fp, kind))
+    stored = embedding_history(con, spec.output_name)
     pairs = []
     for item in items:
         rows = stored.get(item.series_key, [])
@@ -314,71 +317,36 @@ def _embed_pairs(
     return pairs
 
 
-def _findings_pairs(
-    con: Any, views: set[str], label: str, tag: str, bank_version: str
-) -> list[StalePair]:
+def _findings_pairs(con: Any, label: str, tag: str, bank_version: str) -> list[StalePair]:
     """Embeddings at the current version without findings of the current bank version (the
     rows :func:`tasks.encode.recompute_findings` rescores)."""
-    if "embeddings" not in views:
-        return []
-    if "findings" in views:
-        same = (
-            "f.series_key = e.series_key AND f.encoder = e.encoder AND f.version = e.version "
-            "AND f.source_fingerprint = e.source_fingerprint"
-        )
-        sql = f"""
-            SELECT e.series_key,
-                   (SELECT max_by(f.bank_version, f.created_at) FROM findings f WHERE {same})
-            FROM embeddings e
-            WHERE e.encoder = ? AND e.version = ?
-              AND NOT EXISTS (SELECT 1 FROM findings f WHERE {same} AND f.bank_version = ?)
-            ORDER BY e.series_key
-        """
-        rows = con.execute(sql, [label, tag, bank_version]).fetchall()
-    else:
-        rows = con.execute(
-            "SELECT series_key, NULL FROM embeddings WHERE encoder = ? AND version = ? "
-            "ORDER BY series_key",
-            [label, tag],
-        ).fetchall()
+    rows = embeddings_without_findings(con, label, tag, bank_version)
     return [StalePair(k, label, "older bank" if prev else "missing", prev) for k, prev in rows]
 
 
 def _partitions(
     con: Any,
-    views: set[str],
     current: Mapping[str, tuple[str, str, str | None]],
     only_current: bool,
 ) -> list[PartitionState]:
     """Every stored (table, encoder, version[, bank version]) group, against the current ones;
     with ``only_current``, those of the planned encoders only."""
     out: list[PartitionState] = []
-    queries = {
-        "embeddings": "SELECT encoder, version, NULL, string_agg(DISTINCT weights_sha256, ','), "
-        "count(*), count(DISTINCT series_key) FROM embeddings GROUP BY ALL ORDER BY ALL",
-        "findings": "SELECT encoder, version, bank_version, "
-        "string_agg(DISTINCT weights_sha256, ','), count(*), count(DISTINCT series_key) "
-        "FROM findings GROUP BY ALL ORDER BY ALL",
-    }
-    for table, sql in queries.items():
-        if table not in views:
-            continue
-        for label, version, bank_version, weights, rows, series in con.execute(sql).fetchall():
-            if label not in current:
-                if only_current:
-                    continue
-                status = "not configured"
-            else:
-                tag, sha, bank = current[label]
-                ok = version == tag and weights == sha
-                if table == "findings" and bank is not None:
-                    ok = ok and bank_version == bank
-                status = "current" if ok else "stale"
-            out.append(
-                PartitionState(
-                    table, label, version, bank_version, weights or "", rows, series, status
-                )
-            )
+    for group in stored_groups(con):
+        table, label, version, bank_version, weights, rows, series = group
+        if label not in current:
+            if only_current:
+                continue
+            status = "not configured"
+        else:
+            tag, sha, bank = current[label]
+            ok = version == tag and weights == sha
+            if table == "findings" and bank is not None:
+                ok = ok and bank_version == bank
+            status = "current" if ok else "stale"
+        out.append(
+            PartitionState(table, label, version, bank_version, weights or "", rows, series, status)
+        )
     return out
 
 
@@ -470,21 +438,13 @@ def _kept_versions(
         if keep != "latest":
             raise ValueError(f"Expected keep='latest' or a list of encoder specs, got {keep!r}.")
         con = connect(out)
-        views = _views(con)
-        if "embeddings" not in views:
-            return {}
-        kept: dict[str, dict[str, str | None]] = {}
-        for label, version in con.execute(
-            "SELECT encoder, max_by(version, created_at) FROM embeddings GROUP BY ALL"
-        ).fetchall():
-            kept[label] = {"version": version, "bank": None, "bank_version": None}
-        if "findings" in views:
-            for label, version, bank, bank_version in con.execute(
-                "SELECT encoder, version, max_by(bank, created_at), "
-                "max_by(bank_version, created_at) FROM findings GROUP BY ALL"
-            ).fetchall():
-                if label in kept and kept[label]["version"] == version:
-                    kept[label].update(bank=bank, bank_version=bank_version)
+        kept: dict[str, dict[str, str | None]] = {
+            label: {"version": version, "bank": None, "bank_version": None}
+            for label, version in latest_versions(con).items()
+        }
+        for label, version, bank_name, bank_version in latest_banks(con):
+            if label in kept and kept[label]["version"] == version:
+                kept[label].update(bank=bank_name, bank_version=bank_version)
         return kept
     kept = {}
     for spec in select_specs(keep):
@@ -500,8 +460,7 @@ def _kept_versions(
 
 def _rel(out: OutputRoot, path: str) -> str:
     """``path`` (with or without its protocol) relative to the root."""
-    fs = out.fs
-    base, p = fs._strip_protocol(out.url), fs._strip_protocol(path)
+    base, p = strip_protocol(out.url), strip_protocol(path)
     return p[len(base) + 1 :] if p.startswith(base + "/") else p
 
 
@@ -520,10 +479,9 @@ def _list_dirs(fs: Any, path: str, prefix: str) -> list[tuple[str, str]]:
 def _part_files(out: OutputRoot, path: str) -> list[str]:
     """The parts under ``path`` that queries see (as the tables' readers list them: parts that
     a committed compaction merged are left out), as paths of ``out.fs``."""
-    from medflow.storage.tables import _parts
+    from medflow.storage.tables import part_paths
 
-    fs = out.fs
-    return sorted(fs._strip_protocol(p) for p in _parts(out.join(_rel(out, path))))
+    return sorted(strip_protocol(p) for p in part_paths(out.join(_rel(out, path))))
 
 
 def _count_rows(fs: Any, files: Sequence[str]) -> int:
@@ -544,7 +502,7 @@ def plan_prune(
     result = PruneResult(keep=kept, dry_run=True)
     fs = out.fs
     tables = ("findings", "text_embeddings", "embeddings")
-    base = {t: fs._strip_protocol(out.table_dir(t)) for t in tables}
+    base = {t: strip_protocol(out.table_dir(t)) for t in tables}
     for table in tables:  # findings first: no finding outlives its embedding
         for label, label_dir in _list_dirs(fs, base[table], "encoder"):
             k = kept.get(label)
@@ -668,7 +626,7 @@ def prune(
 
 def _drop(out: OutputRoot, result: PruneResult) -> None:
     fs = out.fs
-    trash = out.join(".pruned", uuid.uuid4().hex[:12])
+    trash = f"{out.trash_dir()}/{uuid.uuid4().hex[:12]}"
     for i, t in enumerate(result.targets):
         path = out.join(t.path)
         if t.keep_rows:
@@ -699,11 +657,10 @@ def _rewrite_part(out: OutputRoot, path: str, bank_version: str | None) -> None:
         pq.write_table(kept, buf, compression="zstd")
         fs.pipe_file(path, buf.getvalue().to_pybytes())
         return
-    tmp = path.rsplit("/", 1)[0] + f"/.tmp-prune-{uuid.uuid4().hex[:8]}.parquet"
-    pq.write_table(kept, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        pq.write_table(kept, f, compression="zstd")
 
 
 def _empty_trash(out: OutputRoot) -> None:
     """Delete what earlier prunes moved out of the tables (also what a killed prune left)."""
-    shutil.rmtree(out.join(".pruned"), ignore_errors=True)
+    shutil.rmtree(out.trash_dir(), ignore_errors=True)

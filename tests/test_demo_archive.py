@@ -46,7 +46,8 @@ def test_manifest_lists_exactly_the_files_written(archive: tuple[Path, DemoManif
     root, manifest = archive
     assert _files_under(root) == set(manifest.relpaths)
     assert len(manifest.relpaths) == len(set(manifest.relpaths))  # no file in two entries
-    assert not any(p.endswith(".json") for p in manifest.relpaths)
+    # no manifest in the archive (a zarr group's own metadata is zarr.json)
+    assert not any(p.endswith(".json") and not p.endswith("zarr.json") for p in manifest.relpaths)
 
 
 def test_manifest_covers_the_required_kinds(archive: tuple[Path, DemoManifest]) -> None:
@@ -226,3 +227,27 @@ def test_label_shapes_have_the_same_size_whatever_the_spacing(label: str) -> Non
     assert v_coarse == pytest.approx(v_fine, rel=0.3)
     image = np.zeros((32, 32), np.float32)
     assert draw_label_2d(image, label, (16, 16), 8, 1.0).any() and image.max() == 1.0
+
+
+def test_low_dose_scan_has_raw_projections_linked_to_its_series(tmp_path: Path) -> None:
+    from medflow.storage.sinograms import read_sinogram
+
+    root = tmp_path / "archive"
+    m = make_demo_archive(root, seed=3, size="tiny", raw_projections=True)
+    plain = make_demo_archive(tmp_path / "plain", seed=3, size="tiny")
+    assert [e.name for e in m.entries] == [*(e.name for e in plain.entries), "ct_low_dose_raw"]
+    assert _files_under(root) == set(m.relpaths)
+    entry = m.entry("ct_low_dose_raw")
+    assert entry.expected_status == "ingested" and entry.facts["low_dose"]
+    (group,) = {p.split(".sino.zarr/")[0] + ".sino.zarr" for p in entry.projections}
+    sino = read_sinogram(str(root / group))
+    ds = pydicom.dcmread(root / entry.relpaths[0])
+    assert sino.link == (ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    assert sino.attrs["low_dose"] is True
+    raw = entry.facts["raw_projections"]
+    assert sino.data.shape == (entry.facts["shape"][0], raw["views"], raw["bins"])
+    assert sino.geometry["angular_range_deg"] == 360.0 and raw["views"] % 2 == 0
+    facts = entry.facts
+    assert len(entry.relpaths) == facts["shape"][0] and facts["ctdivol_mgy"] < 1.5
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    assert list(hu.shape) == facts["shape"][1:] and hu.min() >= -1024

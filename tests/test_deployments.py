@@ -215,7 +215,16 @@ def test_prefect_yaml_deployments_are_created_and_nightly_runs(
 
 
 def _nightly_cmd(archive: Path, root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "medflow.flows.cli", "nightly", str(archive), "--root", str(root), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "medflow",
+        "nightly",
+        str(archive),
+        "--root",
+        str(root),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -337,7 +346,7 @@ def test_medflow_serve_registers_its_deployments(tmp_path: Path, prefect_api: No
         [
             sys.executable,
             "-m",
-            "medflow.flows.cli",
+            "medflow",
             "serve",
             "--archive",
             str(archive),
@@ -390,7 +399,7 @@ def test_medflow_serve_without_a_server_says_what_to_do(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "medflow.flows.cli",
+            "medflow",
             "serve",
             "--archive",
             str(tmp_path),

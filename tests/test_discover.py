@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from medflow.tasks.discover import KnownSource, classify_name, content_hash, diff_sources, list_archive
+from medflow.tasks.discover import (
+    KnownSource,
+    classify_name,
+    content_hash,
+    diff_sources,
+    list_archive,
+)
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+
 from medflow import encoders
 from medflow.encoders import CheckpointError, Encoder, EncoderVersion, create_encoder, list_encoders
 from medflow.encoders.clip2d import frame_indices, scale_intensity
@@ -435,3 +438,45 @@ def test_clip_text_and_unknown_arch(built: Callable[[str], tuple[Encoder, Path]]
         create_encoder("clip2d", ckpt, device="cpu", arch="No-Such-Arch")
     with pytest.raises(ValueError, match="architecture name"):
         create_encoder("clip2d", ckpt, device="cpu", arch="hf-hub:org/model")
+
+
+def test_every_encoder_config_names_its_architecture_under_one_key() -> None:
+    from medflow.encoders._registry import get_entry
+
+    families = {get_entry(name).config["architecture"] for name in encoders.list_encoders()}
+    assert families == {"clip2d", "m3ret", "merlin"}
+    for name in encoders.list_encoders():
+        assert "arch" not in get_entry(name).config, name
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"architecture": None}, "architecture"),
+        ({"architecture": "merlin"}, "architecture"),  # not the builder's family
+        ({"modalities": "CT"}, "modalities"),
+        ({"modalities": []}, "modalities"),
+        ({"kinds": ["volume", "hologram"]}, "kinds"),
+        ({"description": 3}, "description"),
+    ],
+)
+def test_an_encoder_config_error_names_the_file_and_the_key(
+    change: dict[str, Any], key: str
+) -> None:
+    from medflow.encoders._registry import check_config
+
+    cfg = {"architecture": "m3ret", "modalities": ["*"], "kinds": ["volume"], "description": "x"}
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    with pytest.raises(ValueError, match=rf"^mine\.json: key '{key}' "):
+        check_config(cfg, "mine.json", "m3ret")
+
+
+def test_m3ret_versions_keep_their_ids_across_the_config_key_rename() -> None:
+    from medflow.encoders._base import config_sha256
+
+    enc = encoders.create_encoder("m3ret_tiny", random_weights=True, device="cpu")
+    with open(Path(encoders.__file__).parent / "configs" / "m3ret_tiny.json") as f:
+        as_first_written = json.load(f)
+    as_first_written["arch"] = as_first_written.pop("architecture")
+    assert enc.version.config_sha256 == config_sha256(as_first_written)

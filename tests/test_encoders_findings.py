@@ -18,7 +18,11 @@ from medflow.encoders.findings import (
     score_findings,
     text_embedding_key,
 )
-from medflow.encoders.testing import TINY_CLIP_CONFIG, write_random_checkpoint, write_tiny_text_model
+from medflow.encoders.testing import (
+    TINY_CLIP_CONFIG,
+    write_random_checkpoint,
+    write_tiny_text_model,
+)
 
 MERLIN_FINDINGS = {
     "pleural effusion",

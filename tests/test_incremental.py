@@ -85,7 +85,7 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "medflow.flows.cli",
+        "medflow",
         "nightly",
         str(archive),
         "--root",

@@ -28,8 +28,8 @@ FAST = {"batch_size": 3, "warmup_steps": 2, "device": "cpu", "num_threads": 1, "
 
 @pytest.fixture(scope="module")
 def pt() -> Any:
-    # imported here, not at collection (tasks.pretrain registers the m3ret encoders)
-    return importlib.import_module("medflow.tasks.pretrain")
+    # imported here, not at collection (importing it registers the m3ret encoders)
+    return importlib.import_module("medflow.training.pretrain")
 
 
 def make_root(path: Path) -> OutputRoot:
@@ -223,7 +223,15 @@ def test_killed_process_resumes_from_its_last_checkpoint(
     ckpt = Path(root.url) / "models" / "m3ret" / "runs" / "kill" / "checkpoint.pt"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "medflow.tasks.pretrain", "--root", root.url, "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "medflow.training.pretrain",
+            "--root",
+            root.url,
+            "--config",
+            str(config),
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

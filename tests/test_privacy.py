@@ -114,7 +114,7 @@ def _env(prefect_home: Path) -> dict[str, str]:
 
 def _medflow(args: list[str], env: dict[str, str]) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "medflow.flows.cli", *args],
+        [sys.executable, "-m", "medflow", *args],
         env=env,
         capture_output=True,
         text=True,

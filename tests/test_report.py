@@ -191,8 +191,8 @@ def _chromium() -> str:
     if exe is None:
         pytest.fail(
             "chromium is not installed: the report test needs a real headless browser. "
-            "Install it with `apt-get install -y --no-install-recommends chromium` "
-            "(.ci/run does so in CI)."
+            "`make test` installs it (tests/debian-packages.txt), or: "
+            "sudo apt-get install -y chromium"
         )
     return exe
 

@@ -11,9 +11,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from medflow.evaluation.retrieval import (
+    eval_retrieval,
+    evaluate_retrieval,
+    load_labels,
+    retrieval_scores,
+)
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import CATALOG_SCHEMA, embeddings_schema, utcnow, write_part
-from medflow.tasks.retrieval import eval_retrieval, evaluate_retrieval, load_labels, retrieval_scores
 
 
 def test_scores_by_hand() -> None:

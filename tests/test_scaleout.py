@@ -486,7 +486,7 @@ def test_cli_dask_workers_without_a_configured_server(tmp_path: Path) -> None:
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # Prefect logs each temporary server it starts
     env.pop("PREFECT_API_URL", None)
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    cmd = [sys.executable, "-m", "medflow.flows.cli", "nightly", str(archive), "--root", str(root)]
+    cmd = [sys.executable, "-m", "medflow", "nightly", str(archive), "--root", str(root)]
     proc = subprocess.run(
         [*cmd, "--dask-workers", "1"], env=env, capture_output=True, text=True, timeout=600
     )

@@ -202,3 +202,51 @@ def test_empty_root_has_empty_catalog_view(tmp_path: Path) -> None:
     cols = [d[0] for d in con.execute("SELECT * FROM catalog").description]
     assert cols == [*CATALOG_SCHEMA.names, "error"]  # error: a deprecated alias of reason
     assert isinstance(CATALOG_SCHEMA.field("shape").type, pa.ListType)
+
+
+def test_object_stores_are_listed_fresh_without_changing_fsspec_config(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import copy
+
+    import fsspec
+
+    from medflow.storage.layout import storage_options
+
+    before = copy.deepcopy(fsspec.config.conf)
+    assert storage_options("s3://bucket/out") == {"use_listings_cache": False}
+    assert storage_options("/data/out") == {}
+    # the user's own fsspec configuration wins
+    monkeypatch.setitem(fsspec.config.conf, "gs", {"use_listings_cache": True})
+    assert storage_options("gs://bucket/out") == {}
+    monkeypatch.undo()
+    assert fsspec.config.conf == before  # importing or using medflow's storage changed nothing
+
+
+def test_atomic_writes_leave_the_old_file_whole_when_a_writer_fails(tmp_path: Path) -> None:
+    from medflow.storage.atomic import atomic_file, atomic_path, publish_dir, write_atomic
+
+    target = tmp_path / "sub" / "data.json"
+    write_atomic(target, '{"v": 1}')
+    assert target.read_text() == '{"v": 1}'
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), atomic_file(target, "w") as f:
+        f.write('{"v": 2, "half')
+        raise Boom
+    assert target.read_text() == '{"v": 1}'  # the old content, whole
+    with pytest.raises(Boom), atomic_path(tmp_path / "db.duckdb") as tmp:
+        Path(tmp).write_bytes(b"x")
+        Path(f"{tmp}.wal").write_bytes(b"y")
+        raise Boom
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data.json", "sub"]  # no leftovers
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "w.bin").write_bytes(b"1")
+    assert publish_dir(staging, tmp_path / "v1") and (tmp_path / "v1" / "w.bin").is_file()
+    again = tmp_path / "again"
+    again.mkdir()
+    assert not publish_dir(again, tmp_path / "v1") and not again.exists()

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from medflow.devices import parse_device
 from medflow.tasks.denoise.conjugate import (
     DEFAULT_MIN_RELATIVE_DIFFERENCE,
     check_raw_projections,
@@ -85,23 +86,6 @@ def parse_method(value: Any) -> Method:
     if not isinstance(value, str) or value not in METHODS:
         raise ValueError(f"Expected method in {METHODS}, got {value!r} instead.")
     return value  # type: ignore[return-value]
-
-
-def parse_device(value: Any) -> torch.device:
-    """``None`` picks CUDA when present, else the CPU; a named CUDA device must be present."""
-    if value is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(value, str | torch.device):
-        raise TypeError(
-            f"Expected device as a str or torch.device, got {type(value).__name__} instead."
-        )
-    try:
-        dev = torch.device(value)
-    except RuntimeError as exc:
-        raise ValueError(f"Expected a torch device name, got {value!r} instead.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Expected an available device, got {value!r} without CUDA instead.")
-    return dev
 
 
 def parse_sinogram(sinogram: Any, geometry: ParallelBeamGeometry) -> np.ndarray:

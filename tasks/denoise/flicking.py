@@ -21,8 +21,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medflow.tasks.denoise.conjugate import flick, flicked_pair, pair_mask, parse_full_scan, swap_mask
-from medflow.tasks.denoise.geometry import ParallelBeamGeometry, parse_positive_float, parse_positive_int
+from medflow.tasks.denoise.conjugate import (
+    flick,
+    flicked_pair,
+    pair_mask,
+    parse_full_scan,
+    swap_mask,
+)
+from medflow.tasks.denoise.geometry import (
+    ParallelBeamGeometry,
+    parse_positive_float,
+    parse_positive_int,
+)
 from medflow.tasks.denoise.networks import RECEPTIVE_FIELD, NoiseNet, training_step
 
 __all__ = [

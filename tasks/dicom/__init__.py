@@ -56,7 +56,11 @@ value parsers and error wording they share. Size limits are :mod:`tasks.limits`.
 """
 
 from medflow.tasks.dicom.files import is_dicom
-from medflow.tasks.dicom.geometry import ORIENTATION_TOLERANCE, SLICE_TOLERANCE_MM, SLICE_TOLERANCE_REL
+from medflow.tasks.dicom.geometry import (
+    ORIENTATION_TOLERANCE,
+    SLICE_TOLERANCE_MM,
+    SLICE_TOLERANCE_REL,
+)
 from medflow.tasks.dicom.headers import DicomHeader, group_by_series, read_dicom_header
 from medflow.tasks.dicom.scan import read_dicom_headers
 from medflow.tasks.dicom.volume import DicomPart, DicomParts, read_dicom_parts, read_dicom_series

@@ -17,7 +17,12 @@ from pydicom.uid import (
 
 from medflow.storage.images import DecodedImage, ImageMeta, Restart, slab_rows
 from medflow.tasks.dicom.assembly import LeftOut, Part, split_parts, volumes_of
-from medflow.tasks.dicom.enhanced import PHILIPS_FLOAT, enhanced_planes, philips_rescale, philips_scale
+from medflow.tasks.dicom.enhanced import (
+    PHILIPS_FLOAT,
+    enhanced_planes,
+    philips_rescale,
+    philips_scale,
+)
 from medflow.tasks.dicom.facts import classic_facts
 from medflow.tasks.dicom.files import transfer_syntax_of
 from medflow.tasks.dicom.geometry import (

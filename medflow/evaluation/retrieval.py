@@ -183,35 +183,23 @@ def load_embeddings(
     ``version`` ``None`` takes the encoder's most recently written version.
     """
     from medflow.storage.layout import OutputRoot
+    from medflow.storage.queries import (
+        encoders_with_embeddings,
+        latest_embedding_version,
+        latest_embeddings,
+    )
     from medflow.storage.tables import connect
 
     out = root if isinstance(root, OutputRoot) else OutputRoot(os.fspath(root))
     con = connect(out)
-    # con.sql throughout: an unfinished execute() result would block the Arrow fetch below
-    views = {r[0] for r in con.sql("SELECT view_name FROM duckdb_views()").fetchall()}
-    if "embeddings" not in views:
+    known = encoders_with_embeddings(con)
+    if not known:
         raise LookupError(f"No embeddings written under {out.url} yet.")
     if version is None:
-        rows = con.sql(
-            "SELECT version FROM embeddings WHERE encoder = ? ORDER BY created_at DESC LIMIT 1",
-            params=[encoder],
-        ).fetchall()
-        if not rows:
-            known = [r[0] for r in con.sql("SELECT DISTINCT encoder FROM embeddings").fetchall()]
-            raise LookupError(f"No embeddings by encoder {encoder!r}; have {sorted(known)}.")
-        version = str(rows[0][0])
-    relation = con.sql(
-        """
-        SELECT series_key, coalesce(modality, '') AS modality, embedding FROM embeddings
-        WHERE encoder = ? AND version = ?
-        QUALIFY row_number() OVER (PARTITION BY series_key ORDER BY created_at DESC) = 1
-        ORDER BY series_key
-        """,
-        params=[encoder, version],
-    )
-    # DuckDB 2 names it to_arrow_table; 1.x arrow
-    fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
-    table = fetch()
+        version = latest_embedding_version(con, encoder)
+        if version is None:
+            raise LookupError(f"No embeddings by encoder {encoder!r}; have {known}.")
+    table = latest_embeddings(con, encoder, version)
     if table.num_rows == 0:
         raise LookupError(f"No embeddings by encoder {encoder!r} at version {version!r}.")
     emb = table.column("embedding").combine_chunks()
@@ -253,20 +241,11 @@ def load_labels(root: Any, labels: Mapping[str, str] | str | os.PathLike[str]) -
 
 def _catalog_labels(root: Any, column: str) -> dict[str, str]:
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import CATALOG_SCHEMA, connect
+    from medflow.storage.queries import catalog_values
+    from medflow.storage.tables import connect
 
-    allowed = set(CATALOG_SCHEMA.names) - {"series_key"}
-    if column not in allowed:
-        raise ValueError(f"Expected a catalog column in {sorted(allowed)}, got {column!r}.")
     out = root if isinstance(root, OutputRoot) else OutputRoot(os.fspath(root))
-    rows = (
-        connect(out)
-        .execute(
-            f'SELECT series_key, CAST("{column}" AS VARCHAR) FROM catalog WHERE "{column}" IS NOT NULL'
-        )
-        .fetchall()
-    )
-    return {str(k): str(v) for k, v in rows}
+    return catalog_values(connect(out), column)
 
 
 def evaluate_retrieval(

@@ -1,0 +1,1 @@
+"""medflow's benchmarks, run from the repository root as modules: ``python -m benchmarks.NAME``."""

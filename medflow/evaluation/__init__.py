@@ -1,0 +1,1 @@
+"""Evaluating what medflow's encoders make of an archive (retrieval quality)."""

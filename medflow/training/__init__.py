@@ -1,0 +1,1 @@
+"""Training medflow's encoders on the archive itself (plain PyTorch, no Prefect)."""
