@@ -8,7 +8,11 @@ resident memory is its own:
    pydicom + ``np.stack`` + ``np.save`` baseline; ``dcm2niix -z n`` and ``dcm2niix -z y``;
 2. a generated 720p H.264 MP4 of ``--video-seconds`` seconds at 30 fps: medflow's streamed
    ``read_video`` + ``write_image``, and a PyAV decode-only baseline;
-3. ``medflow nightly`` on an archive of ``--noop-series`` tiny NIfTI series: a first run that
+3. a generated fMRI series (``--fmri-volumes`` volumes of ``--fmri-size`` x ``--fmri-size`` x
+   ``--fmri-slices``, one classic MR file per slice per volume): medflow's header scan,
+   ``read_dicom_parts`` (one 4D image) and ``write_image``, against ``dcm2niix -z n`` and
+   ``dcm2niix -z y`` on the same files;
+4. ``medflow nightly`` on an archive of ``--noop-series`` tiny NIfTI series: a first run that
    ingests them and a second run with nothing new (the no-op), timed as a whole command and by
    the flow's own ``seconds`` from the ``runs`` table; then, for comparison, the no-op against a
    Prefect server started beforehand instead of Prefect's temporary one.
@@ -21,7 +25,8 @@ markdown and written to ``--out``.
 
 Usage::
 
-    python -m benchmarks.ingest --slices 300 --size 512 --video-seconds 60 --noop-series 2000
+    python -m benchmarks.ingest --slices 300 --size 512 --video-seconds 60 --noop-series 2000 \
+        --fmri-volumes 300
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ NIGHTLY_RUNS = (
 )
 SERVER_START_TIMEOUT_S = 180.0
 CT_CASES = ("medflow", "naive", "dcm2niix_zn", "dcm2niix_zy")
+FMRI_CASES = ("medflow", "dcm2niix_zn", "dcm2niix_zy")
+FMRI_SPACING = (3.0, 3.0, 3.0)  # z, y, x in mm
+FMRI_TR_S = 2.0
 CASE_TIMEOUT_S = 3600.0
 
 Work = Callable[[], dict[str, Any]]
@@ -89,6 +97,20 @@ class Config:
     skip_video: bool
     skip_noop: bool
     profile: bool
+    fmri_volumes: int = 300
+    fmri_size: int = 64
+    fmri_slices: int = 36
+    skip_fmri: bool = False
+
+    @property
+    def fmri_dicom(self) -> Path:
+        return (
+            self.workdir / "fmri" / f"dicom-{self.fmri_volumes}x{self.fmri_slices}x{self.fmri_size}"
+        )
+
+    @property
+    def fmri_out(self) -> Path:
+        return self.workdir / "fmri" / "out"
 
     @property
     def ct_dicom(self) -> Path:
@@ -141,6 +163,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="runs per CT case (median); default 3")
     p.add_argument("--skip-video", action="store_true", help="skip the video cases")
     p.add_argument("--skip-noop", action="store_true", help="skip the nightly no-op cases")
+    p.add_argument("--fmri-volumes", type=int, default=300, help="fMRI volumes; default 300")
+    p.add_argument("--fmri-size", type=int, default=64, help="fMRI rows = columns; default 64")
+    p.add_argument("--fmri-slices", type=int, default=36, help="fMRI slices; default 36")
+    p.add_argument("--skip-fmri", action="store_true", help="skip the 4D fMRI cases")
     p.add_argument("--workdir", type=Path, default=None, help="inputs and outputs (default: temp)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown results file")
     p.add_argument(
@@ -151,7 +177,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("slices", "size", "video_seconds", "noop_series", "repeat"):
+    for name in (
+        "slices", "size", "video_seconds", "noop_series", "repeat", "fmri_volumes", "fmri_size",
+        "fmri_slices",
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -169,6 +198,10 @@ def make_config(args: argparse.Namespace) -> Config:
         skip_video=args.skip_video,
         skip_noop=args.skip_noop,
         profile=args.profile,
+        fmri_volumes=args.fmri_volumes,
+        fmri_size=args.fmri_size,
+        fmri_slices=args.fmri_slices,
+        skip_fmri=args.skip_fmri,
     )
 
 
@@ -255,6 +288,69 @@ def gen_ct(cfg: Config) -> Work:
         folder = fresh_dir(cfg.ct_dicom)
         volume = ct_phantom((cfg.slices, cfg.size, cfg.size))
         write_ct_series(folder, volume, spacing=CT_SPACING)
+        _mark(folder, settings)
+        return {"reused": False}
+
+    return work
+
+
+def gen_fmri(cfg: Config) -> Work:
+    """Write the fMRI series: classic MR Image Storage files, one per slice per volume, as a
+    scanner exports a BOLD run (AcquisitionNumber and InstanceNumber per volume, slice-timed
+    AcquisitionTime), from demo_dicom's phantom with a small signal change per volume."""
+
+    def work() -> dict[str, Any]:
+        import numpy as np
+        import pydicom
+        from pydicom.uid import generate_uid
+
+        settings = {
+            "volumes": cfg.fmri_volumes,
+            "slices": cfg.fmri_slices,
+            "size": cfg.fmri_size,
+            "spacing": list(FMRI_SPACING),
+        }
+        if _marker_ok(cfg.fmri_dicom, settings):
+            return {"reused": True}
+        from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+
+        folder = fresh_dir(cfg.fmri_dicom)
+        nz, n = cfg.fmri_slices, cfg.fmri_size
+        base = (ct_phantom((nz, n, n)).astype(np.int32) + 1024).clip(0, 4000).astype(np.int16)
+        template = write_ct_series(
+            folder / "template", base[:1], spacing=FMRI_SPACING, rescale=(1.0, 0.0)
+        )[0]
+        ds = pydicom.dcmread(template)
+        shutil.rmtree(folder / "template")
+        ds.Modality = "MR"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.Manufacturer = "medflow-benchmark"
+        ds.SeriesNumber = 5
+        ds.RepetitionTime = f"{FMRI_TR_S * 1000:g}"
+        ds.EchoTime = "30"
+        for keyword in ("RescaleType", "RescaleSlope", "RescaleIntercept", "WindowCenter",
+                        "WindowWidth", "KVP"):  # fmt: skip
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.SeriesInstanceUID = generate_uid()
+        first = np.array([float(v) for v in ds.ImagePositionPatient])
+        rng = np.random.default_rng(0)
+        for t in range(cfg.fmri_volumes):
+            vol = base + rng.integers(-20, 20, size=base.shape, dtype=np.int16)
+            for k in range(nz):
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                ds.InstanceNumber = t * nz + k + 1
+                ds.AcquisitionNumber = t + 1
+                when = 36000.0 + t * FMRI_TR_S + k * FMRI_TR_S / nz
+                hh, rem = divmod(when, 3600)
+                mm, ss = divmod(rem, 60)
+                ds.AcquisitionTime = f"{int(hh):02d}{int(mm):02d}{ss:09.6f}"
+                ds.ImagePositionPatient = [float(first[0]), float(first[1]),
+                                           float(first[2] + k * FMRI_SPACING[0])]  # fmt: skip
+                ds.SliceLocation = float(first[2] + k * FMRI_SPACING[0])
+                ds.PixelData = vol[k].tobytes()
+                ds.save_as(folder / f"MR{t:04d}_{k:03d}.dcm")
         _mark(folder, settings)
         return {"reused": False}
 
@@ -382,9 +478,9 @@ def ct_medflow(cfg: Config) -> Work:
     Prefect (the scan is called below the task module so that the baseline memory is the
     reader's, not the orchestrator's)."""
     import numpy as np
+    from medflow.tasks.ingest_dicom import read_dicom_headers, read_dicom_series
 
     from medflow.storage.images import write_image
-    from medflow.tasks.ingest_dicom import read_dicom_headers, read_dicom_series
 
     paths = _dicom_paths(cfg)
     out = fresh_dir(cfg.ct_out) / "ct.zarr"
@@ -416,6 +512,58 @@ def ct_medflow(cfg: Config) -> Work:
             "levels": stored.n_levels,
             "level_bytes": level_sizes(out, stored.n_levels),
             "output_bytes": stored.nbytes_stored,
+        }
+
+    return work
+
+
+def fmri_medflow(cfg: Config) -> Work:
+    """medflow on the fMRI series as the nightly flow runs it: the header scan, then
+    ``read_dicom_parts`` (every header read, the planes grouped into volumes: one 4D image)
+    and ``write_image``."""
+    import numpy as np
+
+    from medflow.storage.images import write_image
+    from medflow.tasks.dicom import read_dicom_headers, read_dicom_parts
+
+    paths = sorted(str(p) for p in cfg.fmri_dicom.glob("*.dcm"))
+    out = fresh_dir(cfg.fmri_out) / "fmri.zarr"
+
+    def work() -> dict[str, Any]:
+        ts = time.perf_counter()
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for path, header in zip(paths, read_dicom_headers(paths), strict=True):
+            if isinstance(header, Exception):
+                raise header
+            groups.setdefault(tuple(header.grouping_uids()), []).append(path)
+        if len(groups) != 1:
+            raise RuntimeError(f"expected one series from the header scan, got {len(groups)}")
+        t0 = time.perf_counter()
+        parts = read_dicom_parts(paths, stream=True)
+        if len(parts.parts) != 1:
+            raise RuntimeError(f"expected one image, got {len(parts.parts)} parts")
+        image = parts.parts[0].image
+        t1 = time.perf_counter()
+        read_peak = rss_peak()
+        stored = write_image(image, str(out), name="fmri-benchmark")
+        t2 = time.perf_counter()
+        shape = image.pixels.shape if image.pixels is not None else image.shape
+        dtype = image.pixels.dtype if image.pixels is not None else image.dtype
+        assert shape is not None and dtype is not None
+        return {
+            "scan_s": t0 - ts,
+            "read_s": t1 - t0,
+            "write_s": t2 - t1,
+            "read_peak_rss": read_peak,
+            "decoded_bytes": int(np.prod(shape)) * np.dtype(dtype).itemsize,
+            "dtype": str(np.dtype(dtype)),
+            "shape": list(shape),
+            "streamed": image.blocks is not None,
+            "axes": "".join(image.meta.axes),
+            "t_scale_s": image.meta.spacing[0],
+            "levels": stored.n_levels,
+            "output_bytes": stored.nbytes_stored,
+            "files": len(paths),
         }
 
     return work
@@ -492,6 +640,8 @@ def cases() -> dict[str, Callable[[Config], Work]]:
         "gen_ct": gen_ct,
         "gen_video": gen_video,
         "gen_noop": gen_noop,
+        "gen_fmri": gen_fmri,
+        "fmri_medflow": fmri_medflow,
         "ct_medflow": ct_medflow,
         "ct_naive": ct_naive,
         "video_medflow": video_medflow,
@@ -562,6 +712,9 @@ def case_command(cfg: Config, name: str, result: Path) -> list[str]:
         "--size", str(cfg.size),
         "--video-seconds", str(cfg.video_seconds),
         "--noop-series", str(cfg.noop_series),
+        "--fmri-volumes", str(cfg.fmri_volumes),
+        "--fmri-size", str(cfg.fmri_size),
+        "--fmri-slices", str(cfg.fmri_slices),
     ]  # fmt: skip
     return [*cmd, "--profile"] if cfg.profile else cmd
 
@@ -622,16 +775,18 @@ def dcm2niix_exe() -> str | None:
     return shutil.which("dcm2niix", path=path)
 
 
-def dcm2niix_run(cfg: Config, compress: str, tag: str) -> dict[str, Any]:
-    """One ``dcm2niix -z <compress>`` of the CT folder: wall and CPU (s), output size and
-    dcm2niix's own peak RSS (bytes)."""
+def dcm2niix_run(
+    cfg: Config, compress: str, tag: str, *, source: Path | None = None, out_dir: Path | None = None
+) -> dict[str, Any]:
+    """One ``dcm2niix -z <compress>`` of the CT folder (or ``source``): wall and CPU (s),
+    output size and dcm2niix's own peak RSS (bytes)."""
     exe = dcm2niix_exe()
     if exe is None:
         return {"error": "dcm2niix not found"}
-    out = fresh_dir(cfg.ct_out / tag)
+    out = fresh_dir((out_dir or cfg.ct_out) / tag)
     # -b n: no BIDS sidecar; -d 0: this folder only; -w 1: overwrite; -v 0: least output
     cmd = [exe, "-z", compress, "-b", "n", "-d", "0", "-w", "1", "-v", "0"]
-    cmd += ["-f", "ct", "-o", str(out), str(cfg.ct_dicom)]
+    cmd += ["-f", "ct", "-o", str(out), str(source or cfg.ct_dicom)]
     print(f"-- {tag} ...", flush=True)
     proc = run_process(cmd, cfg.logs / f"{tag}.log", None, CASE_TIMEOUT_S)
     if proc.returncode != 0:
@@ -659,6 +814,18 @@ def run_ct(cfg: Config) -> dict[str, dict[str, Any]]:
         runs["dcm2niix_zn"].append(dcm2niix_run(cfg, "n", f"dcm2niix_zn-{i}"))
         runs["dcm2niix_zy"].append(dcm2niix_run(cfg, "y", f"dcm2niix_zy-{i}"))
     shutil.rmtree(cfg.ct_out, ignore_errors=True)
+    return {k: combine(v) for k, v in runs.items()}
+
+
+def run_fmri(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The three fMRI cases, ``cfg.repeat`` rounds in turn, combined per case."""
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in FMRI_CASES}
+    src, out = cfg.fmri_dicom, cfg.fmri_out
+    for i in range(cfg.repeat):
+        runs["medflow"].append(run_case(cfg, "fmri_medflow", f"fmri_medflow-{i}"))
+        for key, z in (("dcm2niix_zn", "n"), ("dcm2niix_zy", "y")):
+            runs[key].append(dcm2niix_run(cfg, z, f"fmri_{key}-{i}", source=src, out_dir=out))
+    shutil.rmtree(cfg.fmri_out, ignore_errors=True)
     return {k: combine(v) for k, v in runs.items()}
 
 
@@ -691,7 +858,7 @@ def nightly_env(cfg: Config) -> dict[str, str]:
 def medflow_command() -> list[str]:
     """The ``medflow`` console script of this interpreter's environment."""
     exe = Path(sys.executable).parent / "medflow"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "medflow"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "medflow.flows.cli"]
 
 
 def read_runs(cfg: Config) -> Work:
@@ -918,6 +1085,7 @@ class Report:
     ct: dict[str, dict[str, Any]] = field(default_factory=dict)
     video: dict[str, dict[str, Any]] = field(default_factory=dict)
     nightly: dict[str, Any] = field(default_factory=dict)
+    fmri: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def mib(n: float | None) -> str:
@@ -1064,6 +1232,55 @@ def ct_goals(
     ]
 
 
+def fmri_rows(report: Report) -> list[str]:
+    """Markdown lines for the 4D fMRI section."""
+    cfg = report.cfg
+    med = report.fmri.get("medflow", {})
+    zn, zy = report.fmri.get("dcm2niix_zn", {}), report.fmri.get("dcm2niix_zy", {})
+    n = cfg.fmri_volumes * cfg.fmri_slices
+    stored16 = n * cfg.fmri_size * cfg.fmri_size * 2
+    lines = [
+        f"## 2. fMRI series (4D): {cfg.fmri_volumes} volumes of {cfg.fmri_size}x{cfg.fmri_size}"
+        f"x{cfg.fmri_slices}, one classic MR file per slice per volume ({n} files)",
+        "",
+        f"Decoded series: {mib(stored16)} MiB as 16-bit pixels; source "
+        f"{mib(tree_size(cfg.fmri_dicom))} MiB of DICOM (page cache warm). medflow's image: "
+        f"axes {_get(med, 'axes') or '?'}, shape {_get(med, 'shape') or '?'}, t scale "
+        f"{_get(med, 't_scale_s') or '?'} s. {cfg.repeat} rounds of the three cases in turn; "
+        "medians of wall and CPU, the largest peak RSS.",
+        "",
+        "| case | wall (s) | CPU (s) | files/s | output (MiB) | peak RSS (MiB) | vs dcm2niix -z n "
+        "| vs dcm2niix -z y | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base_n, base_y = _get(zn, "wall_s"), _get(zy, "wall_s")
+    cases = [
+        ("medflow header scan + `read_dicom_parts` + `write_image`", med),
+        ("`dcm2niix -z n` (uncompressed NIfTI)", zn),
+        ("`dcm2niix -z y` (gzip NIfTI)", zy),
+    ]
+    for label, d in cases:
+        if "error" in d or not d:
+            lines.append(f"| {label} | failed: {d.get('error', 'not run')} | | | | | | | |")
+            continue
+        wall = d["wall_s"]
+        lines.append(
+            f"| {label} | {secs(wall)} | {secs(d.get('cpu_s'))} | {n / wall:,.0f} "
+            f"| {mib(d['output_bytes'])} | {mib(d['peak_rss'])} | {ratio(wall, base_n)} "
+            f"| {ratio(wall, base_y)} | {load(d)} |"
+        )
+    if med and "error" not in med:
+        lines += [
+            "",
+            f"medflow split: header scan {secs(med.get('scan_s'))} s, headers read and grouped "
+            f"into volumes {secs(med.get('read_s'))} s, pixels decoded and written "
+            f"{secs(med.get('write_s'))} s ({'slabs of volumes decoded while written' if med.get('streamed') else 'decoded whole, then written'}); "
+            f"peak RSS after the headers {mib(med.get('read_peak_rss'))} MiB; walls "
+            f"{', '.join(secs(w) for w in med['walls'])} s.",
+        ]
+    return lines
+
+
 def video_rows(report: Report) -> list[str]:
     """Markdown lines for the video section."""
     cfg = report.cfg
@@ -1071,7 +1288,7 @@ def video_rows(report: Report) -> list[str]:
     h, w = VIDEO_SIZE
     size = tree_size(cfg.video) if cfg.video.is_file() else None
     lines = [
-        f"## 2. Video: {cfg.video_seconds} s of {w}x{h} H.264 at {VIDEO_FPS} fps "
+        f"## 3. Video: {cfg.video_seconds} s of {w}x{h} H.264 at {VIDEO_FPS} fps "
         f"(MP4, {mib(size)} MiB)",
         "",
         "| case | wall (s) | CPU (s) | frames/s | MiB/s (decoded RGB) | output (MiB) "
@@ -1114,7 +1331,7 @@ def nightly_rows(report: Report) -> list[str]:
     """Markdown lines for the nightly no-op section."""
     cfg, n = report.cfg, report.nightly
     lines = [
-        f"## 3. Nightly on an archive of {cfg.noop_series} tiny series (16x16x4 int16 NIfTI, "
+        f"## 4. Nightly on an archive of {cfg.noop_series} tiny series (16x16x4 int16 NIfTI, "
         "nested folders)",
         "",
         f"Command: `{n.get('command', '?')}`, with `PREFECT_HOME` in a fresh temporary folder, "
@@ -1206,6 +1423,8 @@ def render(report: Report) -> str:
         lines.append(f"- **Profiled run** (cProfile): timings are inflated; profiles in "
                      f"`{cfg.profiles}`.")  # fmt: skip
     lines += ["", *ct_rows(report)]
+    if not cfg.skip_fmri:
+        lines += ["", *fmri_rows(report)]
     if not cfg.skip_video:
         lines += ["", *video_rows(report)]
     if not cfg.skip_noop:
@@ -1220,10 +1439,13 @@ def render(report: Report) -> str:
 def run_all(cfg: Config, report: Report) -> None:
     """Generate the inputs, then run every case, filling ``report``."""
     for name in ("gen_ct", *(() if cfg.skip_video else ("gen_video",)),
-                 *(() if cfg.skip_noop else ("gen_noop",))):  # fmt: skip
+                 *(() if cfg.skip_noop else ("gen_noop",)),
+                 *(() if cfg.skip_fmri else ("gen_fmri",))):  # fmt: skip
         if "error" in run_case(cfg, name):
             raise SystemExit(f"could not generate the inputs ({name}); see {cfg.logs}")
     report.ct = run_ct(cfg)
+    if not cfg.skip_fmri:
+        report.fmri = run_fmri(cfg)
     if not cfg.skip_video:
         report.video["medflow"] = with_increase(run_case(cfg, "video_medflow"))
         report.video["decode"] = with_increase(run_case(cfg, "video_decode"))

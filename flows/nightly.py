@@ -27,12 +27,14 @@ from medflow.storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
 from medflow.tasks.dicomweb import is_dicomweb
 from medflow.tasks.discover import discover
 from medflow.tasks.encode import (
+    FOUR_D_REASON,
     EncoderSpec,
     encode_batch,
     get_encoder,
     load_encoder_specs,
     pending_items,
     recompute_findings,
+    record_four_d_refusals,
     remember_encoder,
     version_tag,
 )
@@ -143,6 +145,8 @@ def _current_fingerprints(root: OutputRoot) -> dict[str, tuple[str, str]]:
     ):
         if stage == "ingest":
             out[key] = (fp, status)
+            if "_" in key:  # a part of a series (hex key + suffix): its series was recorded
+                out[key.split("_", 1)[0]] = (fp, status)
     return out
 
 
@@ -212,7 +216,7 @@ def run_ingest(
     for fut in as_completed(futures):
         outcomes = fut.result()
         record(outcomes, committed)
-        n_done += len(outcomes)
+        n_done = min(n_done + len(outcomes), len(todo))  # a series of parts gives several
         if progress:
             progress("ingest", n_done, len(todo))
     commit_touched(out, disc, known, keys, run_id)
@@ -384,6 +388,10 @@ def run_encode(
         remember_encoder(out, spec, encoder)  # lets a quiet night skip loading it
         tag = version_tag(encoder)
         items = pending_items(out, encoder, spec)
+        for key in record_four_d_refusals(out, encoder, spec, summary.run_id):
+            summary.note_failure(
+                f"encode {spec.output_name}", "refused", "four_d_not_supported", key, FOUR_D_REASON
+            )
         logger.info("encoder %s (%s): %d series pending", spec.output_name, tag, len(items))
         futures = [
             encode_batch.submit(out.url, spec, b, summary.run_id)

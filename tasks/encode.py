@@ -30,6 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from medflow.storage.atomic import write_atomic
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import (
+    CATALOG_SCHEMA,
     FINDINGS_SCHEMA,
     connect,
     embeddings_schema,
@@ -44,17 +45,20 @@ if TYPE_CHECKING:  # the encoders (and torch) load only when an encoder is built
     from medflow.encoders import Acceptance, Declared, Encoder, PromptBank
 
 __all__ = [
+    "FOUR_D_REASON",
     "EncodeItem",
     "EncodeManifest",
     "EncoderSpec",
     "encode_batch",
     "encode_items",
     "forget_encoder",
+    "four_d_items",
     "get_encoder",
     "known_encoder",
     "load_encoder_specs",
     "pending_items",
     "recompute_findings",
+    "record_four_d_refusals",
     "remember_encoder",
     "version_tag",
 ]
@@ -267,6 +271,63 @@ def accepts_row(info: Acceptance, modality: str | None, axes: str | None) -> boo
 
 def pending_items(root: OutputRoot, encoder: Declared, spec: EncoderSpec) -> list[EncodeItem]:
     """Series the encoder accepts with no embedding at its current version and sources."""
+    return _pending(root, encoder, spec)[0]
+
+
+def four_d_items(root: OutputRoot, encoder: Any, spec: EncoderSpec) -> list[EncodeItem]:
+    """4D images (``t, z, y, x``: fMRI, diffusion, multi-phase) of a modality a 3D volume
+    encoder takes, not yet recorded for it: it does not embed them (see
+    :func:`record_four_d_refusals`)."""
+    return _pending(root, encoder, spec)[1]
+
+
+FOUR_D_REASON = "a 4D image (t, z, y, x): this encoder takes 3D volumes only"
+
+
+def record_four_d_refusals(
+    root: OutputRoot, encoder: Any, spec: EncoderSpec, run_id: str
+) -> list[str]:
+    """Record each 4D image a 3D volume encoder would otherwise take as ``refused`` with reason
+    code ``four_d_not_supported`` (one catalog row per series, encoder and version, so that
+    later runs do not try again); the keys recorded."""
+    from medflow.tasks.ingest import medflow_version
+    from medflow.tasks.reasons import ReasonCode
+
+    items = four_d_items(root, encoder, spec)
+    if not items:
+        return []
+    tag = version_tag(encoder)
+    rows = [
+        {
+            "series_key": it.series_key,
+            "study_key": it.study_key,
+            "stage": "encode",
+            "status": "refused",
+            "reason_code": ReasonCode.FOUR_D_NOT_SUPPORTED.value,
+            "reason": FOUR_D_REASON,
+            "modality": it.modality,
+            "source_fingerprint": it.source_fingerprint,
+            "attrs_json": json.dumps({"encoder": spec.output_name, "version": tag}),
+            "medflow_version": medflow_version(),
+            "run_id": run_id,
+            "created_at": utcnow(),
+        }
+        for it in items
+    ]
+    keys = sorted(it.series_key for it in items)
+    write_part(
+        root.table_dir("catalog"),
+        rows,
+        CATALOG_SCHEMA,
+        part_id("encode-4d", spec.output_name, tag, keys),
+    )
+    return keys
+
+
+def _pending(
+    root: OutputRoot, encoder: Any, spec: EncoderSpec
+) -> tuple[list[EncodeItem], list[EncodeItem]]:
+    """What the encoder has yet to embed, and the 4D images it cannot take."""
     con = connect(root)
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
     denoised = (
@@ -307,13 +368,16 @@ def pending_items(root: OutputRoot, encoder: Declared, spec: EncoderSpec) -> lis
         ).fetchall()
     }
     out = []
+    four_d = []
     for key, study, modality, axes, path, kind, fp in rows:
-        if not accepts_row(encoder.info, modality, axes):
-            continue
         if (key, fp, kind) in done or (key, fp) in failed:
             continue
-        out.append(EncodeItem(key, study, modality or "", path, kind, fp))
-    return out
+        item = EncodeItem(key, study, modality or "", path, kind, fp)
+        if accepts_row(encoder.info, modality, axes):
+            out.append(item)
+        elif axes == "tzyx" and accepts_row(encoder.info, modality, "zyx"):
+            four_d.append(item)
+    return out, four_d
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from medflow.tasks.discover import Discovery, KnownSource
 from medflow.tasks.reasons import ReasonCode, SourceError, retry_transient, shielded, unexpected
 
 if TYPE_CHECKING:
-    from medflow.tasks.ingest_dicom import DicomHeader
+    from medflow.tasks.dicom import DicomHeader
 
 __all__ = [
     "HeaderScan",
@@ -114,11 +114,11 @@ def scan_header_files(
 ) -> list[HeaderScan]:
     """Read DICOM headers (no pixels) and key each file by its Study/Series Instance UIDs.
 
-    Files are read in the order given by :func:`~tasks.ingest_dicom.read_dicom_headers`, which
+    Files are read in the order given by :func:`~tasks.dicom.read_dicom_headers`, which
     reads a file laid out like one before it from that layout; a bad file gets its own error
     and the scan goes on.
     """
-    from medflow.tasks.ingest_dicom import read_dicom_headers
+    from medflow.tasks.dicom import read_dicom_headers
 
     out: list[HeaderScan | None] = [None] * len(relpaths)
     with local_files(archive, relpaths) as paths:
@@ -152,7 +152,7 @@ def _header_scan(rel: str, h: DicomHeader | Exception, keys: Pseudonymizer) -> H
     try:
         if isinstance(h, Exception):
             raise h
-        # a non-stackable object (multi-frame, 2D) is a series of its own
+        # a non-stackable object (a cine without positions, 2D) is a series of its own
         return HeaderScan(
             rel,
             keys.dicom_series_key(*h.grouping_uids()),
@@ -233,10 +233,7 @@ def plan_jobs(
 
 
 def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
-    if kind == "dicom":
-        from medflow.tasks.ingest_dicom import read_dicom_series
-
-        return lambda paths: read_dicom_series(paths, stream=True)
+    """The reader of a one-image source kind (DICOM series: :func:`_read_parts`)."""
     if kind == "nifti":
         from medflow.tasks.ingest_nifti import read_nifti
 
@@ -249,7 +246,7 @@ def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
         from medflow.tasks.ingest_video import read_video
 
         return lambda paths: read_video(paths[0])
-    raise ValueError(f"Expected a source kind in dicom, nifti, image, video, got {kind!r} instead.")
+    raise ValueError(f"Expected a source kind in nifti, image, video, got {kind!r} instead.")
 
 
 def ingest_sinogram(
@@ -329,43 +326,80 @@ def _base_row(job: SeriesJob, run_id: str) -> dict[str, Any]:
     }
 
 
-def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -> Outcome:
-    """Decode one series and write its image; a bad source becomes a quarantined row."""
+def _read_parts(kind: str, paths: list[str]) -> tuple[list[tuple[str, DecodedImage]], list[Any]]:
+    """The images a source makes, each with its key suffix, and (DICOM) the planes left out."""
+    if kind == "dicom":
+        from medflow.tasks.dicom import read_dicom_parts
+
+        got = read_dicom_parts(paths, stream=True)
+        return [(p.suffix, p.image) for p in got.parts], list(got.left_out)
+    return [("", _reader(kind)(paths))], []
+
+
+def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -> list[Outcome]:
+    """Decode one series and write its images; a bad source becomes a quarantined row.
+
+    A DICOM series of several parts (echoes, magnitude and phase, ...: see
+    :mod:`tasks.dicom.assembly`) gives one image and one catalog row per part, keyed by the
+    series key and the part's suffix; the first part's outcome carries the series' source
+    rows. Files left out of the images (a CT localizer) keep their reason code there.
+    """
     t0 = time.perf_counter()
     row = _base_row(job, run_id)
     bad_file: str | None = None
+    rows: list[dict[str, Any]] = []
+    left: list[Any] = []
+    rel_of: dict[str, str] = {}
     try:
         with local_files(archive, job.relpaths) as paths:
-            image = _reader(job.kind)(paths)
-            stored = write_image(
-                image,
-                root.image_path(job.series_key),
-                name=job.series_key,
-                medflow_attrs={
-                    "series_key": job.series_key,
-                    "study_key": job.study_key,
-                    "source_fingerprint": job.fingerprint,
-                    "medflow_version": medflow_version(),
-                },
-            )
-        meta = image.meta
-        row.update(
-            status="ingested",
-            modality=meta.modality,
-            axes="".join(meta.axes),
-            shape=list(stored.shape),
-            dtype=stored.dtype,
-            spacing=list(meta.spacing),
-            zarr_path=root.image_relpath(job.series_key),
-            nbytes_stored=stored.nbytes_stored,
-            attrs_json=json.dumps(dict(meta.attrs), sort_keys=True, default=str),
-        )
+            parts, left = _read_parts(job.kind, paths)
+            rel_of = dict(zip(paths, job.relpaths, strict=True))
+            for suffix, image in parts:
+                key = job.series_key + suffix
+                stored = write_image(
+                    image,
+                    root.image_path(key),
+                    name=key,
+                    medflow_attrs={
+                        "series_key": key,
+                        "study_key": job.study_key,
+                        "source_fingerprint": job.fingerprint,
+                        "medflow_version": medflow_version(),
+                    },
+                )
+                meta = image.meta
+                part_row = dict(row)
+                part_row.update(
+                    series_key=key,
+                    status="ingested",
+                    modality=meta.modality,
+                    axes="".join(meta.axes),
+                    shape=list(stored.shape),
+                    dtype=stored.dtype,
+                    spacing=list(meta.spacing),
+                    zarr_path=root.image_relpath(key),
+                    nbytes_stored=stored.nbytes_stored,
+                    attrs_json=json.dumps(dict(meta.attrs), sort_keys=True, default=str),
+                )
+                rows.append(part_row)
     except Exception as e:  # an unexpected failure is isolated to its series, never the batch
         if isinstance(e, SourceError):
             bad_file = _relative(e.path, archive, job.relpaths)
         detail = _fail(row, e, f"while reading the {job.kind} source")
-        return _finish(row, job, t0, bad_file=bad_file, detail=detail)
-    return _finish(row, job, t0, bad_file=bad_file)
+        return [_finish(row, job, t0, bad_file=bad_file, detail=detail)]
+    first = _finish(rows[0], job, t0, bad_file=None)
+    if left:
+        by_path = {rel_of.get(p, p): lo for lo in left for p in lo.paths}
+        for src in first.sources:
+            lo = by_path.get(src["relpath"])
+            if lo is not None:
+                src.update(reason_code=lo.code.value, error=lo.reason)
+    out = [first]
+    for part_row in rows[1:]:
+        part_row["seconds"] = first.catalog["seconds"]
+        part_row["created_at"] = first.catalog["created_at"]
+        out.append(Outcome(catalog=part_row, sources=[]))
+    return out
 
 
 def _finish(
@@ -462,9 +496,10 @@ def ingest_batch(archive: str, root: str, jobs: list[SeriesJob], run_id: str) ->
     """Ingest a batch of series into OME-Zarr images."""
     out = OutputRoot(root)
     keys = out.pseudonymizer()
-    return [
-        ingest_sinogram(archive, out, job, run_id, keys)
-        if job.kind == "sinogram"
-        else ingest_series(archive, out, job, run_id)
-        for job in jobs
-    ]
+    outcomes: list[Outcome] = []
+    for job in jobs:
+        if job.kind == "sinogram":
+            outcomes.append(ingest_sinogram(archive, out, job, run_id, keys))
+        else:
+            outcomes.extend(ingest_series(archive, out, job, run_id))
+    return outcomes

@@ -57,6 +57,7 @@ import numpy as np
 
 from medflow.storage.images import DecodedImage, ImageMeta
 from medflow.tasks import SourceError, parse_source_path
+from medflow.tasks.limits import check_image_bytes
 from medflow.tasks.reasons import ReasonCode, format_number
 
 __all__ = [
@@ -318,10 +319,41 @@ def _check_gzip_stream(path: str) -> None:
         raise _read_failure(path, "the gzip stream", e) from e
 
 
+def _inflated_size(path: str, enough: int) -> int:
+    """How many bytes the gzip file inflates to (counting stops at ``enough``)."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while total < enough:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise _read_failure(path, "the gzip stream", e) from e
+    return total
+
+
 def _check_data_length(img: Any, facts: NiftiHeaderFacts, shape: tuple[int, ...]) -> None:
-    """For uncompressed files, check the file holds all voxels before reading them."""
+    """Check, before any voxel is read, that the image is within the size limit
+    (:mod:`tasks.limits`) and that the file holds all the voxels its header promises; for a
+    gzip-compressed file, whose true size only decompression shows, by inflating it once
+    without keeping what it inflates to."""
+    voxels = math.prod(shape)
+    dtype = img.header.get_data_dtype()
+    # the array read, and a float32 copy where it is scaled: the most it can take
+    check_image_bytes("", voxels * (dtype.itemsize + 4), "the voxel data")
     if facts.gzipped:
-        return  # only decompressing tells; a short stream surfaces as EOFError below
+        need = int(img.dataobj.offset) + voxels * dtype.itemsize
+        have = _inflated_size(img.file_map["image"].filename, need)
+        if have < need:
+            raise SourceError(
+                "",
+                f"the voxel data is truncated: the header promises {need} bytes, the gzip "
+                f"stream holds {have}",
+                code=ReasonCode.TRUNCATED,
+            )
+        return
     fmap = img.file_map
     image_file = fmap["image"].filename
     if not image_file or not os.path.isfile(image_file):

@@ -69,6 +69,8 @@ class ReasonCode(StrEnum):
     INCONSISTENT_SERIES = "inconsistent_series"
     UNSUPPORTED_CONTENT = "unsupported_content"
     TOO_LARGE = "too_large"
+    LOCALIZER_LEFT_OUT = "localizer_left_out"
+    FOUR_D_NOT_SUPPORTED = "four_d_not_supported"
     ENCODER_ERROR = "encoder_error"
     DENOISE_ERROR = "denoise_error"
     INTERNAL_ERROR = "internal_error"
@@ -89,10 +91,12 @@ REASON_DESCRIPTIONS: dict[ReasonCode, str] = {
     ReasonCode.INVALID_GEOMETRY: "slice positions or orientations missing or inconsistent",
     ReasonCode.MISSING_SLICES: "a gap in the slice positions: slices are missing",
     ReasonCode.IRREGULAR_SPACING: "slice positions are not evenly spaced",
-    ReasonCode.MULTIPLE_STACKS: "several slices at one position (echoes, phases, time points)",
+    ReasonCode.MULTIPLE_STACKS: "several slices at one position that nothing tells apart as volumes",
     ReasonCode.INCONSISTENT_SERIES: "files of one series differ in size, spacing or colour",
     ReasonCode.UNSUPPORTED_CONTENT: "a readable object of a kind medflow does not ingest",
     ReasonCode.TOO_LARGE: "the image is above the size limit",
+    ReasonCode.LOCALIZER_LEFT_OUT: "a localizer inside a series, left out of its volume",
+    ReasonCode.FOUR_D_NOT_SUPPORTED: "a 4D image given to a step that takes 3D volumes only",
     ReasonCode.ENCODER_ERROR: "an encoder could not embed the series",
     ReasonCode.DENOISE_ERROR: "the denoising stage failed for the series",
     ReasonCode.INTERNAL_ERROR: "an unexpected error in medflow (please report it)",

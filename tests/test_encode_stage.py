@@ -145,3 +145,45 @@ def test_a_broken_image_fails_alone(tmp_path: Path) -> None:
     # a failed pair is not retried every night at the same version
     again = nightly(archive=str(archive), root=str(root), encoders=specs)
     assert again["encoded"] == {}
+
+
+def test_four_d_image_is_refused_by_volume_encoders_with_its_code(tmp_path: Path) -> None:
+    """A CT perfusion-like series (volumes at the same positions) is ingested as one 4D image;
+    the 3D volume encoder records it as refused, once, instead of passing it over in silence."""
+    import pydicom
+
+    from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+
+    archive = tmp_path / "archive"
+    first = write_ct_series(archive / "t0", ct_phantom((6, 24, 20)), (2.5, 0.8, 0.8), (0, 0, 0))
+    ds = pydicom.dcmread(first[0])
+    second = write_ct_series(
+        archive / "t1",
+        ct_phantom((6, 24, 20)) + 30,
+        (2.5, 0.8, 0.8),
+        (0, 0, 0),
+        study_uid=ds.StudyInstanceUID,
+        series_uid=ds.SeriesInstanceUID,
+    )
+    for t, paths in enumerate((first, second)):
+        for p in paths:
+            d = pydicom.dcmread(p)
+            d.AcquisitionNumber = t + 1
+            d.save_as(p)
+    specs = demo_encoder_specs(tmp_path / "models")
+    root = tmp_path / "out"
+    nightly(archive=str(archive), root=str(root), encoders=specs)
+    con = connect(OutputRoot(str(root)))
+    ingested = con.execute("SELECT axes, shape FROM catalog WHERE status = 'ingested'").fetchall()
+    assert [(a, list(s)) for a, s in ingested] == [("tzyx", [2, 6, 24, 20])]
+    refused = con.execute(
+        "SELECT reason_code, json_extract_string(attrs_json, '$.encoder') FROM catalog_history "
+        "WHERE stage = 'encode' AND status = 'refused'"
+    ).fetchall()
+    assert ("four_d_not_supported", "merlin") in refused
+    again = nightly(archive=str(archive), root=str(root), encoders=specs)
+    assert again["encoded"] == {}
+    n = con.execute(
+        "SELECT count(*) FROM catalog_history WHERE stage = 'encode' AND status = 'refused'"
+    ).fetchone()
+    assert n is not None and n[0] == len(refused)

@@ -18,7 +18,7 @@ from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 from support import full_parses as _full_parses
 
 from medflow.storage.layout import Pseudonymizer
-from medflow.tasks import SourceError, ingest_dicom
+from medflow.tasks import SourceError
 from medflow.tasks.demo_dicom import (
     DEMO_PATIENT,
     ct_phantom,
@@ -28,8 +28,8 @@ from medflow.tasks.demo_dicom import (
     write_sr,
     write_truncated,
 )
+from medflow.tasks.dicom import DicomHeader, headers, read_dicom_header, read_dicom_headers, scan
 from medflow.tasks.ingest import HeaderScan, scan_header_files
-from medflow.tasks.ingest_dicom import DicomHeader, read_dicom_header, read_dicom_headers
 from medflow.tasks.reasons import ReasonCode, unexpected
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
@@ -131,7 +131,7 @@ def test_interleaved_series_are_each_read_from_their_layout(
     series = [plain, dose, implicit, rle, again]
     paths = [p for row in zip(*series, strict=True) for p in row]  # one file of each in turn
     paths[7:7] = [enhanced, dx, sr]
-    assert ingest_dicom._LAYOUTS_KEPT >= 5  # the layouts here: plain, dose, implicit, enh, dx
+    assert scan.LAYOUTS_KEPT >= 5  # the layouts here: plain, dose, implicit, enh, dx
     full = _batch_parses(paths, monkeypatch)
     # one parse per layout (the RLE files have none: each is parsed): the second series laid
     # out as the first is read from the first one's layout
@@ -261,14 +261,15 @@ def test_reader_bug_is_yielded_and_the_scan_goes_on(
     tmp_path: Path, volume: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     paths = _strs(write_ct_series(tmp_path, volume, SPACING, ORIGIN, shuffle_names=False))
-    real = ingest_dicom._header
+    real = scan.header_of
 
     def buggy(parsed: object, path: str, *, require_image: bool) -> DicomHeader:
         if path == paths[2]:
             raise RuntimeError("a bug")
         return real(parsed, path, require_image=require_image)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ingest_dicom, "_header", buggy)
+    for module in (headers, scan):  # the single-file reader and the scan
+        monkeypatch.setattr(module, "header_of", buggy)
     got = _assert_same(paths)
     assert got[2] == ("RuntimeError", "a bug")
     assert [o[0] for o in got].count("header") == len(paths) - 1
@@ -338,16 +339,16 @@ def test_learning_backs_off_while_layouts_go_unused(
         write_ct_series(tmp_path / "r", ct_phantom((40, 8, 8)), SPACING, ORIGIN, ctdivol=3.0)
     )
     learnt: list[str] = []
-    real = ingest_dicom._learn_layout
+    real = scan.learn_layout
 
     def spy(parsed: object, path: str, convert: frozenset[int] | None = None) -> object:
         learnt.append(path)
         return real(parsed, path, convert)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ingest_dicom, "_learn_layout", spy)
+    monkeypatch.setattr(scan, "learn_layout", spy)
     full = _batch_parses([*unique, *regular], monkeypatch)
     assert full[: len(unique)] == unique
-    assert len(full) - len(unique) <= ingest_dicom._LEARN_SKIP_MAX + 1
+    assert len(full) - len(unique) <= scan.LEARN_SKIP_MAX + 1
     assert regular[-1] not in full
     assert len([p for p in learnt if p in unique]) <= len(unique) // 2
 

@@ -19,7 +19,7 @@ from pydicom.pixels import apply_color_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from support import full_parses as _full_parses
 
-from medflow.tasks import SourceError, ingest_dicom
+from medflow.tasks import SourceError
 from medflow.tasks.demo_dicom import (
     AXIAL,
     COMPRESSED_SYNTAXES,
@@ -31,12 +31,17 @@ from medflow.tasks.demo_dicom import (
     write_sr,
     write_truncated,
 )
-from medflow.tasks.ingest_dicom import (
+from medflow.tasks.dicom import (
     DicomHeader,
+    files,
     group_by_series,
+    headers,
     is_dicom,
     read_dicom_header,
     read_dicom_series,
+    scan,
+    series,
+    values,
 )
 from medflow.tasks.reasons import ReasonCode
 
@@ -1093,7 +1098,7 @@ def _elements(ds: pydicom.Dataset) -> list[tuple[object, ...]]:
 
 def _assert_same_parse(fast: object, full: object) -> None:
     """A file parsed from a layout is what pydicom's own parse of it gives."""
-    assert isinstance(fast, ingest_dicom._Parsed) and isinstance(full, ingest_dicom._Parsed)
+    assert isinstance(fast, files.Parsed) and isinstance(full, files.Parsed)
     assert (fast.size, fast.has_pixels, fast.deferred, fast.pixel_at) == (
         full.size,
         full.has_pixels,
@@ -1108,15 +1113,15 @@ def _assert_same_parse(fast: object, full: object) -> None:
     assert (a.preamble, a.filename) == (b.preamble, b.filename)
 
 
-def _layout_of(path: str) -> ingest_dicom._Layout | None:
-    with ingest_dicom._quiet():
-        parsed = ingest_dicom._open(path, pixels=True)
-        ingest_dicom._header(parsed, path, require_image=True)
-        return ingest_dicom._learn_layout(parsed, path)
+def _layout_of(path: str) -> scan.Layout | None:
+    with values.quiet():
+        parsed = files.open_dicom(path, pixels=True)
+        headers.header_of(parsed, path, require_image=True)
+        return scan.learn_layout(parsed, path)
 
 
 def _without_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingest_dicom, "_learn_layout", lambda parsed, path: None)
+    monkeypatch.setattr(series, "learn_layout", lambda parsed, path: None)
 
 
 def _as_implicit(paths: Sequence[Path]) -> list[str]:
@@ -1135,11 +1140,11 @@ def test_layout_match_gives_pydicoms_parse(
     paths = _as_implicit(written) if encoding == "implicit" else _paths(written)
     layout = _layout_of(paths[0])
     assert layout is not None
-    with ingest_dicom._quiet():
+    with values.quiet():
         for p in paths[1:]:
-            fast = ingest_dicom._open_like(p, layout)
+            fast = scan.open_like(p, layout)
             assert fast is not None, p
-            _assert_same_parse(fast, ingest_dicom._open(p, pixels=True))
+            _assert_same_parse(fast, files.open_dicom(p, pixels=True))
     full = _full_parses(monkeypatch)
     img = read_dicom_series(paths)
     assert full == paths[:1]  # every other file matched the first one's layout
@@ -1198,7 +1203,7 @@ def test_series_with_varied_layouts_reads_as_pydicom_parses_it(
     layout = _layout_of(paths[0])
     assert layout is not None
     for path, what in zip(paths[1:], VARIATIONS, strict=False):
-        matched = ingest_dicom._match(layout, Path(path).read_bytes())
+        matched = scan.match_layout(layout, Path(path).read_bytes())
         assert (matched is not None) == VARIATIONS[what], what
     full = _full_parses(monkeypatch)
     streamed = read_dicom_series(paths, stream=True)
@@ -1270,12 +1275,12 @@ def test_pydicom_file_matches_its_own_layout(name: str, tmp_path: Path) -> None:
     copy = tmp_path / "copy.dcm"
     copy.write_bytes(Path(path).read_bytes())
     layout = _layout_of(path)
-    with ingest_dicom._quiet():
+    with values.quiet():
         if layout is None:
             return
-        fast = ingest_dicom._open_like(str(copy), layout)
+        fast = scan.open_like(str(copy), layout)
         assert fast is not None
-        full = ingest_dicom._open(str(copy), pixels=True)
+        full = files.open_dicom(str(copy), pixels=True)
         _assert_same_parse(fast, full)
 
 

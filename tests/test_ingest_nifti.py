@@ -389,7 +389,8 @@ def test_reasons_hold_no_path(patient_dir: Path, good_bytes: bytes) -> None:
     unreadable = Path(f"{stem}.nii.gz")
     unreadable.write_bytes(gzip.compress(good_bytes[:-20]))
     e = _refusal(unreadable, ReasonCode.TRUNCATED)
-    assert e.detail and "bytes" in e.detail  # nibabel's short-read message
+    # found by inflating the stream before any voxel is allocated: the numbers, no path
+    assert "the header promises" in e.reason and "the gzip stream holds" in e.reason
 
 
 def test_library_message_goes_to_detail(patient_dir: Path, good_bytes: bytes) -> None:
@@ -432,3 +433,30 @@ def test_parse_dims() -> None:
     with pytest.raises(SourceError, match="5-D") as err:
         parse_dims([5, 4, 5, 6, 2, 3, 1, 1])
     assert err.value.code is ReasonCode.UNSUPPORTED_CONTENT
+
+
+def test_size_limit_is_checked_before_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume above MEDFLOW_MAX_IMAGE_BYTES is refused as too_large, never a MemoryError;
+    so is a small gzip file whose header promises a huge volume."""
+    from medflow.tasks.limits import LIMIT_ENV
+
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 16), np.int16), np.eye(4)), str(path))
+    monkeypatch.setenv(LIMIT_ENV, str(32 * 32 * 16 * 6 - 1))
+    with pytest.raises(SourceError) as e:
+        read_nifti(str(path))
+    assert e.value.code == ReasonCode.TOO_LARGE and "MemoryError" not in e.value.reason
+    monkeypatch.delenv(LIMIT_ENV)
+    assert read_nifti(str(path)).pixels is not None
+    header = nib.Nifti1Header()
+    header["vox_offset"] = 352
+    header.set_data_shape((4096, 4096, 4096))
+    header.set_data_dtype(np.float32)
+    bomb = tmp_path / "bomb.nii.gz"
+    raw = header.binaryblock + b"\x00" * 4
+    bomb.write_bytes(gzip.compress(raw + b"\x00" * 1024))
+    with pytest.raises(SourceError) as e:
+        read_nifti(str(bomb))
+    assert e.value.code == ReasonCode.TOO_LARGE

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from medflow.tasks.ingest_dicom import read_dicom_series
 
 from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
-from medflow.tasks.ingest_dicom import read_dicom_series
 from medflow.tasks.reasons import SourceError, format_number, format_values
 
 Edit = Callable[[pydicom.Dataset], None]
