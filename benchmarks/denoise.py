@@ -8,7 +8,7 @@ parallel beam) of two slices:
 * ``ct-small``: pydicom's ``CT_small.dcm`` test slice (128 x 128, 0.66 mm pixels), converted to
   Hounsfield units with RescaleSlope/Intercept and to attenuation with water at 0.0193/mm.
 
-Each method runs through :func:`tasks.denoise.denoise_sinogram`. Scores are against the FBP
+Each method runs through :func:`medflow.denoise.denoise_sinogram`. Scores are against the FBP
 (ramp) of the noiseless sinogram, which removes the discretisation error every method shares and
 leaves what noise did: PSNR and SSIM (``skimage.metrics``) with the data range of that reference
 (its max minus min, in 1/mm), over the whole square image. "method" columns score the method's
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks.harness import command_line, machine_facts, timed, utc_now, write_report
-from medflow.tasks.denoise import (
+from medflow.denoise import (
     WATER_MU_PER_MM,
     ParallelBeamGeometry,
     denoise_sinogram,

@@ -283,7 +283,7 @@ def gen_ct(cfg: Config) -> Work:
         settings = {"slices": cfg.slices, "size": cfg.size, "spacing": list(CT_SPACING)}
         if _marker_ok(cfg.ct_dicom, settings):
             return {"reused": True}
-        from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+        from medflow.demo.dicom import ct_phantom, write_ct_series
 
         folder = fresh_dir(cfg.ct_dicom)
         volume = ct_phantom((cfg.slices, cfg.size, cfg.size))
@@ -312,7 +312,7 @@ def gen_fmri(cfg: Config) -> Work:
         }
         if _marker_ok(cfg.fmri_dicom, settings):
             return {"reused": True}
-        from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+        from medflow.demo.dicom import ct_phantom, write_ct_series
 
         folder = fresh_dir(cfg.fmri_dicom)
         nz, n = cfg.fmri_slices, cfg.fmri_size
@@ -523,8 +523,8 @@ def fmri_medflow(cfg: Config) -> Work:
     and ``write_image``."""
     import numpy as np
 
+    from medflow.readers.dicom import read_dicom_headers, read_dicom_parts
     from medflow.storage.images import write_image
-    from medflow.tasks.dicom import read_dicom_headers, read_dicom_parts
 
     paths = sorted(str(p) for p in cfg.fmri_dicom.glob("*.dcm"))
     out = fresh_dir(cfg.fmri_out) / "fmri.zarr"
@@ -596,8 +596,8 @@ def video_medflow(cfg: Config) -> Work:
     """medflow: streamed ``read_video`` then ``write_image`` (OME-Zarr, t/c/y/x)."""
     import numpy as np
 
+    from medflow.readers.video import read_video
     from medflow.storage.images import write_image
-    from medflow.tasks.ingest_video import read_video
 
     out = fresh_dir(cfg.video_out) / "video.zarr"
 

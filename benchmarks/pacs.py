@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from orthanc_server import Orthanc
 
-    from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+    from medflow.demo.dicom import ct_phantom, write_ct_series
 
     base = Path(tempfile.mkdtemp(prefix="medflow-bench-pacs-"))
     server = Orthanc(base / "orthanc")

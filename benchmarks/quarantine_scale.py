@@ -79,7 +79,7 @@ def write_good_series(archive: Path, n: int) -> int:
     """``n`` small CT series of 4 slices each; the number of files."""
     import numpy as np
 
-    from medflow.tasks.demo_dicom import DemoPatient, write_ct_series
+    from medflow.demo.dicom import DemoPatient, write_ct_series
 
     rng = np.random.default_rng(0)
     files = 0
@@ -96,7 +96,7 @@ def write_good_series(archive: Path, n: int) -> int:
 
 def write_bad_files(archive: Path, n: int, template: Path) -> None:
     """``n`` files that must be quarantined, five kinds in turn, ``PER_FOLDER`` per folder."""
-    from medflow.tasks.demo_dicom import write_truncated
+    from medflow.demo.dicom import write_truncated
 
     truncated = archive / ".truncated-template.dcm"
     write_truncated(truncated, template, keep=0.5)

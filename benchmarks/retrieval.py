@@ -151,7 +151,7 @@ def _moving_marks(
     share: tuple[float, float] = (0.09, 0.12),
 ) -> Iterator[np.ndarray]:
     """Video frames with ``count`` structures of ``label`` drifting across (demo colours)."""
-    from medflow.tasks.demo_archive import draw_label_2d
+    from medflow.demo.archive import draw_label_2d
 
     frames = list(base)
     ny, nx = frames[0].shape[:2]
@@ -180,14 +180,14 @@ def make_labelled_archive(
     """
     from pydicom.uid import generate_uid
 
-    from medflow.tasks.demo_archive import (
+    from medflow.demo.archive import (
         chest_radiograph,
         demo_patients,
         draw_label_2d,
         draw_label_3d,
         endoscopy_frames,
     )
-    from medflow.tasks.demo_dicom import ct_phantom, write_2d, write_ct_series
+    from medflow.demo.dicom import ct_phantom, write_2d, write_ct_series
 
     rng = np.random.default_rng(seed)
     patients = demo_patients(8)

@@ -27,7 +27,7 @@ from medflow.flows.cli_checks import (
     debug_enabled,
 )
 from medflow.flows.console import console, stage_progress
-from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, tally_groups
+from medflow.reasons import MAX_EXAMPLE_KEYS, tally_groups
 
 
 class _CommandLine(typer.Typer):
@@ -84,9 +84,9 @@ def _run_nightly(
 ) -> dict[str, Any]:
     from medflow.flows import nightly as nightly_mod
 
-    runner = nightly_mod._runner(workers, dask_address=dask_address, dask_workers=dask_workers)
+    runner = nightly_mod.task_runner(workers, dask_address=dask_address, dask_workers=dask_workers)
     dask = dask_address is not None or dask_workers is not None
-    with stage_progress(nightly_mod._PROGRESS):
+    with stage_progress(nightly_mod.PROGRESS):
         flow = nightly_mod.nightly.with_options(task_runner=runner)
         # Dask workers are other processes: they need an API they can reach
         with nightly_mod.api_for_workers() if dask else contextlib.nullcontext():
@@ -268,7 +268,7 @@ def nightly(
     ] = None,
 ) -> None:
     """Run the nightly job: ingest what is new or changed in ARCHIVE into ROOT, then encode."""
-    from medflow.flows.nightly import _runner, default_workers
+    from medflow.flows.nightly import default_workers, task_runner
 
     if (dask_address is not None or dask_workers is not None) and not debug_enabled():
         # the cluster's own INFO lines (workers starting, connections closing at its end)
@@ -281,7 +281,7 @@ def nightly(
         check_positive("--workers", workers, minimum=0)
         check_encoder_config(config)
         try:
-            _runner(workers, dask_address=dask_address, dask_workers=dask_workers)
+            task_runner(workers, dask_address=dask_address, dask_workers=dask_workers)
         except ValueError as e:
             raise ArgumentError(f"--dask-address/--dask-workers: {e}") from e
     from medflow.tasks.dicomweb import DicomwebError
@@ -318,8 +318,8 @@ def demo(
     ] = "small",
 ) -> None:
     """Generate a demo archive (synthetic, no real patients) and run the nightly job on it."""
+    from medflow.demo.archive import DEMO_SIZES, make_demo_archive
     from medflow.flows.nightly import default_workers
-    from medflow.tasks.demo_archive import DEMO_SIZES, make_demo_archive
 
     with cli_errors():
         check_output_folder("--out", out)
@@ -412,7 +412,7 @@ DEMO_DENOISE: dict[str, Any] = {
 
 
 def _denoise_defaults() -> dict[str, Any]:
-    from medflow.tasks.denoise import FlickingSettings
+    from medflow.denoise import FlickingSettings
 
     d = FlickingSettings().to_dict()
     return {k: d[k] for k in ("steps", "n_average", "channels", "patch_size")}
@@ -599,9 +599,9 @@ def quarantine(
     import csv as csv_mod
     import sys
 
+    from medflow.reasons import parse_reason_code
     from medflow.storage.layout import OutputRoot
     from medflow.storage.tables import quarantine_listing
-    from medflow.tasks.reasons import parse_reason_code
 
     wanted = parse_reason_code(code).value if code is not None else None
     rows = quarantine_listing(OutputRoot(root), code=wanted, run_id=run).to_pylist()

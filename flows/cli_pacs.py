@@ -42,7 +42,7 @@ def receive_cmd(
     Each instance is written whole under a hidden staging name, then renamed into
     <archive>/<study>/<series>/<instance>.dcm; the nightly picks the files up like any others.
     """
-    from medflow.tasks.reasons import InputError
+    from medflow.reasons import InputError
     from medflow.tasks.receiver import start_receiver
 
     try:
@@ -83,9 +83,9 @@ def send_srs_cmd(
     """
     import uuid
 
+    from medflow.reasons import InputError
     from medflow.storage.layout import OutputRoot
     from medflow.tasks.dicomweb import DicomwebError
-    from medflow.tasks.reasons import InputError
     from medflow.tasks.sr_export import WriteBack, export_reports
 
     try:

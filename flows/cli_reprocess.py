@@ -148,7 +148,7 @@ def reprocess_cmd(
 def _run_flow(root: str, config: str | None, encoder: str | None, workers: int) -> dict[str, Any]:
 
     from medflow.flows import reprocess as mod
-    from medflow.flows.nightly import _runner, default_workers, resolve_specs
+    from medflow.flows.nightly import default_workers, resolve_specs, task_runner
     from medflow.tasks.reprocess import select_specs
 
     try:  # a bad config or encoder name fails here, before a flow run starts
@@ -157,8 +157,8 @@ def _run_flow(root: str, config: str | None, encoder: str | None, workers: int) 
         console.print(f"[red]reprocess:[/red] {e}")
         raise typer.Exit(2) from e
 
-    with stage_progress(mod._PROGRESS):
-        flow = mod.reprocess.with_options(task_runner=_runner(workers or default_workers()))
+    with stage_progress(mod.PROGRESS):
+        flow = mod.reprocess.with_options(task_runner=task_runner(workers or default_workers()))
         result: dict[str, Any] = flow(root=root, encoder_config=config, encoder=encoder)
     return result
 

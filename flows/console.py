@@ -17,7 +17,7 @@ console = Console()
 @contextlib.contextmanager
 def stage_progress(callbacks: dict[str, Any]) -> Iterator[None]:
     """Progress bars on the console, one per stage, fed by a flow through ``callbacks["cb"]``
-    (a flow module's ``_PROGRESS``: flows take only serialisable parameters)."""
+    (a flow module's ``PROGRESS``: flows take only serialisable parameters)."""
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -22,6 +22,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from medflow.flows.locking import exclusive_run
+from medflow.reasons import ReasonCode, shielded, tally_add, tally_groups
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
 from medflow.tasks.dicomweb import is_dicomweb
@@ -48,7 +49,6 @@ from medflow.tasks.ingest import (
     scan_headers,
 )
 from medflow.tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
-from medflow.tasks.reasons import ReasonCode, shielded, tally_add, tally_groups
 from medflow.tasks.report import publish_report
 from medflow.tasks.sr_export import WriteBack
 from medflow.tasks.tables import commit_outcomes, commit_sources_only, commit_touched
@@ -81,7 +81,7 @@ class IngestSummary:
     status: dict[str, int] = field(default_factory=dict)
     modality: dict[str, int] = field(default_factory=dict)
     raw_projections: int = 0  # sinograms stored beside their series (not counted as series)
-    # "stage|status|code" -> count, example keys and reason (see tasks.reasons.tally_add)
+    # "stage|status|code" -> count, example keys and reason (see medflow.reasons.tally_add)
     quarantined: dict[str, dict[str, Any]] = field(default_factory=dict)
     denoised: dict[str, int] = field(default_factory=dict)  # outcome -> series
     encoded: dict[str, int] = field(default_factory=dict)  # encoder -> series embedded
@@ -112,7 +112,7 @@ class IngestSummary:
         return sum(int(g["count"]) for g in self.quarantined.values())
 
 
-def _run_id() -> str:
+def new_run_id() -> str:
     try:
         ctx = get_run_context()
         return str(ctx.flow_run.id)  # type: ignore[union-attr]
@@ -171,7 +171,7 @@ def run_ingest(
         pacs = open_dicomweb(archive, out)
     out.ensure()
     keys = out.pseudonymizer()
-    run_id = _run_id()
+    run_id = new_run_id()
     summary = IngestSummary(run_id=run_id)
     _clear_staging(out)
     if pacs is not None:  # the retrieved series, in a restricted cache, are the archive
@@ -296,7 +296,7 @@ def publish_summary(summary: IngestSummary) -> None:
         )
 
 
-def _runner(
+def task_runner(
     workers: int | None = None,
     dask_address: str | None = None,
     dask_workers: int | None = None,
@@ -511,7 +511,7 @@ def run_preprocess(
     summary.stage_seconds["denoise"] = time.perf_counter() - t0
 
 
-@flow(name="ingest-archive", task_runner=_runner())
+@flow(name="ingest-archive", task_runner=task_runner())
 @exclusive_run("ingest-archive")  # one writer per root; a second run returns skipped
 @shielded("ingest-archive")  # no exception text that may quote a path reaches Prefect
 def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, Any]:
@@ -523,7 +523,7 @@ def ingest_archive(archive: str, root: str, batch_size: int = 16) -> dict[str, A
     return summary.to_dict()
 
 
-@flow(name="nightly", task_runner=_runner())
+@flow(name="nightly", task_runner=task_runner())
 @exclusive_run("nightly")  # one writer per root; a second run returns skipped
 def nightly(
     archive: str,
@@ -565,10 +565,10 @@ def _nightly_stages(
 
     started = utcnow()
     t0 = time.perf_counter()
-    summary = run_ingest(archive, root, batch_size=batch_size, progress=_PROGRESS.get("cb"))
+    summary = run_ingest(archive, root, batch_size=batch_size, progress=PROGRESS.get("cb"))
     summary.stage_seconds["ingest"] = time.perf_counter() - t0
-    run_preprocess(root, denoise_cfg, summary, progress=_PROGRESS.get("cb"))
-    run_encode(root, specs, summary, progress=_PROGRESS.get("cb"))
+    run_preprocess(root, denoise_cfg, summary, progress=PROGRESS.get("cb"))
+    run_encode(root, specs, summary, progress=PROGRESS.get("cb"))
     if sr_cfg is not None and sr_cfg.enabled:
         from medflow.tasks.sr_export import export_reports
 
@@ -600,4 +600,4 @@ class _LocalCallbacks(dict[str, Progress]):
 
 
 # the CLI installs a progress callback here; flows take only serialisable parameters
-_PROGRESS: dict[str, Progress] = _LocalCallbacks()
+PROGRESS: dict[str, Progress] = _LocalCallbacks()

@@ -21,21 +21,21 @@ from prefect.artifacts import create_table_artifact
 from medflow.flows.locking import exclusive_run
 from medflow.flows.nightly import (
     IngestSummary,
-    _run_id,
-    _runner,
+    new_run_id,
     record_run,
     resolve_specs,
     run_encode,
+    task_runner,
 )
+from medflow.reasons import shielded, tally_groups
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import utcnow
-from medflow.tasks.reasons import shielded, tally_groups
 from medflow.tasks.reprocess import ReprocessPlan, plan_reprocess, select_specs
 
 __all__ = ["plan_rows", "reprocess"]
 
 # the CLI installs a progress callback here; flows take only serialisable parameters
-_PROGRESS: dict[str, Callable[[str, int, int], None]] = {}
+PROGRESS: dict[str, Callable[[str, int, int], None]] = {}
 
 _MAX_PAIR_ROWS = 1000  # stale pairs listed in the artifact (counts cover them all)
 
@@ -92,7 +92,7 @@ def _publish(plan: ReprocessPlan, summary: IngestSummary | None, dry_run: bool) 
         )
 
 
-@flow(name="reprocess", task_runner=_runner())
+@flow(name="reprocess", task_runner=task_runner())
 @exclusive_run("reprocess", unless="dry_run")  # one writer per root; a dry run only reads
 @shielded("reprocess")  # no exception text that may quote a path reaches Prefect
 def reprocess(
@@ -128,9 +128,9 @@ def reprocess(
     if dry_run:
         _publish(plan, None, dry_run=True)
         return result
-    summary = IngestSummary(run_id=_run_id())
+    summary = IngestSummary(run_id=new_run_id())
     stale = [s for s, ep in zip(specs, plan.encoders, strict=True) if ep.stale]
-    run_encode(root, stale, summary, progress=_PROGRESS.get("cb"))
+    run_encode(root, stale, summary, progress=PROGRESS.get("cb"))
     summary.seconds = time.perf_counter() - t0
     for ep in plan.encoders:
         done = summary.encoded.get(ep.encoder, 0)

@@ -162,9 +162,10 @@ class OutputRoot:
         """A training run's checkpoints and loss curve: ``<root>/models/<family>/runs/<run>``."""
         return f"{self.model_dir(family)}/runs/{run}"
 
-    def trash_dir(self) -> str:
-        """Where prune moves what it drops (one rename), until it is deleted: ``<root>/.pruned``."""
-        return self.join(".pruned")
+    def trash_dir(self, batch: str | None = None) -> str:
+        """Where prune moves what it drops (one rename), until it is deleted: ``<root>/.pruned``
+        (``batch``: one prune's own folder in it)."""
+        return self.join(".pruned") if batch is None else self.join(".pruned", batch)
 
     def image_staging_dir(self) -> str:
         """Where image groups are written before they are renamed into ``images/``."""
@@ -176,6 +177,14 @@ class OutputRoot:
 
     def reports_dir(self) -> str:
         return self.join("reports")
+
+    def report_path(self, name: str) -> str:
+        """A run report page: ``<root>/reports/<name>``."""
+        return f"{self.reports_dir()}/{name}"
+
+    def dicomweb_cache_dir(self, server_id: str) -> str:
+        """Instances retrieved from one DICOMweb server, until they are ingested (restricted)."""
+        return self.join("restricted", "dicomweb-cache", server_id)
 
     def secret_path(self) -> str:
         return self.join("restricted", "key_secret")

@@ -54,7 +54,7 @@ CATALOG_SCHEMA = pa.schema(
         ("study_key", pa.string()),
         ("stage", pa.string()),  # ingest | preprocess | encode
         ("status", pa.string()),  # ingested | quarantined | failed | denoised | embedded
-        ("reason_code", pa.string()),  # tasks.reasons.ReasonCode; NULL when nothing went wrong
+        ("reason_code", pa.string()),  # medflow.reasons.ReasonCode; NULL when nothing went wrong
         ("reason", pa.string()),  # built from non-identifying facts only: never a path
         ("modality", pa.string()),
         ("source_kind", pa.string()),

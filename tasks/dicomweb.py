@@ -38,9 +38,9 @@ import requests
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from medflow.reasons import InputError, PublicError, shielded
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import DICOMWEB_SCHEMA, part_id, read_table, utcnow, write_part
-from medflow.tasks.reasons import InputError, PublicError, shielded
 
 __all__ = [
     "PASSWORD_ENV",
@@ -250,7 +250,7 @@ def cache_dir(root: OutputRoot, server: DicomwebServer) -> str:
             "Expected a local output root for a DICOMweb archive (its retrieval cache lives "
             "under restricted/), got an object store."
         )
-    return root.join("restricted", "dicomweb-cache", server.server_id)
+    return root.dicomweb_cache_dir(server.server_id)
 
 
 def retrieve_series_files(client: Any, facts: SeriesFacts, dest: str) -> tuple[int, int]:

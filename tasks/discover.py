@@ -17,9 +17,9 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from medflow.reasons import InputError, retry_transient, shielded
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import SOURCES_SCHEMA, read_table
-from medflow.tasks.reasons import InputError, retry_transient, shielded
 
 __all__ = [
     "ArchiveFile",

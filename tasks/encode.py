@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from medflow.reasons import clip_text, retry_transient, shielded
 from medflow.storage.atomic import write_atomic
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import (
@@ -39,7 +40,6 @@ from medflow.storage.tables import (
     utcnow,
     write_part,
 )
-from medflow.tasks.reasons import clip_text, retry_transient, shielded
 
 if TYPE_CHECKING:  # the encoders (and torch) load only when an encoder is built
     from medflow.encoders import Acceptance, Declared, Encoder, PromptBank
@@ -290,8 +290,8 @@ def record_four_d_refusals(
     """Record each 4D image a 3D volume encoder would otherwise take as ``refused`` with reason
     code ``four_d_not_supported`` (one catalog row per series, encoder and version, so that
     later runs do not try again); the keys recorded."""
+    from medflow.reasons import ReasonCode
     from medflow.tasks.ingest import medflow_version
-    from medflow.tasks.reasons import ReasonCode
 
     items = four_d_items(root, encoder, spec)
     if not items:

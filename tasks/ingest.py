@@ -22,14 +22,14 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from medflow.reasons import ReasonCode, SourceError, retry_transient, shielded, unexpected
 from medflow.storage.images import DecodedImage, publish_tree, write_image
 from medflow.storage.layout import OutputRoot, Pseudonymizer
 from medflow.storage.tables import utcnow
 from medflow.tasks.discover import Discovery, KnownSource
-from medflow.tasks.reasons import ReasonCode, SourceError, retry_transient, shielded, unexpected
 
 if TYPE_CHECKING:
-    from medflow.tasks.dicom import DicomHeader
+    from medflow.readers.dicom import DicomHeader
 
 __all__ = [
     "HeaderScan",
@@ -65,7 +65,7 @@ class HeaderScan:
     """A DICOM file's grouping, pseudonymised: identifiers never leave the scanning task.
 
     A file whose header cannot be read has no keys and a reason instead: its ``code``, the
-    public ``reason`` and the restricted ``detail`` (see tasks.reasons).
+    public ``reason`` and the restricted ``detail`` (see medflow.reasons).
     """
 
     relpath: str
@@ -114,11 +114,11 @@ def scan_header_files(
 ) -> list[HeaderScan]:
     """Read DICOM headers (no pixels) and key each file by its Study/Series Instance UIDs.
 
-    Files are read in the order given by :func:`~tasks.dicom.read_dicom_headers`, which
+    Files are read in the order given by :func:`~medflow.readers.dicom.read_dicom_headers`, which
     reads a file laid out like one before it from that layout; a bad file gets its own error
     and the scan goes on.
     """
-    from medflow.tasks.dicom import read_dicom_headers
+    from medflow.readers.dicom import read_dicom_headers
 
     out: list[HeaderScan | None] = [None] * len(relpaths)
     with local_files(archive, relpaths) as paths:
@@ -235,15 +235,15 @@ def plan_jobs(
 def _reader(kind: str) -> Callable[[list[str]], DecodedImage]:
     """The reader of a one-image source kind (DICOM series: :func:`_read_parts`)."""
     if kind == "nifti":
-        from medflow.tasks.ingest_nifti import read_nifti
+        from medflow.readers.nifti import read_nifti
 
         return lambda paths: read_nifti(paths[0])
     if kind == "image":
-        from medflow.tasks.ingest_image import read_image
+        from medflow.readers.image import read_image
 
         return lambda paths: read_image(paths[0])
     if kind == "video":
-        from medflow.tasks.ingest_video import read_video
+        from medflow.readers.video import read_video
 
         return lambda paths: read_video(paths[0])
     raise ValueError(f"Expected a source kind in nifti, image, video, got {kind!r} instead.")
@@ -329,7 +329,7 @@ def _base_row(job: SeriesJob, run_id: str) -> dict[str, Any]:
 def _read_parts(kind: str, paths: list[str]) -> tuple[list[tuple[str, DecodedImage]], list[Any]]:
     """The images a source makes, each with its key suffix, and (DICOM) the planes left out."""
     if kind == "dicom":
-        from medflow.tasks.dicom import read_dicom_parts
+        from medflow.readers.dicom import read_dicom_parts
 
         got = read_dicom_parts(paths, stream=True)
         return [(p.suffix, p.image) for p in got.parts], list(got.left_out)
@@ -340,7 +340,7 @@ def ingest_series(archive: str, root: OutputRoot, job: SeriesJob, run_id: str) -
     """Decode one series and write its images; a bad source becomes a quarantined row.
 
     A DICOM series of several parts (echoes, magnitude and phase, ...: see
-    :mod:`tasks.dicom.assembly`) gives one image and one catalog row per part, keyed by the
+    :mod:`medflow.readers.dicom.assembly`) gives one image and one catalog row per part, keyed by the
     series key and the part's suffix; the first part's outcome carries the series' source
     rows. Files left out of the images (a CT localizer) keep their reason code there.
     """

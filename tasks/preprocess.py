@@ -22,11 +22,11 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from medflow.reasons import ReasonCode, clip_text, retry_transient, shielded
 from medflow.storage.images import DecodedImage, ImageMeta, open_image, write_image
 from medflow.storage.layout import OutputRoot
 from medflow.storage.sinograms import read_sinogram
 from medflow.storage.tables import connect, utcnow
-from medflow.tasks.reasons import ReasonCode, clip_text, retry_transient, shielded
 
 __all__ = [
     "DenoiseConfig",
@@ -75,7 +75,7 @@ class DenoiseConfig:
         None (the method's defaults, with ``steps`` and ``n_average`` applied by the caller)."""
         if self.method != "flicking" or (self.channels is None and self.patch_size is None):
             return None
-        from medflow.tasks.denoise import FlickingSettings
+        from medflow.denoise import FlickingSettings
 
         changes = {
             k: v
@@ -200,7 +200,7 @@ def denoise_series(
     root: OutputRoot, item: DenoiseItem, cfg: DenoiseConfig, run_id: str
 ) -> dict[str, Any]:
     """Denoise one series from its projections; returns its catalog row (never raises)."""
-    from medflow.tasks.denoise import WATER_MU_PER_MM, ParallelBeamGeometry, denoise_sinogram
+    from medflow.denoise import WATER_MU_PER_MM, ParallelBeamGeometry, denoise_sinogram
     from medflow.tasks.ingest import medflow_version
 
     t0 = time.perf_counter()

@@ -11,8 +11,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from medflow.encoders.m3ret import M3RetViT
+from medflow.reasons import shielded
 from medflow.storage.layout import OutputRoot
-from medflow.tasks.reasons import shielded
 from medflow.training.pretrain import (
     ModelRecord,
     PretrainConfig,

@@ -26,7 +26,7 @@ from typing import Any
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from medflow.tasks.reasons import InputError
+from medflow.reasons import InputError
 
 __all__ = ["STAGING", "Receiver", "start_receiver", "validate_ae_title"]
 

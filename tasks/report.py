@@ -18,7 +18,7 @@ a local root; one whole-object write on an object store). The page holds:
 
 Everything is inline (PNG data URIs, CSS; a content security policy forbids any fetch), so the
 file opens anywhere. Series appear by pseudonymous key only; reasons are built from
-non-identifying facts (tasks.reasons), so nothing here needs scrubbing.
+non-identifying facts (medflow.reasons), so nothing here needs scrubbing.
 
 :func:`publish_report` is what the nightly flow calls: it builds the report and publishes the
 markdown artifact, and a failure there is logged as a warning, never raised.
@@ -31,10 +31,8 @@ import html
 import io
 import logging
 import math
-import os
 import re
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +40,11 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from medflow.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonCode, tally_groups
+from medflow.storage.atomic import write_atomic
 from medflow.storage.images import open_image
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import connect, utcnow
-from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonCode, tally_groups
 
 __all__ = [
     "DEFAULT_CT_WINDOW",
@@ -254,8 +253,8 @@ class DenoisedPair:
 
 def _method_defaults(method: str) -> dict[str, Any]:
     try:
-        from medflow.tasks.denoise import FlickingSettings
-        from medflow.tasks.denoise.zsn2n import ZSN2NSettings
+        from medflow.denoise import FlickingSettings
+        from medflow.denoise.zsn2n import ZSN2NSettings
     except ImportError:  # pragma: no cover - torch is a dependency
         return {}
     if method == "flicking":
@@ -788,22 +787,8 @@ def _pairs_markdown(pairs: Sequence[DenoisedPair]) -> list[str]:
 
 
 def _write_atomic(root: OutputRoot, name: str, data: bytes) -> str:
-    final = root.join("reports", name)
-    if root.is_local:
-        os.makedirs(root.reports_dir(), exist_ok=True)
-        tmp = root.join("reports", f".tmp-{name}-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return final
-    # an object store writes a whole object at once: readers never see part of it
-    root.fs.pipe_file(final, data)
+    final = root.report_path(name)
+    write_atomic(final, data)  # readers (a browser, a sync) never see part of a page
     return final
 
 

@@ -626,7 +626,7 @@ def prune(
 
 def _drop(out: OutputRoot, result: PruneResult) -> None:
     fs = out.fs
-    trash = f"{out.trash_dir()}/{uuid.uuid4().hex[:12]}"
+    trash = out.trash_dir(uuid.uuid4().hex[:12])
     for i, t in enumerate(result.targets):
         path = out.join(t.path)
         if t.keep_rows:

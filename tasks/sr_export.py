@@ -32,6 +32,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from medflow.reasons import InputError
 from medflow.storage.layout import OutputRoot, Pseudonymizer
 from medflow.storage.tables import (
     DICOMWEB_SCHEMA,
@@ -44,7 +45,6 @@ from medflow.storage.tables import (
     write_part,
 )
 from medflow.tasks.dicomweb import SOP_UID, DicomwebError, DicomwebServer, http_error, is_dicomweb
-from medflow.tasks.reasons import InputError
 
 __all__ = [
     "ReportKey",

@@ -26,7 +26,7 @@ def nifti_archive(base: Path, n: int) -> Path:
 
 def full_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The paths pydicom parses from now on (rather than matched against a layout)."""
-    from medflow.tasks.dicom import files, headers, scan, series
+    from medflow.readers.dicom import files, headers, scan, series
 
     calls: list[str] = []
     real = files.open_dicom

@@ -628,9 +628,9 @@ def test_cli_commands(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutputRoot]:
+    from medflow.demo.archive import make_demo_archive
     from medflow.flows.cli import demo_encoder_specs
     from medflow.flows.nightly import nightly
-    from medflow.tasks.demo_archive import make_demo_archive
 
     base = tmp_path_factory.mktemp("analytics")
     make_demo_archive(base / "archive", size="tiny")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from medflow.tasks.reasons import InputError, TaskFailure, retry_transient
+from medflow.reasons import InputError, TaskFailure, retry_transient
 
 REPO = Path(__file__).resolve().parent.parent
 

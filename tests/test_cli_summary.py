@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from medflow.tasks.demo_archive import make_demo_archive
+from medflow.demo.archive import make_demo_archive
 
 REPO = Path(__file__).resolve().parent.parent
 _RUN_ID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b")

@@ -12,8 +12,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from medflow.tasks import SourceError
-from medflow.tasks.demo_archive import (
+from medflow.demo.archive import (
     LABELS,
     DemoEntry,
     DemoManifest,
@@ -23,9 +22,10 @@ from medflow.tasks.demo_archive import (
     parse_seed,
     parse_size,
 )
-from medflow.tasks.ingest_image import read_image
-from medflow.tasks.ingest_nifti import read_nifti
-from medflow.tasks.ingest_video import read_video
+from medflow.readers.image import read_image
+from medflow.readers.nifti import read_nifti
+from medflow.readers.video import read_video
+from medflow.reasons import SourceError
 
 _READERS = {"nifti": read_nifti, "image": read_image, "video": read_video}
 

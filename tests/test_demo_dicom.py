@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medflow.tasks.demo_dicom import (
+from medflow.demo.dicom import (
     DEMO_PATIENT,
     ct_phantom,
     write_2d,

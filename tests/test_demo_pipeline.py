@@ -11,11 +11,11 @@ import pytest
 import zarr
 from ome_zarr_models.v05.image import Image as OmeImage
 
+from medflow.demo.archive import DemoManifest, make_demo_archive
 from medflow.flows.nightly import nightly
 from medflow.storage.images import open_image
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import SOURCES_SCHEMA, connect, read_table
-from medflow.tasks.demo_archive import DemoManifest, make_demo_archive
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

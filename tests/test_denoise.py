@@ -17,7 +17,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from skimage.transform import iradon, resize
 from skimage.transform import radon as sk_radon
 
-from medflow.tasks.denoise import (
+from medflow.denoise import (
     WATER_MU_PER_MM,
     DenoiseResult,
     FlickingSettings,

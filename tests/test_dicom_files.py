@@ -10,12 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from medflow.tasks import SourceError
-from medflow.tasks.demo_dicom import ct_phantom, write_2d, write_ct_series
-from medflow.tasks.dicom import is_dicom, read_dicom_header, read_dicom_headers, read_dicom_series
-from medflow.tasks.dicom.files import is_gzip
-from medflow.tasks.limits import LIMIT_ENV, max_image_bytes
-from medflow.tasks.reasons import ReasonCode
+from medflow.demo.dicom import ct_phantom, write_2d, write_ct_series
+from medflow.readers.dicom import is_dicom, read_dicom_header, read_dicom_headers, read_dicom_series
+from medflow.readers.dicom.files import is_gzip
+from medflow.readers.limits import LIMIT_ENV, max_image_bytes
+from medflow.reasons import ReasonCode, SourceError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,7 +1,7 @@
 """Multi-volume MR series and series of parts, generated here and converted by dcm2niix too.
 
 Each series is written with pydicom (classic single-frame MR files, one per slice and volume),
-read by :func:`tasks.dicom.read_dicom_parts` and converted by dcm2niix (a development
+read by :func:`medflow.readers.dicom.read_dicom_parts` and converted by dcm2niix (a development
 dependency); every dcm2niix output must be one of medflow's parts: same voxel values and
 affine after reorienting both to the closest canonical orientation, the same b-values and
 gradient directions (in world space), and the repetition time as the ``t`` scale.
@@ -25,12 +25,11 @@ import pytest
 from pydicom.uid import generate_uid
 from support import as_nifti_order, canonical, reference_tolerance, world_bvecs
 
+from medflow.demo.dicom import ct_phantom, write_ct_series
+from medflow.readers.dicom import DicomParts, read_dicom_parts, read_dicom_series
+from medflow.reasons import ReasonCode, SourceError
 from medflow.storage.layout import OutputRoot
-from medflow.tasks import SourceError
-from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
-from medflow.tasks.dicom import DicomParts, read_dicom_parts, read_dicom_series
 from medflow.tasks.ingest import SeriesJob, ingest_series
-from medflow.tasks.reasons import ReasonCode
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

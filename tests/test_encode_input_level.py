@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medflow.demo.dicom import ct_phantom
 from medflow.encoders import create_encoder, stream_encode
 from medflow.encoders._streaming import load_series
 from medflow.encoders.testing import write_random_checkpoint
 from medflow.storage.images import DecodedImage, ImageMeta, OpenedImage, open_image, write_image
-from medflow.tasks.demo_dicom import ct_phantom
 
 MERLIN_PIXDIM = (1.5, 1.5, 3.0)  # R, A, S
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from medflow.demo.archive import make_demo_archive
 from medflow.flows.cli import demo_encoder_specs, nearest_series
 from medflow.flows.nightly import nightly
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import connect
-from medflow.tasks.demo_archive import make_demo_archive
 from medflow.tasks.encode import EncoderSpec, recompute_findings
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -152,7 +152,7 @@ def test_four_d_image_is_refused_by_volume_encoders_with_its_code(tmp_path: Path
     the 3D volume encoder records it as refused, once, instead of passing it over in silence."""
     import pydicom
 
-    from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
+    from medflow.demo.dicom import ct_phantom, write_ct_series
 
     archive = tmp_path / "archive"
     first = write_ct_series(archive / "t0", ct_phantom((6, 24, 20)), (2.5, 0.8, 0.8), (0, 0, 0))

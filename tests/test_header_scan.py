@@ -17,9 +17,7 @@ from pydicom.data import get_testdata_files
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 from support import full_parses as _full_parses
 
-from medflow.storage.layout import Pseudonymizer
-from medflow.tasks import SourceError
-from medflow.tasks.demo_dicom import (
+from medflow.demo.dicom import (
     DEMO_PATIENT,
     ct_phantom,
     write_2d,
@@ -28,9 +26,10 @@ from medflow.tasks.demo_dicom import (
     write_sr,
     write_truncated,
 )
-from medflow.tasks.dicom import DicomHeader, headers, read_dicom_header, read_dicom_headers, scan
+from medflow.readers.dicom import DicomHeader, headers, read_dicom_header, read_dicom_headers, scan
+from medflow.reasons import ReasonCode, SourceError, unexpected
+from medflow.storage.layout import Pseudonymizer
 from medflow.tasks.ingest import HeaderScan, scan_header_files
-from medflow.tasks.reasons import ReasonCode, unexpected
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
 

@@ -82,10 +82,18 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
     root = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)
+    # each series paused a little, so that however fast or loaded this machine is, the run is
+    # still writing when it is killed
+    slow = (
+        "import time, medflow.tasks.ingest as ti; one = ti.ingest_series\n"
+        "def paused(*a, **k):\n    time.sleep(0.3)\n    return one(*a, **k)\n"
+        "ti.ingest_series = paused\n"
+        "from medflow.flows.entry import main; main()"
+    )
     cmd = [
         sys.executable,
-        "-m",
-        "medflow",
+        "-c",
+        slow,
         "nightly",
         str(archive),
         "--root",
@@ -95,9 +103,11 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
         "--workers",
         "1",
     ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    log = tmp_path / "killed-run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     catalog_dir = root / "tables" / "catalog"
     deadline = time.monotonic() + 180
     try:
@@ -105,7 +115,9 @@ def test_killed_run_recovers_without_duplicates(tmp_path: Path) -> None:
             if len(list(catalog_dir.glob("part-*.parquet"))) >= 3:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed"
+        assert proc.poll() is None, (
+            "the run ended before it could be killed:\n" + log.read_text()[-3000:]
+        )
         os.killpg(proc.pid, signal.SIGKILL)  # a real kill: no cleanup runs
         proc.wait(timeout=30)
     finally:

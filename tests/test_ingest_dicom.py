@@ -19,8 +19,7 @@ from pydicom.pixels import apply_color_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from support import full_parses as _full_parses
 
-from medflow.tasks import SourceError
-from medflow.tasks.demo_dicom import (
+from medflow.demo.dicom import (
     AXIAL,
     COMPRESSED_SYNTAXES,
     DEMO_PATIENT,
@@ -31,7 +30,7 @@ from medflow.tasks.demo_dicom import (
     write_sr,
     write_truncated,
 )
-from medflow.tasks.dicom import (
+from medflow.readers.dicom import (
     DicomHeader,
     files,
     group_by_series,
@@ -43,7 +42,7 @@ from medflow.tasks.dicom import (
     series,
     values,
 )
-from medflow.tasks.reasons import ReasonCode
+from medflow.reasons import ReasonCode, SourceError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on odd test files
 

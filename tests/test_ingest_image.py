@@ -11,9 +11,8 @@ import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
-from medflow.tasks import SourceError
-from medflow.tasks.ingest_image import read_image
-from medflow.tasks.reasons import ReasonCode
+from medflow.readers.image import read_image
+from medflow.reasons import ReasonCode, SourceError
 
 _SKIMAGE_DIR = os.path.dirname(skimage.data.__file__)
 _RNG = np.random.default_rng(7)

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
-from medflow.tasks import SourceError
-from medflow.tasks.ingest_nifti import parse_dims, read_nifti
-from medflow.tasks.reasons import ReasonCode
+from medflow.readers.nifti import parse_dims, read_nifti
+from medflow.reasons import ReasonCode, SourceError
 
 
 def _rotated_affine(zooms: tuple[float, float, float]) -> np.ndarray:
@@ -440,7 +439,7 @@ def test_size_limit_is_checked_before_reading(
 ) -> None:
     """A volume above MEDFLOW_MAX_IMAGE_BYTES is refused as too_large, never a MemoryError;
     so is a small gzip file whose header promises a huge volume."""
-    from medflow.tasks.limits import LIMIT_ENV
+    from medflow.readers.limits import LIMIT_ENV
 
     path = tmp_path / "vol.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((32, 32, 16), np.int16), np.eye(4)), str(path))

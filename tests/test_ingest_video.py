@@ -10,9 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from medflow.tasks import SourceError
-from medflow.tasks.ingest_video import read_video
-from medflow.tasks.reasons import ReasonCode
+from medflow.readers.video import read_video
+from medflow.reasons import ReasonCode, SourceError
 
 
 def _write(

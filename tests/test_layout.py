@@ -240,3 +240,118 @@ def test_importing_medflow_changes_no_global_state() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _package(name: str) -> str:
+    return ".".join(name.split(".")[:2])
+
+
+def test_no_module_reaches_into_another_modules_private_names() -> None:
+    """``from medflow.x._private import ...`` across packages, ``from m import _name`` and
+    ``module._name`` are what a module keeps to itself."""
+    modules = _medflow_modules()
+    offenders = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medflow"):
+                target = node.module or ""
+                private = [
+                    a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"
+                ]
+                private_module = any(p.startswith("_") for p in target.split("."))
+                if private or (private_module and _package(target) != _package(name)):
+                    offenders.append(f"{name}:{node.lineno}: from {target} import {private}")
+                imported.update(a.asname or a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(
+                    (a.asname or a.name).split(".")[0]
+                    for a in node.names
+                    if a.name.startswith("medflow")
+                )
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in imported
+            ):
+                offenders.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not offenders, "\n".join(offenders)
+
+
+_ROOT_PATH_CALLS = ("_dir", "_path")
+
+
+def _builds_root_path(node: ast.AST) -> bool:
+    """A path under the output root put together by hand: ``root.join("literal", ...)``, an
+    f-string that starts with ``{root.<x>_dir()}/`` or ``{root.url}/``, or
+    ``Path(root.<x>_dir()) / ...``."""
+
+    def root_call(n: ast.AST) -> bool:
+        return (
+            isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and n.func.attr.endswith(_ROOT_PATH_CALLS)
+            and isinstance(n.func.value, ast.Name)
+            and n.func.value.id in ("root", "out", "output_root")
+        )
+
+    def root_url(n: ast.AST) -> bool:
+        return (
+            isinstance(n, ast.Attribute)
+            and n.attr == "url"
+            and isinstance(n.value, ast.Name)
+            and n.value.id in ("root", "out", "output_root")
+        )
+
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and (
+            node.func.attr == "join"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id in ("root", "out", "output_root")
+            and any(isinstance(a, ast.Constant) for a in node.args)
+        )
+    ):
+        return True
+    if isinstance(node, ast.JoinedStr) and len(node.values) >= 2:
+        first, second = node.values[0], node.values[1]
+        if (
+            isinstance(first, ast.FormattedValue)
+            and (root_call(first.value) or root_url(first.value))
+            and isinstance(second, ast.Constant)
+            and str(second.value).startswith("/")
+        ):
+            return True
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+        left = node.left
+        if isinstance(left, ast.Call) and left.args and root_call(left.args[0]):
+            return True
+    return False
+
+
+def test_paths_under_the_root_are_built_by_storage_only() -> None:
+    offenders = [
+        f"{name}:{node.lineno}"
+        for name, path in _medflow_modules().items()
+        if not name.startswith("medflow.storage")
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if _builds_root_path(node)
+    ]
+    assert not offenders, offenders
+
+
+def test_the_root_path_rule_sees_a_hand_built_path() -> None:
+    hand_built = [
+        'root.join("reports", name)',
+        'f"{root.models_dir()}/known.json"',
+        'f"{out.url}/tables/catalog"',
+        'Path(root.models_dir()) / "m3ret"',
+    ]
+    for code in hand_built:
+        assert any(_builds_root_path(n) for n in ast.walk(ast.parse(code))), code
+    assert not any(_builds_root_path(n) for n in ast.walk(ast.parse("root.join(item.path)")))

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from orthanc_server import PASSWORD, USER, Orthanc, running_orthanc
 
+from medflow.demo.archive import make_demo_archive
+from medflow.demo.dicom import ct_phantom, write_ct_series
 from medflow.flows.nightly import nightly
 from medflow.storage.images import open_image
 from medflow.storage.layout import KEY_SECRET_ENV, OutputRoot
 from medflow.storage.tables import CATALOG_SCHEMA, read_table
-from medflow.tasks.demo_archive import make_demo_archive
-from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
 from medflow.tasks.dicomweb import (
     PASSWORD_ENV,
     TOKEN_ENV,

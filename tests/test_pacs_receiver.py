@@ -17,9 +17,9 @@ import pytest
 import requests
 from orthanc_server import PASSWORD, USER, Orthanc, free_port, running_orthanc
 
+from medflow.demo.dicom import ct_phantom, write_ct_series
 from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
-from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
 from medflow.tasks.dicomweb import PASSWORD_ENV, USER_ENV
 from medflow.tasks.receiver import STAGING
 

@@ -17,12 +17,12 @@ import pytest
 import requests
 from orthanc_server import PASSWORD, USER, Orthanc, running_orthanc
 
+from medflow.demo.dicom import DemoPatient, ct_phantom, write_2d, write_ct_series
 from medflow.encoders.findings import PROMPT_DIR
 from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
 from medflow.storage.layout import KEY_SECRET_ENV, OutputRoot
 from medflow.storage.tables import SR_SENT_SCHEMA, connect, read_table
-from medflow.tasks.demo_dicom import DemoPatient, ct_phantom, write_2d, write_ct_series
 from medflow.tasks.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV
 from medflow.tasks.sr_export import WriteBack, export_reports, report_uid
 

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 from medflow.tasks.ingest_dicom import read_dicom_series
 
-from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
-from medflow.tasks.reasons import SourceError, format_number, format_values
+from medflow.demo.dicom import ct_phantom, write_ct_series
+from medflow.reasons import SourceError, format_number, format_values
 
 Edit = Callable[[pydicom.Dataset], None]
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
+from medflow.demo.dicom import ct_phantom, write_ct_series
+from medflow.denoise import ParallelBeamGeometry, hu_to_mu, simulate_low_dose
 from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
 from medflow.storage.images import open_image
 from medflow.storage.layout import OutputRoot
 from medflow.storage.sinograms import Sinogram, write_sinogram
 from medflow.storage.tables import connect
-from medflow.tasks.demo_dicom import ct_phantom, write_ct_series
-from medflow.tasks.denoise import ParallelBeamGeometry, hu_to_mu, simulate_low_dose
 from medflow.tasks.preprocess import (
     DenoiseConfig,
     DenoiseItem,

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from medflow.tasks.demo_archive import make_demo_archive
-from medflow.tasks.demo_dicom import DemoPatient, write_ct_series
+from medflow.demo.archive import make_demo_archive
+from medflow.demo.dicom import DemoPatient, write_ct_series
 
 pytestmark = pytest.mark.slow
 

@@ -10,17 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from medflow.storage.layout import OutputRoot
-from medflow.storage.tables import (
-    CATALOG_SCHEMA,
-    INCIDENTS_SCHEMA,
-    SOURCES_SCHEMA,
-    connect,
-    quarantine_listing,
-    read_table,
-    write_part,
-)
-from medflow.tasks.reasons import (
+from medflow.reasons import (
     MAX_EXAMPLE_KEYS,
     REASON_DESCRIPTIONS,
     InputError,
@@ -33,6 +23,16 @@ from medflow.tasks.reasons import (
     tally_add,
     tally_groups,
     unexpected,
+)
+from medflow.storage.layout import OutputRoot
+from medflow.storage.tables import (
+    CATALOG_SCHEMA,
+    INCIDENTS_SCHEMA,
+    SOURCES_SCHEMA,
+    connect,
+    quarantine_listing,
+    read_table,
+    write_part,
 )
 
 SECRET_PATH = "/archive/DOE_JOHN_1961/MRN778899/IM0001.dcm"

@@ -20,14 +20,14 @@ import pydicom
 import pytest
 from PIL import Image
 
+from medflow.demo.archive import chest_radiograph, endoscopy_frames
+from medflow.demo.dicom import DemoPatient, ct_phantom, write_ct_series
 from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
+from medflow.reasons import MAX_EXAMPLE_KEYS, ReasonCode, tally_add, tally_groups
 from medflow.storage.images import DecodedImage, ImageMeta, write_image
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import connect
-from medflow.tasks.demo_archive import chest_radiograph, endoscopy_frames
-from medflow.tasks.demo_dicom import DemoPatient, ct_phantom, write_ct_series
-from medflow.tasks.reasons import MAX_EXAMPLE_KEYS, ReasonCode, tally_add, tally_groups
 from medflow.tasks.report import REPORT_ARTIFACT_KEY, build_report, publish_report, thumbnail
 
 PATIENT = DemoPatient(

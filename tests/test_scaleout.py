@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medflow.demo.archive import make_demo_archive
 from medflow.flows.cli import demo_encoder_specs
-from medflow.flows.nightly import _runner, nightly
+from medflow.flows.nightly import nightly, task_runner
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import connect
-from medflow.tasks.demo_archive import make_demo_archive
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.slow]
 
@@ -104,7 +104,7 @@ def baseline(env: dict[str, Any]) -> dict[str, Any]:
     before = _read_limit(limit)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDFLOW_CPU_SLOTS", "1")
-        flow = nightly.with_options(task_runner=_runner(2))
+        flow = nightly.with_options(task_runner=task_runner(2))
         summary = flow(archive=env["archive"], root=root, batch_size=4, encoders=env["specs"])
     assert summary["encoded"]["merlin"] > 0 and summary["encoded"]["clip"] > 0
     return {"root": root, "summary": summary, "limit": limit, "limit_before": before}
@@ -114,7 +114,7 @@ def test_dask_local_cluster_gives_the_same_tables(
     env: dict[str, Any], baseline: dict[str, Any]
 ) -> None:
     root = str(env["base"] / "dask")
-    flow = nightly.with_options(task_runner=_runner(dask_workers=2))
+    flow = nightly.with_options(task_runner=task_runner(dask_workers=2))
     summary = flow(archive=env["archive"], root=root, batch_size=4, encoders=env["specs"])
     for k in ("status", "modality", "encoded", "findings", "series_planned"):
         assert summary[k] == baseline["summary"][k], k
@@ -162,16 +162,16 @@ def test_runner_options_are_checked() -> None:
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    assert isinstance(_runner(3), ThreadPoolTaskRunner)
-    local = _runner(dask_workers=2)
+    assert isinstance(task_runner(3), ThreadPoolTaskRunner)
+    local = task_runner(dask_workers=2)
     assert isinstance(local, DaskTaskRunner)
     assert local.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1, "processes": True}
-    remote = _runner(dask_address="tcp://10.0.0.5:8786")
+    remote = task_runner(dask_address="tcp://10.0.0.5:8786")
     assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
     with pytest.raises(ValueError, match="got both"):
-        _runner(dask_address="tcp://10.0.0.5:8786", dask_workers=2)
+        task_runner(dask_address="tcp://10.0.0.5:8786", dask_workers=2)
     with pytest.raises(ValueError, match="at least 1 Dask worker"):
-        _runner(dask_workers=0)
+        task_runner(dask_workers=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_one_slot_keeps_device_work_from_overlapping() -> None:
                 state["now"] -= 1
         return i
 
-    @flow(task_runner=_runner(3))  # a thread pool of 3
+    @flow(task_runner=task_runner(3))  # a thread pool of 3
     def three() -> list[int]:
         futures = [work.submit(i) for i in range(3)]
         return [f.result() for f in futures]

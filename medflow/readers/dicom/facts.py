@@ -14,7 +14,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from medflow.tasks.dicom.values import first_item, float_or_none, text_of, value_of
+from medflow.readers.dicom.values import first_item, float_or_none, text_of, value_of
 
 __all__ = ["NO_FACTS", "PlaneFacts", "classic_facts", "frame_facts", "seconds_of_day"]
 

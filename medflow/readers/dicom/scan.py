@@ -20,9 +20,9 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, STANDARD_VR
 
-from medflow.tasks.dicom.files import NATIVE_LE, Parsed, open_dicom
-from medflow.tasks.dicom.headers import DicomHeader, header_of
-from medflow.tasks.dicom.values import UNDEFINED_LENGTH, as_source_error, quiet, tag_of
+from medflow.readers.dicom.files import NATIVE_LE, Parsed, open_dicom
+from medflow.readers.dicom.headers import DicomHeader, header_of
+from medflow.readers.dicom.values import UNDEFINED_LENGTH, as_source_error, quiet, tag_of
 
 
 def read_dicom_headers(

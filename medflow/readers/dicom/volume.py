@@ -15,17 +15,16 @@ from pydicom.uid import (
     UID,
 )
 
-from medflow.storage.images import DecodedImage, ImageMeta, Restart, slab_rows
-from medflow.tasks.dicom.assembly import LeftOut, Part, split_parts, volumes_of
-from medflow.tasks.dicom.enhanced import (
+from medflow.readers.dicom.assembly import LeftOut, Part, split_parts, volumes_of
+from medflow.readers.dicom.enhanced import (
     PHILIPS_FLOAT,
     enhanced_planes,
     philips_rescale,
     philips_scale,
 )
-from medflow.tasks.dicom.facts import classic_facts
-from medflow.tasks.dicom.files import transfer_syntax_of
-from medflow.tasks.dicom.geometry import (
+from medflow.readers.dicom.facts import classic_facts
+from medflow.readers.dicom.files import transfer_syntax_of
+from medflow.readers.dicom.geometry import (
     Plane,
     affine_of,
     geometry_of,
@@ -36,8 +35,8 @@ from medflow.tasks.dicom.geometry import (
     stack_planes,
     us_spacing,
 )
-from medflow.tasks.dicom.mosaic import is_mosaic, mosaic_planes
-from medflow.tasks.dicom.pixels import (
+from medflow.readers.dicom.mosaic import is_mosaic, mosaic_planes
+from medflow.readers.dicom.pixels import (
     PixelFormat,
     check_promised,
     fill_planes,
@@ -47,10 +46,11 @@ from medflow.tasks.dicom.pixels import (
     pixel_format,
     stream_slices,
 )
-from medflow.tasks.dicom.series import Instance, open_series
-from medflow.tasks.dicom.values import as_source_error, float_or_none, quiet, text_of, value_of
-from medflow.tasks.limits import check_image_bytes
-from medflow.tasks.reasons import ReasonCode, SourceError
+from medflow.readers.dicom.series import Instance, open_series
+from medflow.readers.dicom.values import as_source_error, float_or_none, quiet, text_of, value_of
+from medflow.readers.limits import check_image_bytes
+from medflow.reasons import ReasonCode, SourceError
+from medflow.storage.images import DecodedImage, ImageMeta, Restart, slab_rows
 
 # transfer syntaxes that always lose information (JPEG DCT, MPEG); for the others, whose
 # streams may be lossless or not (JPEG 2000, JPEG-LS near-lossless), LossyImageCompression says
@@ -86,7 +86,7 @@ def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedI
     normal must be equal within ``max(SLICE_TOLERANCE_MM, SLICE_TOLERANCE_REL * spacing)``: a
     gap or an irregular step is a :class:`SourceError` whose path is the file before it and
     whose reason gives the numbers. Several volumes at the same positions make one 4D image
-    ``("t", "z", "y", "x")`` (see :mod:`tasks.dicom.assembly`); a series of several parts
+    ``("t", "z", "y", "x")`` (see :mod:`medflow.readers.dicom.assembly`); a series of several parts
     (echoes, magnitude and phase, ...) is read with :func:`read_dicom_parts`, and is refused
     here.
 
@@ -117,7 +117,7 @@ def read_dicom_series(paths: Sequence[str], *, stream: bool = False) -> DecodedI
 
 
 def read_dicom_parts(paths: Sequence[str], *, stream: bool = False) -> DicomParts:
-    """Decode the local files of one series into its parts (see :mod:`tasks.dicom.assembly`).
+    """Decode the local files of one series into its parts (see :mod:`medflow.readers.dicom.assembly`).
 
     One part (suffix "") for a series of one kind of image; several where the series mixes
     series numbers, echoes, complex components, image types or orientations, each with the

@@ -5,7 +5,7 @@ rescale (Pixel Value Transformation) and its acquisition facts (Frame Content: t
 position and acquisition time; MR Echo, MR Image Frame Type, MR Diffusion, MR Timing), each
 macro looked up per frame first, then in the shared groups, then at the top level. The frames
 are then organised into parts and volumes like the slices of a classic series (see
-:mod:`tasks.dicom.assembly`), so that the frames of one object, or the volumes of one series
+:mod:`medflow.readers.dicom.assembly`), so that the frames of one object, or the volumes of one series
 saved one object per volume, come out as one image.
 
 Philips values: where a Philips object carries its private scale slope (the "precise" floating
@@ -21,11 +21,11 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from medflow.tasks.dicom.facts import frame_facts
-from medflow.tasks.dicom.geometry import Plane, geometry_of, rescale_of, spacing_of
-from medflow.tasks.dicom.series import Instance
-from medflow.tasks.dicom.values import first_item, float_or_none, text_of, value_of
-from medflow.tasks.reasons import ReasonCode, SourceError
+from medflow.readers.dicom.facts import frame_facts
+from medflow.readers.dicom.geometry import Plane, geometry_of, rescale_of, spacing_of
+from medflow.readers.dicom.series import Instance
+from medflow.readers.dicom.values import first_item, float_or_none, text_of, value_of
+from medflow.reasons import ReasonCode, SourceError
 
 __all__ = ["PHILIPS_FLOAT", "enhanced_planes", "philips_scale"]
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
-from medflow.tasks.dicom.files import Parsed, open_dicom, transfer_syntax_of
-from medflow.tasks.dicom.values import (
+from medflow.readers.dicom.files import Parsed, open_dicom, transfer_syntax_of
+from medflow.readers.dicom.values import (
     as_source_error,
     first_item,
     float_or_none,
@@ -22,7 +22,7 @@ from medflow.tasks.dicom.values import (
     valid_uid,
     value_of,
 )
-from medflow.tasks.reasons import ReasonCode, SourceError
+from medflow.reasons import ReasonCode, SourceError
 
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
 

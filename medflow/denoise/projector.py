@@ -3,7 +3,7 @@
 Both run on the device and in the floating dtype of their input tensor. Images are attenuation
 coefficients in 1/mm with shape ``(slices, size, size)``; sinograms are line integrals
 (dimensionless) with shape ``(slices, n_views, n_bins)``. The geometry conventions are those of
-:mod:`tasks.denoise.geometry`.
+:mod:`medflow.denoise.geometry`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from medflow.tasks.denoise.geometry import ParallelBeamGeometry
+from medflow.denoise.geometry import ParallelBeamGeometry
 
 __all__ = [
     "FILTER_NAMES",

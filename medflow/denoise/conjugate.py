@@ -2,7 +2,7 @@
 
 The ray at view angle ``theta`` and detector position ``s`` and the ray at ``theta + pi`` and
 ``-s`` are the same line traversed the other way, so in raw projections they measure the same
-line integral with independent noise. On the grid of :mod:`tasks.denoise.geometry` (an even
+line integral with independent noise. On the grid of :mod:`medflow.denoise.geometry` (an even
 number of views over 360 degrees, bins centred about the middle of the detector) that partner is
 view ``(k + n_views / 2) mod n_views``, bin ``n_bins - 1 - j``: exact, no interpolation.
 
@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from medflow.tasks.denoise.geometry import ParallelBeamGeometry
+from medflow.denoise.geometry import ParallelBeamGeometry
 
 __all__ = [
     "NotRawProjectionsError",

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medflow.tasks.denoise.geometry import parse_positive_float, parse_positive_int
-from medflow.tasks.denoise.networks import NoiseNet, training_step
+from medflow.denoise.geometry import parse_positive_float, parse_positive_int
+from medflow.denoise.networks import NoiseNet, training_step
 
 __all__ = [
     "TrainedZSN2N",

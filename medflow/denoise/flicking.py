@@ -1,8 +1,8 @@
 """Zero-shot sinogram denoising by flicking (Shi & Wang, 2025), for 360-degree parallel beam.
 
 From the one scan at hand: each training step deals fresh pairs of flicked sinograms with
-complementary swap masks (see :mod:`tasks.denoise.conjugate`), whose noises are independent
-ray by ray, and fits the small network of :mod:`tasks.denoise.networks` with the symmetric
+complementary swap masks (see :mod:`medflow.denoise.conjugate`), whose noises are independent
+ray by ray, and fits the small network of :mod:`medflow.denoise.networks` with the symmetric
 Noise2Noise loss ``|a - n(a) - b|^2 + |b - n(b) - a|^2`` (``n`` the predicted noise). The
 denoised sinogram is the average of the network output over ``n_average`` flicked copies.
 
@@ -21,19 +21,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medflow.tasks.denoise.conjugate import (
+from medflow.denoise.conjugate import (
     flick,
     flicked_pair,
     pair_mask,
     parse_full_scan,
     swap_mask,
 )
-from medflow.tasks.denoise.geometry import (
+from medflow.denoise.geometry import (
     ParallelBeamGeometry,
     parse_positive_float,
     parse_positive_int,
 )
-from medflow.tasks.denoise.networks import RECEPTIVE_FIELD, NoiseNet, training_step
+from medflow.denoise.networks import RECEPTIVE_FIELD, NoiseNet, training_step
 
 __all__ = [
     "FlickingSettings",

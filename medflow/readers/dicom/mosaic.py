@@ -14,7 +14,7 @@ Each tile becomes a plane of its own:
   the row and column directions).
 
 Each mosaic file is then one volume; the files of one series are its volumes, ordered like any
-other volumes (see :mod:`tasks.dicom.assembly`).
+other volumes (see :mod:`medflow.readers.dicom.assembly`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import math
 
 import numpy as np
 
-from medflow.tasks.dicom.facts import classic_facts
-from medflow.tasks.dicom.geometry import Plane, geometry_of, rescale_of, spacing_of
-from medflow.tasks.dicom.series import Instance
-from medflow.tasks.dicom.values import float_or_none, text_of, value_of
-from medflow.tasks.reasons import ReasonCode, SourceError
+from medflow.readers.dicom.facts import classic_facts
+from medflow.readers.dicom.geometry import Plane, geometry_of, rescale_of, spacing_of
+from medflow.readers.dicom.series import Instance
+from medflow.readers.dicom.values import float_or_none, text_of, value_of
+from medflow.reasons import ReasonCode, SourceError
 
 __all__ = ["is_mosaic", "mosaic_planes"]
 

@@ -22,7 +22,7 @@ What comes out:
   or for a JPEG whose colour channels really differ (a photograph rather than a grey picture
   saved as RGB); otherwise ``"OT"``.
 
-Unreadable input raises :class:`~tasks.SourceError` with a :class:`~tasks.reasons.ReasonCode`
+Unreadable input raises :class:`~tasks.SourceError` with a :class:`~medflow.reasons.ReasonCode`
 and a reason that never quotes the path or the file's name (pillow's message, which may quote
 the path, goes to its ``detail`` only): ``unrecognised_format`` for a name or content that is
 not PNG, JPEG or TIFF; ``truncated`` for a file that ends early; ``decode_error`` for a corrupt
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
+from medflow.readers import parse_source_path
+from medflow.reasons import ReasonCode, SourceError, format_number
 from medflow.storage.images import DecodedImage, ImageMeta
-from medflow.tasks import SourceError, parse_source_path
-from medflow.tasks.reasons import ReasonCode, format_number
 
 __all__ = ["IMAGE_FORMATS", "IMAGE_SUFFIXES", "parse_image_path", "read_image"]
 

@@ -26,7 +26,7 @@ What comes out:
   description itself is not kept (it is free text and may hold identifiers).
 
 Anything that cannot be read this way raises :class:`~tasks.SourceError` with a
-:class:`~tasks.reasons.ReasonCode` and a reason that never quotes the path or the file's name
+:class:`~medflow.reasons.ReasonCode` and a reason that never quotes the path or the file's name
 (what nibabel, gzip or the OS said, which may quote the path, goes to its ``detail`` only):
 
 * ``unrecognised_format``: not a NIfTI file name, not a NIfTI header (``sizeof_hdr``), an
@@ -55,10 +55,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from medflow.readers import parse_source_path
+from medflow.readers.limits import check_image_bytes
+from medflow.reasons import ReasonCode, SourceError, format_number
 from medflow.storage.images import DecodedImage, ImageMeta
-from medflow.tasks import SourceError, parse_source_path
-from medflow.tasks.limits import check_image_bytes
-from medflow.tasks.reasons import ReasonCode, format_number
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -336,7 +336,7 @@ def _inflated_size(path: str, enough: int) -> int:
 
 def _check_data_length(img: Any, facts: NiftiHeaderFacts, shape: tuple[int, ...]) -> None:
     """Check, before any voxel is read, that the image is within the size limit
-    (:mod:`tasks.limits`) and that the file holds all the voxels its header promises; for a
+    (:mod:`medflow.readers.limits`) and that the file holds all the voxels its header promises; for a
     gzip-compressed file, whose true size only decompression shows, by inflating it once
     without keeping what it inflates to."""
     voxels = math.prod(shape)

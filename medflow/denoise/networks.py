@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medflow.tasks.denoise.geometry import parse_positive_int
+from medflow.denoise.geometry import parse_positive_int
 
 __all__ = ["RECEPTIVE_FIELD", "NoiseNet", "training_step"]
 

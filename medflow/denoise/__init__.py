@@ -7,8 +7,8 @@ gets back a :class:`DenoiseResult` whose image is linear attenuation in 1/mm.
 
 from __future__ import annotations
 
-from medflow.tasks.denoise.api import METHODS, DenoiseResult, Method, denoise_sinogram
-from medflow.tasks.denoise.conjugate import (
+from medflow.denoise.api import METHODS, DenoiseResult, Method, denoise_sinogram
+from medflow.denoise.conjugate import (
     NotRawProjectionsError,
     check_raw_projections,
     conjugate,
@@ -18,19 +18,19 @@ from medflow.tasks.denoise.conjugate import (
     pair_mask,
     swap_mask,
 )
-from medflow.tasks.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
-from medflow.tasks.denoise.geometry import ParallelBeamGeometry
-from medflow.tasks.denoise.guard import GuardEstimate, estimate_noise_std, guard_estimate
-from medflow.tasks.denoise.lowdose import (
+from medflow.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
+from medflow.denoise.geometry import ParallelBeamGeometry
+from medflow.denoise.guard import GuardEstimate, estimate_noise_std, guard_estimate
+from medflow.denoise.lowdose import (
     WATER_MU_PER_MM,
     LowDoseScan,
     hu_to_mu,
     mu_to_hu,
     simulate_low_dose,
 )
-from medflow.tasks.denoise.networks import NoiseNet
-from medflow.tasks.denoise.projector import back_project, fbp, filter_sinogram, radon, ramp_filter
-from medflow.tasks.denoise.zsn2n import ZSN2NSettings, denoise_zsn2n, pair_downsample, train_zsn2n
+from medflow.denoise.networks import NoiseNet
+from medflow.denoise.projector import back_project, fbp, filter_sinogram, radon, ramp_filter
+from medflow.denoise.zsn2n import ZSN2NSettings, denoise_zsn2n, pair_downsample, train_zsn2n
 
 __all__ = [
     "METHODS",

@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from medflow.tasks.dicom.geometry import (
+from medflow.readers.dicom.geometry import (
     SLICE_TOLERANCE_MM,
     SLICE_TOLERANCE_REL,
     Plane,
     placement,
 )
-from medflow.tasks.reasons import ReasonCode, SourceError
+from medflow.reasons import ReasonCode, SourceError
 
 __all__ = ["LeftOut", "Part", "split_parts", "volumes_of"]
 

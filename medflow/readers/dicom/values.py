@@ -20,7 +20,7 @@ from pydicom.uid import (
     UID,
 )
 
-from medflow.tasks.reasons import ReasonCode, SourceError, format_number, format_values
+from medflow.reasons import ReasonCode, SourceError, format_number, format_values
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 

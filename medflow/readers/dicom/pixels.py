@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from medflow.storage.images import DecodedImage, Restart
-from medflow.tasks.dicom.files import transfer_syntax_of
-from medflow.tasks.dicom.geometry import Plane
-from medflow.tasks.dicom.series import Instance
-from medflow.tasks.dicom.values import (
+from medflow.readers.dicom.files import transfer_syntax_of
+from medflow.readers.dicom.geometry import Plane
+from medflow.readers.dicom.series import Instance
+from medflow.readers.dicom.values import (
     as_source_error,
     int_of,
     io_error,
@@ -27,8 +26,9 @@ from medflow.tasks.dicom.values import (
     text_of,
     uid_known,
 )
-from medflow.tasks.limits import check_image_bytes
-from medflow.tasks.reasons import ReasonCode, SourceError, format_values
+from medflow.readers.limits import check_image_bytes
+from medflow.reasons import ReasonCode, SourceError, format_values
+from medflow.storage.images import DecodedImage, Restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +364,7 @@ def fill_planes(
 
     A plane cut from a mosaic (``plane.tile``) takes its tile of the decoded frame; several
     planes may come from one frame. The array is sized from the headers and checked against
-    the size limit (:mod:`tasks.limits`) before it is allocated; grey values start as
+    the size limit (:mod:`medflow.readers.limits`) before it is allocated; grey values start as
     ``dtype`` (default: :func:`grey_dtype` of the planes) and turn float32 where a rescaled
     value does not fit it.
     """

@@ -2,7 +2,7 @@
 truncation checks, and where native pixel data lies in the file.
 
 A gzip-compressed file (``.dcm.gz``, or any name: recognised by its first bytes) is read as the
-DICOM file it inflates to, in memory, up to the size limit of :mod:`tasks.limits`; its
+DICOM file it inflates to, in memory, up to the size limit of :mod:`medflow.readers.limits`; its
 pixel data is then parsed with the rest of the data set rather than read in place.
 """
 
@@ -30,7 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from medflow.tasks.dicom.values import (
+from medflow.readers.dicom.values import (
     UNDEFINED_LENGTH,
     io_error,
     library_text,
@@ -38,8 +38,8 @@ from medflow.tasks.dicom.values import (
     valid_uid,
     value_of,
 )
-from medflow.tasks.limits import max_image_bytes
-from medflow.tasks.reasons import ReasonCode, SourceError
+from medflow.readers.limits import max_image_bytes
+from medflow.reasons import ReasonCode, SourceError
 
 _DEFER_BYTES = 16 * 1024  # values above this (pixel data) are read only when decoded
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from medflow.tasks.reasons import ReasonCode, SourceError
+from medflow.reasons import ReasonCode, SourceError
 
 __all__ = ["DEFAULT_MAX_IMAGE_BYTES", "LIMIT_ENV", "check_image_bytes", "max_image_bytes"]
 

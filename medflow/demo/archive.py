@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
-from medflow.tasks.demo_dicom import (
+from medflow.demo.dicom import (
     AXIAL,
     DemoPatient,
     ct_phantom,
@@ -1018,14 +1018,14 @@ def _write_raw_projections(b: _Builder, patient: DemoPatient) -> DemoEntry:
     import torch
 
     from medflow.storage.sinograms import Sinogram, write_sinogram
-    from medflow.tasks.denoise import (
+    from medflow.denoise import (
         WATER_MU_PER_MM,
         ParallelBeamGeometry,
         hu_to_mu,
         mu_to_hu,
         simulate_low_dose,
     )
-    from medflow.tasks.denoise.projector import fbp
+    from medflow.denoise.projector import fbp
 
     label = b.next_label()
     n = b.px(64, 2)

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from medflow.tasks.dicom.files import open_dicom
-from medflow.tasks.dicom.headers import DicomHeader, header_of
-from medflow.tasks.dicom.scan import Layout, learn_layout, open_like
-from medflow.tasks.dicom.values import value_of
-from medflow.tasks.reasons import ReasonCode, SourceError
+from medflow.readers.dicom.files import open_dicom
+from medflow.readers.dicom.headers import DicomHeader, header_of
+from medflow.readers.dicom.scan import Layout, learn_layout, open_like
+from medflow.readers.dicom.values import value_of
+from medflow.reasons import ReasonCode, SourceError
 
 
 @dataclass(slots=True)

@@ -2,16 +2,16 @@
 
 Methods:
 
-* ``"flicking"``: sinogram flicking (:mod:`tasks.denoise.flicking`), then FBP. Needs raw
+* ``"flicking"``: sinogram flicking (:mod:`medflow.denoise.flicking`), then FBP. Needs raw
   360-degree projections and refuses re-projected input with
-  :class:`~tasks.denoise.conjugate.NotRawProjectionsError`.
-* ``"zsn2n"``: FBP, then Zero-Shot Noise2Noise on the slices (:mod:`tasks.denoise.zsn2n`).
+  :class:`~medflow.denoise.conjugate.NotRawProjectionsError`.
+* ``"zsn2n"``: FBP, then Zero-Shot Noise2Noise on the slices (:mod:`medflow.denoise.zsn2n`).
 * ``"fbp"``: plain filtered back-projection.
 
 Images are returned as linear attenuation in 1/mm (``DenoiseResult.to_hu`` converts).
 
 Never worse than the input: a denoiser's slice is kept only where the SURE estimate of its image
-error is below that of plain FBP (:mod:`tasks.denoise.guard`); elsewhere the slice is the FBP of
+error is below that of plain FBP (:mod:`medflow.denoise.guard`); elsewhere the slice is the FBP of
 the input, and the result says so per slice. The guard needs a raw 360-degree scan (it measures
 the noise from conjugate rays); where it cannot run, the result records why.
 """
@@ -27,18 +27,18 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from medflow.devices import parse_device
-from medflow.tasks.denoise.conjugate import (
+from medflow.denoise.conjugate import (
     DEFAULT_MIN_RELATIVE_DIFFERENCE,
     check_raw_projections,
     conjugate_relative_difference,
 )
-from medflow.tasks.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
-from medflow.tasks.denoise.geometry import ParallelBeamGeometry
-from medflow.tasks.denoise.guard import GuardEstimate, guard_estimate
-from medflow.tasks.denoise.lowdose import WATER_MU_PER_MM, mu_to_hu
-from medflow.tasks.denoise.projector import FilterName, fbp, parse_filter_name
-from medflow.tasks.denoise.zsn2n import ZSN2NSettings, denoise_zsn2n, train_zsn2n
+from medflow.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
+from medflow.denoise.geometry import ParallelBeamGeometry
+from medflow.denoise.guard import GuardEstimate, guard_estimate
+from medflow.denoise.lowdose import WATER_MU_PER_MM, mu_to_hu
+from medflow.denoise.projector import FilterName, fbp, parse_filter_name
+from medflow.denoise.zsn2n import ZSN2NSettings, denoise_zsn2n, train_zsn2n
+from medflow.devices import parse_device
 
 __all__ = [
     "METHODS",
@@ -185,7 +185,7 @@ def denoise_sinogram(
     ``seed``, so on the CPU the same call gives the same image. ``guard`` applies the
     no-worse-than-FBP guard described in the module docstring; ``return_unguarded`` also returns
     the method's output before it. ``progress(step, loss)`` is called every 100 training steps.
-    Raises :class:`~tasks.denoise.conjugate.NotRawProjectionsError` (a ``ValueError``) when
+    Raises :class:`~medflow.denoise.conjugate.NotRawProjectionsError` (a ``ValueError``) when
     ``"flicking"`` is given a re-projected image instead of raw projections.
     """
     started = time.perf_counter()

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from medflow.tasks.dicom.facts import NO_FACTS, PlaneFacts
-from medflow.tasks.dicom.values import (
+from medflow.readers.dicom.facts import NO_FACTS, PlaneFacts
+from medflow.readers.dicom.values import (
     cause_text,
     parse_orientation,
     parse_rescale,
@@ -20,7 +20,7 @@ from medflow.tasks.dicom.values import (
     tag_of,
     value_of,
 )
-from medflow.tasks.reasons import ReasonCode, SourceError, format_number, format_values
+from medflow.reasons import ReasonCode, SourceError, format_number, format_values
 
 SLICE_TOLERANCE_MM = 0.01
 """Absolute floor of the slice position tolerance, mm."""

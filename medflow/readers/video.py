@@ -18,7 +18,7 @@ What comes out:
   names an endoscopic procedure (endoscopy, colonoscopy, gastroscopy, bronchoscopy, ...);
   otherwise ``"XC"``. The metadata text itself is not kept (it may hold identifiers).
 
-Unreadable input raises :class:`~tasks.SourceError` with a :class:`~tasks.reasons.ReasonCode`
+Unreadable input raises :class:`~tasks.SourceError` with a :class:`~medflow.reasons.ReasonCode`
 and a reason that never quotes the path or the file's name (what FFmpeg said, which may quote
 the path, goes to its ``detail`` only). At open time: ``unrecognised_format`` for a file that is
 not an MP4, MOV or AVI container, ``truncated`` for an MP4/MOV whose index cannot be read (a
@@ -41,9 +41,9 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from medflow.readers import parse_source_path
+from medflow.reasons import ReasonCode, SourceError
 from medflow.storage.images import DecodedImage, ImageMeta
-from medflow.tasks import SourceError, parse_source_path
-from medflow.tasks.reasons import ReasonCode
 
 __all__ = [
     "MAX_SLAB_FRAMES",

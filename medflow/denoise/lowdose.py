@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medflow.tasks.denoise.geometry import ParallelBeamGeometry, parse_positive_float
-from medflow.tasks.denoise.projector import fbp, radon
+from medflow.denoise.geometry import ParallelBeamGeometry, parse_positive_float
+from medflow.denoise.projector import fbp, radon
 
 __all__ = [
     "MIN_COUNTS",

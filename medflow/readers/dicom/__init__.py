@@ -4,8 +4,8 @@
 Recognising DICOM: a file is DICOM when it has the 128-byte preamble and ``DICM``, or, without
 them, when its first bytes are a plausible data element of group 0002 or 0008 and the parsed
 data set then has a valid SOP Class UID. Everything wrong with a file raises
-:class:`~tasks.SourceError` (see :mod:`tasks.reasons`): the path as given (for the restricted
-``sources`` table only), a :class:`~tasks.reasons.ReasonCode`, a public ``reason`` a user can act
+:class:`~tasks.SourceError` (see :mod:`medflow.reasons`): the path as given (for the restricted
+``sources`` table only), a :class:`~medflow.reasons.ReasonCode`, a public ``reason`` a user can act
 on, built only from non-identifying facts (numbers, element keywords, transfer syntax and SOP
 class names; never a path, a file name, a UID or a library's message), and, where a library
 said why, its message as the restricted ``detail``.
@@ -44,26 +44,26 @@ gantry shears it (``attrs["gantry_tilt_deg"]``). Spacing is ``PixelSpacing`` (ro
 column spacing) in-plane and the measured distance between consecutive slice positions along
 the normal -- never SliceThickness, except for a lone slice, which has nothing to measure.
 
-Modules, one per concern: :mod:`~tasks.dicom.files` (recognising and parsing files),
-:mod:`~tasks.dicom.headers` (one file's header, grouping), :mod:`~tasks.dicom.scan` (the fast
-header scan), :mod:`~tasks.dicom.series` (opening a series' files), :mod:`~tasks.dicom.geometry`
-(planes, stacking, affine), :mod:`~tasks.dicom.enhanced` (enhanced multi-frame objects),
-:mod:`~tasks.dicom.mosaic` (Siemens mosaics), :mod:`~tasks.dicom.facts` (per-plane
-acquisition facts), :mod:`~tasks.dicom.assembly` (parts and volumes: 4D assembly),
-:mod:`~tasks.dicom.pixels` (decoding) and :mod:`~tasks.dicom.volume` (assembling images:
-:func:`read_dicom_series`, :func:`read_dicom_parts`); :mod:`~tasks.dicom.values` holds the small
-value parsers and error wording they share. Size limits are :mod:`tasks.limits`.
+Modules, one per concern: :mod:`~medflow.readers.dicom.files` (recognising and parsing files),
+:mod:`~medflow.readers.dicom.headers` (one file's header, grouping), :mod:`~medflow.readers.dicom.scan` (the fast
+header scan), :mod:`~medflow.readers.dicom.series` (opening a series' files), :mod:`~medflow.readers.dicom.geometry`
+(planes, stacking, affine), :mod:`~medflow.readers.dicom.enhanced` (enhanced multi-frame objects),
+:mod:`~medflow.readers.dicom.mosaic` (Siemens mosaics), :mod:`~medflow.readers.dicom.facts` (per-plane
+acquisition facts), :mod:`~medflow.readers.dicom.assembly` (parts and volumes: 4D assembly),
+:mod:`~medflow.readers.dicom.pixels` (decoding) and :mod:`~medflow.readers.dicom.volume` (assembling images:
+:func:`read_dicom_series`, :func:`read_dicom_parts`); :mod:`~medflow.readers.dicom.values` holds the small
+value parsers and error wording they share. Size limits are :mod:`medflow.readers.limits`.
 """
 
-from medflow.tasks.dicom.files import is_dicom
-from medflow.tasks.dicom.geometry import (
+from medflow.readers.dicom.files import is_dicom
+from medflow.readers.dicom.geometry import (
     ORIENTATION_TOLERANCE,
     SLICE_TOLERANCE_MM,
     SLICE_TOLERANCE_REL,
 )
-from medflow.tasks.dicom.headers import DicomHeader, group_by_series, read_dicom_header
-from medflow.tasks.dicom.scan import read_dicom_headers
-from medflow.tasks.dicom.volume import DicomPart, DicomParts, read_dicom_parts, read_dicom_series
+from medflow.readers.dicom.headers import DicomHeader, group_by_series, read_dicom_header
+from medflow.readers.dicom.scan import read_dicom_headers
+from medflow.readers.dicom.volume import DicomPart, DicomParts, read_dicom_parts, read_dicom_series
 
 __all__ = [
     "ORIENTATION_TOLERANCE",

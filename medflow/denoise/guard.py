@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medflow.tasks.denoise.conjugate import conjugate, parse_full_scan
-from medflow.tasks.denoise.geometry import ParallelBeamGeometry
-from medflow.tasks.denoise.projector import FilterName, fbp
+from medflow.denoise.conjugate import conjugate, parse_full_scan
+from medflow.denoise.geometry import ParallelBeamGeometry
+from medflow.denoise.projector import FilterName, fbp
 
 __all__ = ["GuardEstimate", "estimate_noise_std", "guard_estimate"]
 
