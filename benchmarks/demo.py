@@ -6,7 +6,7 @@ models written, Prefect's temporary server started), and reports the wall time a
 memory of each run, their medians, and the candidate-to-baseline ratio. The machine is shared:
 alternating the two keeps their conditions alike.
 
-    python benchmarks/demo.py --baseline-src /tmp/base --candidate-src . --repeats 2 \\
+    python -m benchmarks.demo --baseline-src /tmp/base --candidate-src . --repeats 2 \\
         --result benchmarks/results/demo.md
 """
 

@@ -18,7 +18,7 @@ MiB/s; ratios are against ``curl`` and ``disk ingest``. The markdown table goes 
 
 Usage::
 
-    python benchmarks/pacs.py --slices 300 --size 512 --repeat 3
+    python -m benchmarks.pacs --slices 300 --size 512 --repeat 3
 """
 
 from __future__ import annotations
@@ -140,11 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         case_main(a.case, a.url, a.work)
         return 0
 
-    sys.path.insert(0, str(REPO / "tests"))
     import numpy as np
-    from orthanc_server import Orthanc
 
     from medflow.demo.dicom import ct_phantom, write_ct_series
+    from tests.orthanc_server import Orthanc  # the test suite's Orthanc, run the same way
 
     base = Path(tempfile.mkdtemp(prefix="medflow-bench-pacs-"))
     server = Orthanc(base / "orthanc")
@@ -195,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                     (work / "disk").symlink_to(base / "disk")
                 cmd = [
                     sys.executable,
-                    str(Path(__file__).resolve()),
+                    "-m",
+                    "benchmarks.pacs",
                     "--case",
                     case,
                     "--url",
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.node()}; {os.cpu_count()} CPUs; "
         f"load {os.getloadavg()[0]:.2f} at the end; Orthanc {orthanc_v} with orthanc-dicomweb "
-        f"{plugin_v}; `python benchmarks/pacs.py --slices {a.slices} --size {a.size} "
+        f"{plugin_v}; `python -m benchmarks.pacs --slices {a.slices} --size {a.size} "
         f"--repeat {a.repeat}`.",
         "",
         f"Series: {a.slices} slices of {a.size} x {a.size} int16, uncompressed: "

@@ -130,7 +130,7 @@ class ReportKey:
 class Source:
     """A source's instances (headers) and its id: the Series Instance UID, or
     ``<series>/<instance>`` for an image medflow keys on its own (2D, multi-frame), as
-    tasks.ingest_dicom groups them."""
+    medflow.readers.dicom groups them."""
 
     study_uid: str
     source_id: str

@@ -355,3 +355,17 @@ def test_the_root_path_rule_sees_a_hand_built_path() -> None:
     for code in hand_built:
         assert any(_builds_root_path(n) for n in ast.walk(ast.parse(code))), code
     assert not any(_builds_root_path(n) for n in ast.walk(ast.parse("root.join(item.path)")))
+
+
+def test_every_medflow_module_imported_anywhere_exists() -> None:
+    """An import of a module that moved fails here, also where it is only run in a function
+    (the type checker leaves missing modules to the tests)."""
+    modules = set(_medflow_modules())
+    missing = []
+    for path in _python_files():
+        for line, name in _imported_modules(path) + _imports_in_code_strings(path):
+            if not name.startswith("medflow."):
+                continue
+            if name not in modules:
+                missing.append(f"{path.relative_to(REPO)}:{line}: {name}")
+    assert not missing, "\n".join(missing)
