@@ -478,8 +478,8 @@ def ct_medflow(cfg: Config) -> Work:
     Prefect (the scan is called below the task module so that the baseline memory is the
     reader's, not the orchestrator's)."""
     import numpy as np
-    from medflow.readers.dicom import read_dicom_headers, read_dicom_series
 
+    from medflow.readers.dicom import read_dicom_headers, read_dicom_series
     from medflow.storage.images import write_image
 
     paths = _dicom_paths(cfg)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from medflow.readers.dicom import read_dicom_series
 
 from medflow.demo.dicom import ct_phantom, write_ct_series
+from medflow.readers.dicom import read_dicom_series
 from medflow.reasons import SourceError, format_number, format_values
 
 Edit = Callable[[pydicom.Dataset], None]
