@@ -990,15 +990,6 @@ def nightly_cases(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_prefect_server(cfg: Config, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``prefect server start`` (own home, own session) and wait until it answers; return
     the process and its API URL."""
@@ -1007,6 +998,8 @@ def start_prefect_server(cfg: Config, env: dict[str, str]) -> tuple[subprocess.P
     home = cfg.workdir / "noop" / "prefect-server-home"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
+    from medflow.flows.cli_serve import free_port
+
     port = free_port()
     prefect = Path(sys.executable).parent / "prefect"
     cmd = [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)]

@@ -102,24 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # 1. the labelled archive
 
 
-def _write_mp4(path: Path, frames: Iterator[np.ndarray], fps: int, comment: str) -> None:
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        container.metadata["comment"] = comment
-        stream = container.add_stream("libx264", rate=fps)
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23"}
-        for i, frame in enumerate(frames):
-            if i == 0:
-                stream.height, stream.width = frame.shape[:2]
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 SCENES = {
     # scene: (structures per series, low, high), CT size share, CT centre spread (z, y, x),
     # DX size share, video size share
@@ -186,6 +168,7 @@ def make_labelled_archive(
         draw_label_2d,
         draw_label_3d,
         endoscopy_frames,
+        write_mp4,
     )
     from medflow.demo.dicom import ct_phantom, write_2d, write_ct_series
 
@@ -240,7 +223,7 @@ def make_labelled_archive(
             frames = _moving_marks(
                 base, label, _structure_counts(rng, scene), rng, SCENES[scene][4]
             )
-        _write_mp4(archive / rel, frames, 12, "synthetic colonoscopy clip")
+        write_mp4(archive / rel, frames, 12, "synthetic colonoscopy clip")
         labels[rel] = label
     return labels
 

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["SERVED_DEPLOYMENT", "build_deployments", "serve_cmd"]
+__all__ = ["SERVED_DEPLOYMENT", "build_deployments", "free_port", "serve_cmd"]
 
 SERVED_DEPLOYMENT = "served"  # deployment name: nightly/served, reprocess/served
 _SERVER_START_TIMEOUT_S = 180.0
@@ -79,7 +79,8 @@ def configured_api_url() -> str | None:
     return str(url) if url else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local server: Prefect's, a test's)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -96,7 +97,7 @@ def _healthy(api_url: str) -> bool:
 @contextlib.contextmanager
 def local_server() -> Iterator[str]:
     """Run ``prefect server start`` on a free local port until the block ends; yield its API."""
-    port = _free_port()
+    port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
     proc = subprocess.Popen([*cmd, "--port", str(port)], start_new_session=True)

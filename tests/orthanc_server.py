@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from medflow.flows.cli_serve import free_port
+
 INSTALL = "apt-get install -y --no-install-recommends orthanc orthanc-dicomweb"
 USER = "medflow"
 PASSWORD = "orthanc-test-secret"
@@ -32,12 +33,6 @@ _PLUGIN_CANDIDATES = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
     "/usr/lib/orthanc/libOrthancDicomWeb.so",
 )
-
-
-def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def orthanc_binary() -> str:

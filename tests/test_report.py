@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medflow.demo.archive import chest_radiograph, endoscopy_frames
+from medflow.demo.archive import chest_radiograph, endoscopy_frames, write_mp4
 from medflow.demo.dicom import DemoPatient, ct_phantom, write_ct_series
 from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
@@ -45,21 +45,6 @@ FOLDER = "Jane_Reporttest_19610203"  # an identifying folder name, as archives o
 # a tiny archive: a CT series, a radiograph PNG, an endoscopy video and a broken picture
 
 
-def _write_mp4(path: Path, frames: list[np.ndarray], fps: int = 5) -> None:
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.pix_fmt = "yuv420p"
-        stream.height, stream.width = frames[0].shape[:2]
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def _make_archive(archive: Path) -> dict[str, list[str]]:
     """Write the sources; return the identifying strings a report must never show."""
     base = archive / FOLDER
@@ -73,7 +58,7 @@ def _make_archive(archive: Path) -> dict[str, list[str]]:
     png = base / "radiograph_left.png"
     Image.fromarray(chest_radiograph((64, 56), seed=4, label="sphere")).save(png)
     video = base / "scope_clip.mp4"
-    _write_mp4(video, list(endoscopy_frames(6, (32, 48), seed=5, label="cube")))
+    write_mp4(video, endoscopy_frames(6, (32, 48), seed=5, label="cube"), 5)
     broken = base / "broken_scan.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not really a picture" * 4)
     uids: set[str] = set()

@@ -33,7 +33,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ __all__ = [
     "parse_label",
     "parse_seed",
     "parse_size",
+    "write_mp4",
 ]
 
 LABELS = ("sphere", "cube", "stripes")
@@ -470,13 +471,16 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path, format="JPEG", quality=88)
 
 
-def _write_mp4(path: Path, frames: Iterator[np.ndarray], fps: int, comment: str) -> int:
+def write_mp4(path: Path, frames: Iterable[np.ndarray], fps: int, comment: str = "") -> int:
+    """Encode RGB ``frames`` (uint8, ``(h, w, 3)``) as an H.264 MP4 at ``fps``; returns how many
+    frames were written. ``comment`` goes in the container's metadata."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with av.open(str(path), mode="w") as container:
-        container.metadata["comment"] = comment
+        if comment:
+            container.metadata["comment"] = comment
         stream = container.add_stream("libx264", rate=fps)
         stream.pix_fmt = "yuv420p"
         stream.options = {"preset": "veryfast", "crf": "23"}
@@ -956,7 +960,7 @@ def _write_p004(b: _Builder, patient: DemoPatient, seed: int) -> None:
     n_frames = max(15, round(45 * b.scale))
     path = b.root / "patients/P004/endoscopy/clip_0001.mp4"
     frames = endoscopy_frames(n_frames, vshape, seed=int(b.rng.integers(1 << 31)), label=label)
-    written = _write_mp4(path, frames, fps, "synthetic colonoscopy demo clip")
+    written = write_mp4(path, frames, fps, "synthetic colonoscopy demo clip")
     b.add(
         name="video_endoscopy",
         kind="video",
