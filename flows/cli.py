@@ -508,26 +508,17 @@ def status(root: RootOpt = "medflow-out") -> None:
     with cli_errors():
         check_root(root, must_exist=True)
     from medflow.storage.layout import OutputRoot
-    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table, view_names
+    from medflow.storage.queries import catalog_counts, last_run, outcome_groups
+    from medflow.storage.tables import INCIDENTS_SCHEMA, connect, read_table
 
     out = OutputRoot(root)
     con = connect(out)
-    counts = con.execute(
-        "SELECT coalesce(modality, '?') AS modality, status, count(*) AS series "
-        "FROM catalog GROUP BY ALL ORDER BY modality, status"
-    ).fetchall()
+    counts = catalog_counts(con)
     t = Table("modality", "status", "series", title=f"catalog of {out.url}")
     for m, s, n in counts:
         t.add_row(m, s, str(n))
     console.print(t)
-    views = view_names(con)
-    last = (
-        con.execute(
-            "SELECT flow, run_id, finished_at, seconds FROM runs ORDER BY finished_at DESC LIMIT 1"
-        ).fetchone()
-        if "runs" in views
-        else None
-    )
+    last = last_run(con)
     if last:
         console.print(
             f"last run: {last[0]} {last[1]} finished {last[2]:%Y-%m-%d %H:%M:%S %Z} "
@@ -535,24 +526,7 @@ def status(root: RootOpt = "medflow-out") -> None:
         )
     else:
         console.print("no run recorded yet")
-    groups = [
-        {
-            "stage": stage,
-            "status": st,
-            "reason_code": code or "unknown",
-            "count": int(n),
-            "example_reason": reason or "",
-            "example_keys": list(keys),
-        }
-        for stage, st, code, n, reason, keys in con.execute(
-            f"""
-            SELECT stage, status, reason_code, count(*), any_value(reason),
-                   list(series_key ORDER BY series_key)[1:{MAX_EXAMPLE_KEYS}]
-            FROM outcomes WHERE status IN ('quarantined', 'failed', 'refused')
-            GROUP BY ALL ORDER BY 4 DESC, 1, 3
-            """
-        ).fetchall()
-    ]
+    groups = outcome_groups(con, MAX_EXAMPLE_KEYS)
     _print_reason_groups(groups, out.url)
     incidents = read_table(out.incidents_dir(), INCIDENTS_SCHEMA)
     if incidents.num_rows:
@@ -709,21 +683,14 @@ def findings(
     with cli_errors():
         check_root(root, must_exist=True)
     from medflow.storage.layout import OutputRoot
+    from medflow.storage.queries import series_findings
     from medflow.storage.tables import connect, view_names
 
     con = connect(OutputRoot(root))
     if "findings" not in view_names(con):
         console.print("no findings written yet")
         raise typer.Exit(1)
-    rows = con.execute(
-        """
-        SELECT encoder, finding, score, bank, bank_version FROM findings
-        WHERE series_key = ? AND (? IS NULL OR encoder = ?)
-        QUALIFY row_number() OVER (PARTITION BY encoder, finding ORDER BY created_at DESC) = 1
-        ORDER BY encoder, score DESC
-        """,
-        [series_key, encoder, encoder],
-    ).fetchall()
+    rows = series_findings(con, series_key, encoder)
     if not rows:
         console.print(f"no findings for series {series_key}")
         raise typer.Exit(1)
@@ -745,15 +712,14 @@ def similar(
         check_root(root, must_exist=True)
         check_positive("--k", k)
     from medflow.storage.layout import OutputRoot
+    from medflow.storage.queries import encoders_with_embeddings, nearest_series
     from medflow.storage.tables import connect, view_names
 
     con = connect(OutputRoot(root))
     if "embeddings" not in view_names(con):
         console.print("no embeddings written yet")
         raise typer.Exit(1)
-    labels = [
-        r[0] for r in con.execute("SELECT DISTINCT encoder FROM embeddings ORDER BY 1").fetchall()
-    ]
+    labels = encoders_with_embeddings(con)
     if encoder is not None and encoder not in labels:
         with cli_errors():
             raise ArgumentError(
@@ -768,37 +734,6 @@ def similar(
     for i, (key, modality, sim) in enumerate(rows, 1):
         t.add_row(str(i), key, modality or "", f"{sim:.4f}")
     console.print(t)
-
-
-def nearest_series(con: Any, series_key: str, encoder: str | None, k: int) -> list[tuple]:
-    """The k series nearest to ``series_key`` (newest embedding per series, same version)."""
-    q = con.execute(
-        """
-        SELECT encoder, version, len(embedding) FROM embeddings
-        WHERE series_key = ? AND (? IS NULL OR encoder = ?)
-        ORDER BY created_at DESC LIMIT 1
-        """,
-        [series_key, encoder, encoder],
-    ).fetchone()
-    if q is None:
-        raise LookupError(
-            f"no embedding for series {series_key}" + (f" by {encoder}" if encoder else "")
-        )
-    enc, version, dim = q
-    result: list[tuple] = con.execute(
-        f"""
-        WITH latest AS (
-            SELECT series_key, modality, embedding::FLOAT[{int(dim)}] AS e FROM embeddings
-            WHERE encoder = ? AND version = ?
-            QUALIFY row_number() OVER (PARTITION BY series_key ORDER BY created_at DESC) = 1
-        ), probe AS (SELECT e FROM latest WHERE series_key = ?)
-        SELECT l.series_key, l.modality, array_cosine_similarity(l.e, probe.e) AS cosine
-        FROM latest l, probe WHERE l.series_key <> ?
-        ORDER BY cosine DESC, l.series_key LIMIT ?
-        """,
-        [enc, version, series_key, series_key, k],
-    ).fetchall()
-    return result
 
 
 def _register_extra_commands() -> None:

@@ -30,6 +30,12 @@ from prefect.cache_policies import NO_CACHE
 from medflow.reasons import clip_text, retry_transient, shielded
 from medflow.storage.atomic import write_atomic
 from medflow.storage.layout import OutputRoot
+from medflow.storage.queries import (
+    embedded,
+    encode_candidates,
+    encode_refusals,
+    unscored_embeddings,
+)
 from medflow.storage.tables import (
     CATALOG_SCHEMA,
     FINDINGS_SCHEMA,
@@ -329,44 +335,10 @@ def _pending(
 ) -> tuple[list[EncodeItem], list[EncodeItem]]:
     """What the encoder has yet to embed, and the 4D images it cannot take."""
     con = connect(root)
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-    denoised = (
-        "SELECT series_key, zarr_path FROM outcomes "
-        "WHERE stage = 'preprocess' AND status = 'denoised'"
-        if "outcomes" in views
-        else "SELECT NULL::VARCHAR AS series_key, NULL::VARCHAR AS zarr_path WHERE false"
-    )
-    rows = con.execute(
-        f"""
-        SELECT c.series_key, c.study_key, c.modality, c.axes,
-               coalesce(d.zarr_path, c.zarr_path) AS zarr_path,
-               CASE WHEN d.zarr_path IS NULL THEN 'original' ELSE 'denoised' END AS image_kind,
-               c.source_fingerprint
-        FROM catalog c LEFT JOIN ({denoised}) d USING (series_key)
-        WHERE c.status = 'ingested'
-        ORDER BY c.series_key
-        """
-    ).fetchall()
-    done: set[tuple[str, str, str]] = set()
+    rows = encode_candidates(con)
     tag = version_tag(encoder)
-    if "embeddings" in views:
-        done = {
-            (k, fp, kind)
-            for k, fp, kind in con.execute(
-                "SELECT series_key, source_fingerprint, image_kind FROM embeddings "
-                "WHERE encoder = ? AND version = ?",
-                [spec.output_name, tag],
-            ).fetchall()
-        }
-    failed = {
-        (k, fp)
-        for k, fp in con.execute(
-            "SELECT series_key, source_fingerprint FROM catalog_history WHERE stage = 'encode' "
-            "AND json_extract_string(attrs_json, '$.encoder') = ? "
-            "AND json_extract_string(attrs_json, '$.version') = ?",
-            [spec.output_name, tag],
-        ).fetchall()
-    }
+    done = embedded(con, spec.output_name, tag)
+    failed = encode_refusals(con, spec.output_name, tag)
     out = []
     four_d = []
     for key, study, modality, axes, path, kind, fp in rows:
@@ -570,30 +542,7 @@ def recompute_findings(
     encoder = get_encoder(spec, device)
     bank, text = bank_embeddings(root, encoder, spec)
     tag = version_tag(encoder)
-    con = connect(root)
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-    if "embeddings" not in views:
-        return 0
-    scored = "false"
-    if "findings" in views:
-        scored = (
-            "EXISTS (SELECT 1 FROM findings f WHERE f.series_key = e.series_key "
-            "AND f.encoder = e.encoder AND f.version = e.version "
-            "AND f.source_fingerprint = e.source_fingerprint AND f.bank_version = ?)"
-        )
-    params: list[Any] = [spec.output_name, tag]
-    if scored != "false":
-        params = [bank.version, *params]
-    rows = con.execute(
-        f"""
-        SELECT e.series_key, e.study_key, e.modality, e.image_kind, e.source_fingerprint,
-               e.embedding
-        FROM embeddings e
-        WHERE NOT ({scored}) AND e.encoder = ? AND e.version = ?
-        ORDER BY e.series_key
-        """,
-        params,
-    ).fetchall()
+    rows = unscored_embeddings(connect(root), spec.output_name, tag, bank.version)
     if not rows:
         return 0
     items = [EncodeItem(r[0], r[1], r[2], "", r[3], r[4]) for r in rows]

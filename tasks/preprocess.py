@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from medflow.reasons import ReasonCode, clip_text, retry_transient, shielded
 from medflow.storage.images import DecodedImage, ImageMeta, open_image, write_image
 from medflow.storage.layout import OutputRoot
+from medflow.storage.queries import denoised_with, raw_projections, sinogram_sources
 from medflow.storage.sinograms import read_sinogram
 from medflow.storage.tables import connect, utcnow
 
@@ -120,24 +121,8 @@ def is_low_dose(
 def pending_denoise(root: OutputRoot, cfg: DenoiseConfig) -> list[DenoiseItem]:
     """Low-dose series with raw projections and no denoised image at these settings yet."""
     con = connect(root)
-    rows = con.execute(
-        """
-        SELECT s.series_key, s.study_key, s.zarr_path, s.attrs_json, s.source_fingerprint,
-               c.zarr_path, c.attrs_json
-        FROM outcomes s LEFT JOIN catalog c
-          ON c.series_key = s.series_key AND c.status = 'ingested'
-        WHERE s.stage = 'sinogram' AND s.status = 'ingested'
-        ORDER BY s.series_key
-        """
-    ).fetchall()
-    done = {
-        (k, fp)
-        for k, fp in con.execute(
-            "SELECT series_key, source_fingerprint FROM outcomes WHERE stage = 'preprocess' "
-            "AND json_extract_string(attrs_json, '$.params_hash') = ?",
-            [cfg.params_hash()],
-        ).fetchall()
-    }
+    rows = sinogram_sources(con)
+    done = denoised_with(con, cfg.params_hash())
     out = []
     for key, study, sino_path, sino_attrs, fp, image_path, image_attrs in rows:
         if (key, fp) in done:
@@ -150,20 +135,15 @@ def pending_denoise(root: OutputRoot, cfg: DenoiseConfig) -> list[DenoiseItem]:
 
 def require_raw_projections(root: OutputRoot, series_key: str) -> str:
     """The stored sinogram of ``series_key``, or a clear refusal when it has none."""
-    con = connect(root)
-    row = con.execute(
-        "SELECT zarr_path FROM outcomes WHERE series_key = ? AND stage = 'sinogram' "
-        "AND status = 'ingested'",
-        [series_key],
-    ).fetchone()
-    if row is None:
+    path = raw_projections(connect(root), series_key)
+    if path is None:
         raise NoRawProjectionsError(
             f"series {series_key} has no raw projection data (sinogram): sinogram flicking "
             "denoises raw projections only; a reconstructed image re-projected has identical "
             "conjugate rays and cannot be denoised this way. Add its projections as a "
             ".sino.zarr source (see storage/sinograms.py)."
         )
-    return str(row[0])
+    return path
 
 
 def _derived_meta(

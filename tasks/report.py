@@ -44,6 +44,7 @@ from medflow.reasons import MAX_EXAMPLE_KEYS, REASON_DESCRIPTIONS, ReasonCode, t
 from medflow.storage.atomic import write_atomic
 from medflow.storage.images import open_image
 from medflow.storage.layout import OutputRoot
+from medflow.storage.queries import denoised_in_run, findings_scores_of_run, ingested_in_run
 from medflow.storage.tables import connect, utcnow
 
 __all__ = [
@@ -192,21 +193,7 @@ def _new_series(
 ) -> tuple[int, list[tuple[str, str, str, str]]]:
     """How many series this run ingested, and up to ``limit`` of them (by pseudonymous key, so
     an arbitrary sample unrelated to the archive's order)."""
-    where = "run_id = ? AND stage = 'ingest' AND status = 'ingested'"
-    row = con.execute(
-        f"SELECT count(DISTINCT series_key) FROM catalog_history WHERE {where}", [run_id]
-    ).fetchone()
-    total = int(row[0]) if row else 0
-    rows = con.execute(
-        f"""
-        SELECT series_key, any_value(coalesce(modality, '?')),
-               any_value(coalesce(source_kind, '?')), any_value(coalesce(axes, '?'))
-        FROM catalog_history WHERE {where}
-        GROUP BY series_key ORDER BY series_key LIMIT ?
-        """,
-        [run_id, limit],
-    ).fetchall()
-    return total, [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+    return ingested_in_run(con, run_id, limit)
 
 
 def _thumbnails(
@@ -268,16 +255,7 @@ def _denoised_of_run(
     con: duckdb.DuckDBPyConnection, run_id: str, limit: int
 ) -> list[tuple[str, str, str | None]]:
     """Series denoised in this run: key, denoised image, noisy image (paths under the root)."""
-    rows = con.execute(
-        """
-        SELECT p.series_key, any_value(p.zarr_path), any_value(c.zarr_path)
-        FROM catalog_history p LEFT JOIN catalog c ON c.series_key = p.series_key
-        WHERE p.run_id = ? AND p.stage = 'preprocess' AND p.status = 'denoised'
-        GROUP BY p.series_key ORDER BY p.series_key LIMIT ?
-        """,
-        [run_id, limit],
-    ).fetchall()
-    return [(str(k), str(d), None if n is None else str(n)) for k, d, n in rows]
+    return denoised_in_run(con, run_id, limit)
 
 
 def _denoised_pairs(
@@ -342,27 +320,7 @@ class _FindingsGroup:
 
 
 def _findings_of_run(con: duckdb.DuckDBPyConnection, run_id: str) -> list[_FindingsGroup]:
-    has = con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = 'findings'").fetchone()
-    if not has or not has[0]:
-        return []
-    rows = con.execute(
-        """
-        SELECT encoder, version, coalesce(bank, '?'), finding, list(score)
-        FROM findings WHERE run_id = ? AND score IS NOT NULL
-        GROUP BY ALL ORDER BY 1, 2, 3, 4
-        """,
-        [run_id],
-    ).fetchall()
-    n_series = {
-        (str(e), str(v), str(b)): int(n)
-        for e, v, b, n in con.execute(
-            """
-            SELECT encoder, version, coalesce(bank, '?'), count(DISTINCT series_key)
-            FROM findings WHERE run_id = ? GROUP BY ALL
-            """,
-            [run_id],
-        ).fetchall()
-    }
+    rows, n_series = findings_scores_of_run(con, run_id)
     groups: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
     for enc, ver, bank, finding, scores in rows:
         groups.setdefault((str(enc), str(ver), str(bank)), {})[str(finding)] = np.asarray(

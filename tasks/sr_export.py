@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 
 from medflow.reasons import InputError
 from medflow.storage.layout import OutputRoot, Pseudonymizer
+from medflow.storage.queries import latest_findings
 from medflow.storage.tables import (
     DICOMWEB_SCHEMA,
     SOURCES_SCHEMA,
@@ -154,17 +155,7 @@ class Finding:
 
 def pending_reports(root: OutputRoot) -> dict[ReportKey, list[Finding]]:
     """Findings per (series, encoder version, bank version), newest score per finding."""
-    con = connect(root)
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-    if "findings" not in views:
-        return {}
-    rows = con.execute(
-        """
-        SELECT series_key, study_key, encoder, version, bank, bank_version, finding,
-               arg_max(score, created_at) AS score
-        FROM findings GROUP BY ALL ORDER BY ALL
-        """
-    ).fetchall()
+    rows = latest_findings(connect(root))
     out: dict[ReportKey, list[Finding]] = {}
     for key, study_key, enc, ver, bank, bank_ver, finding, score in rows:
         rk = ReportKey(key, study_key, enc, ver, bank or "", bank_ver or "")

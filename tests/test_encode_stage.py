@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from medflow.demo.archive import make_demo_archive
-from medflow.flows.cli import demo_encoder_specs, nearest_series
+from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
 from medflow.storage.layout import OutputRoot
+from medflow.storage.queries import nearest_series
 from medflow.storage.tables import connect
 from medflow.tasks.encode import EncoderSpec, recompute_findings
 

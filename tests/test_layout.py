@@ -369,3 +369,33 @@ def test_every_medflow_module_imported_anywhere_exists() -> None:
             if name not in modules:
                 missing.append(f"{path.relative_to(REPO)}:{line}: {name}")
     assert not missing, "\n".join(missing)
+
+
+_SQL = re.compile(r"\bSELECT\b[\s\S]*\bFROM\b", re.IGNORECASE)
+
+
+def test_queries_over_the_tables_live_in_storage() -> None:
+    """SQL is written in ``medflow.storage`` (``storage.queries``) only; elsewhere a stage calls
+    a named query. A command line example shown to the user is not a query."""
+    offenders = []
+    for name, path in _medflow_modules().items():
+        if name.startswith("medflow.storage"):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        examples = {  # the parts of a text that shows a `medflow query` command
+            id(part)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.JoinedStr)
+            and any("medflow query" in str(getattr(v, "value", "")) for v in node.values)
+            for part in node.values
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and _SQL.search(node.value)
+                and "medflow query" not in node.value
+                and id(node) not in examples
+            ):
+                offenders.append(f"{name}:{node.lineno}")
+    assert not offenders, offenders
