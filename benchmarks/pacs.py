@@ -99,7 +99,7 @@ def _ingest_folder(archive: str, root: str) -> dict[str, Any]:
 
 def case_main(case: str, url: str, work: str) -> None:
     """One case in this process: prints a JSON line of its inner timings (imports excluded)."""
-    from medflow.tasks.dicomweb import DicomwebServer, list_series, retrieve_series_files
+    from medflow.pacs.dicomweb import DicomwebServer, list_series, retrieve_series_files
 
     info: dict[str, Any] = {}
     t0 = time.perf_counter()

@@ -131,9 +131,9 @@ def _env(home: Path) -> dict[str, str]:
 
 def run_night(label: str, archive: Path, root: Path, files: int, bad: int) -> Night:
     from medflow.flows.cli import _print_summary, console
+    from medflow.report import build_report
     from medflow.storage.layout import OutputRoot
     from medflow.storage.tables import RUNS_SCHEMA, read_table
-    from medflow.tasks.report import build_report
 
     medflow = str(Path(sys.executable).with_name("medflow"))
     with tempfile.TemporaryDirectory(prefix="medflow-bench-home-") as home, timed() as clock:

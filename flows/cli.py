@@ -108,10 +108,10 @@ def _idle(archive: str, root: str, encoder_config: str | None) -> bool:
     """
     import time
 
+    from medflow.pacs.dicomweb import is_dicomweb
     from medflow.storage.layout import OutputRoot
     from medflow.storage.lock import run_lock
     from medflow.storage.tables import utcnow
-    from medflow.tasks.dicomweb import is_dicomweb
 
     started, t0 = utcnow(), time.perf_counter()
     pacs: dict[str, int] | None = None
@@ -143,10 +143,10 @@ def _idle_locked(
     import uuid
 
     from medflow.flows.nightly import IngestSummary, record_run, resolve_specs
+    from medflow.pacs.sr import reports_pending
     from medflow.tasks.discover import discover
     from medflow.tasks.encode import known_encoder, pending_items
     from medflow.tasks.preprocess import DenoiseConfig, pending_denoise
-    from medflow.tasks.sr_export import reports_pending
 
     if pacs is None:
         disc, _ = discover.fn(archive, out.url)
@@ -202,7 +202,7 @@ def _print_summary(summary: dict[str, Any], root: str) -> None:
 
 def _print_stages(summary: dict[str, Any]) -> None:
     """Every stage of the run with its count and time (as the run report lists them)."""
-    from medflow.tasks.report import count_text, stage_table
+    from medflow.report import count_text, stage_table
 
     t = Table(title="stages", show_header=True)
     t.add_column("stage")
@@ -284,7 +284,7 @@ def nightly(
             task_runner(workers, dask_address=dask_address, dask_workers=dask_workers)
         except ValueError as e:
             raise ArgumentError(f"--dask-address/--dask-workers: {e}") from e
-    from medflow.tasks.dicomweb import DicomwebError
+    from medflow.pacs.dicomweb import DicomwebError
 
     try:
         if not always_run and _idle(archive, root, config):

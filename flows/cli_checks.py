@@ -116,8 +116,8 @@ def check_archive(archive: str) -> None:
     """The archive: an existing, readable local folder (or a URL of a known protocol)."""
     if not archive or not archive.strip():
         raise ArgumentError("archive: expected a folder or URL, got an empty value.")
+    from medflow.pacs.dicomweb import DicomwebServer, is_dicomweb
     from medflow.reasons import InputError
-    from medflow.tasks.dicomweb import DicomwebServer, is_dicomweb
 
     if is_dicomweb(archive):  # a PACS: the URL's form here; the server answers at the run
         try:

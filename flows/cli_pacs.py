@@ -18,7 +18,7 @@ console = Console()
 
 def pacs_idle_counts(archive: str, root: str) -> dict[str, int] | None:
     """List a DICOMweb archive (QIDO-RS) before any flow starts: a refused login raises
-    tasks.dicomweb.DicomwebError here; None when series are to be retrieved, else the counts
+    medflow.pacs.dicomweb.DicomwebError here; None when series are to be retrieved, else the counts
     of a quiet night."""
     from medflow.flows.pacs import open_dicomweb
     from medflow.storage.layout import OutputRoot
@@ -42,8 +42,8 @@ def receive_cmd(
     Each instance is written whole under a hidden staging name, then renamed into
     <archive>/<study>/<series>/<instance>.dcm; the nightly picks the files up like any others.
     """
+    from medflow.pacs.receiver import start_receiver
     from medflow.reasons import InputError
-    from medflow.tasks.receiver import start_receiver
 
     try:
         server, rec = start_receiver(
@@ -83,10 +83,10 @@ def send_srs_cmd(
     """
     import uuid
 
+    from medflow.pacs.dicomweb import DicomwebError
+    from medflow.pacs.sr import WriteBack, export_reports
     from medflow.reasons import InputError
     from medflow.storage.layout import OutputRoot
-    from medflow.tasks.dicomweb import DicomwebError
-    from medflow.tasks.sr_export import WriteBack, export_reports
 
     try:
         dest = WriteBack(enabled=True, dicomweb=to).destination(archive)

@@ -22,10 +22,11 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from medflow.flows.locking import exclusive_run
+from medflow.pacs.dicomweb import is_dicomweb
+from medflow.pacs.sr import WriteBack
 from medflow.reasons import ReasonCode, shielded, tally_add, tally_groups
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import CATALOG_SCHEMA, part_id, read_table, utcnow
-from medflow.tasks.dicomweb import is_dicomweb
 from medflow.tasks.discover import discover
 from medflow.tasks.encode import (
     FOUR_D_REASON,
@@ -50,7 +51,6 @@ from medflow.tasks.ingest import (
 )
 from medflow.tasks.preprocess import DenoiseConfig, denoise_batch, pending_denoise
 from medflow.tasks.report import publish_report
-from medflow.tasks.sr_export import WriteBack
 from medflow.tasks.tables import commit_outcomes, commit_sources_only, commit_touched
 
 __all__ = ["IngestSummary", "default_workers", "ingest_archive", "nightly", "run_ingest"]
@@ -540,7 +540,7 @@ def nightly(
     JSON file of more (with neither, nothing is embedded); ``denoise``: settings of the
     denoising stage (see tasks.preprocess.DenoiseConfig; on by default, for series with raw
     projections only). ``write_back``: findings sent to a PACS as DICOM SRs (see
-    tasks.sr_export.WriteBack; off unless enabled here or in the config's ``[write_back]``).
+    medflow.pacs.sr.WriteBack; off unless enabled here or in the config's ``[write_back]``).
     """
     specs = resolve_specs(encoders, encoder_config)  # a bad config fails before any work
     denoise_cfg = DenoiseConfig.from_dict(denoise)
@@ -570,7 +570,7 @@ def _nightly_stages(
     run_preprocess(root, denoise_cfg, summary, progress=PROGRESS.get("cb"))
     run_encode(root, specs, summary, progress=PROGRESS.get("cb"))
     if sr_cfg is not None and sr_cfg.enabled:
-        from medflow.tasks.sr_export import export_reports
+        from medflow.pacs.sr import export_reports
 
         sent = export_reports(
             archive, OutputRoot(root), sr_cfg.destination(archive), summary.run_id

@@ -1,5 +1,5 @@
 """The nightly's DICOMweb leg: list a PACS's series, retrieve the new or changed ones into the
-restricted cache, and remember them once ingest has recorded them (see tasks.dicomweb).
+restricted cache, and remember them once ingest has recorded them (see medflow.pacs.dicomweb).
 
 ``run_ingest`` calls :func:`open_dicomweb` before it writes anything (a refused login leaves
 the output root untouched), :meth:`DicomwebNight.retrieve` to fill the cache it then ingests
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from prefect import get_run_logger
 from prefect.futures import as_completed
 
-from medflow.storage.layout import OutputRoot
-from medflow.tasks.dicomweb import (
+from medflow.pacs.dicomweb import (
     DicomwebServer,
     SeriesFacts,
     cache_dir,
@@ -26,9 +25,10 @@ from medflow.tasks.dicomweb import (
     list_series,
     pending_series,
     record_handled,
-    retrieve_batch,
 )
-from medflow.tasks.sr_export import own_report_series
+from medflow.pacs.sr import own_report_series
+from medflow.storage.layout import OutputRoot
+from medflow.tasks.dicomweb import retrieve_batch
 
 __all__ = ["DicomwebNight", "open_dicomweb"]
 
@@ -108,7 +108,7 @@ def open_dicomweb(archive: str, root: OutputRoot) -> DicomwebNight:
 
     The reports medflow sent to this server from ``root`` (write-back) are left out.
 
-    Raises :class:`tasks.dicomweb.DicomwebError` (refused credentials, unreachable server)
+    Raises :class:`medflow.pacs.dicomweb.DicomwebError` (refused credentials, unreachable server)
     before anything is written under ``root``.
     """
     server = DicomwebServer.parse(archive)

@@ -22,10 +22,7 @@ from orthanc_server import PASSWORD, USER, Orthanc, running_orthanc
 from medflow.demo.archive import make_demo_archive
 from medflow.demo.dicom import ct_phantom, write_ct_series
 from medflow.flows.nightly import nightly
-from medflow.storage.images import open_image
-from medflow.storage.layout import KEY_SECRET_ENV, OutputRoot
-from medflow.storage.tables import CATALOG_SCHEMA, read_table
-from medflow.tasks.dicomweb import (
+from medflow.pacs.dicomweb import (
     PASSWORD_ENV,
     TOKEN_ENV,
     USER_ENV,
@@ -33,6 +30,9 @@ from medflow.tasks.dicomweb import (
     make_session,
     valid_uid,
 )
+from medflow.storage.images import open_image
+from medflow.storage.layout import KEY_SECRET_ENV, OutputRoot
+from medflow.storage.tables import CATALOG_SCHEMA, read_table
 from medflow.tasks.discover import classify_name
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

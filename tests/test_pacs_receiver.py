@@ -20,8 +20,8 @@ from orthanc_server import PASSWORD, USER, Orthanc, free_port, running_orthanc
 from medflow.demo.dicom import ct_phantom, write_ct_series
 from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
-from medflow.tasks.dicomweb import PASSWORD_ENV, USER_ENV
-from medflow.tasks.receiver import STAGING
+from medflow.pacs.dicomweb import PASSWORD_ENV, USER_ENV
+from medflow.pacs.receiver import STAGING
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -21,10 +21,10 @@ from medflow.demo.dicom import DemoPatient, ct_phantom, write_2d, write_ct_serie
 from medflow.encoders.findings import PROMPT_DIR
 from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
+from medflow.pacs.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV
+from medflow.pacs.sr import WriteBack, export_reports, report_uid
 from medflow.storage.layout import KEY_SECRET_ENV, OutputRoot
 from medflow.storage.tables import SR_SENT_SCHEMA, connect, read_table
-from medflow.tasks.dicomweb import PASSWORD_ENV, TOKEN_ENV, USER_ENV
-from medflow.tasks.sr_export import WriteBack, export_reports, report_uid
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -25,10 +25,11 @@ from medflow.demo.dicom import DemoPatient, ct_phantom, write_ct_series
 from medflow.flows.cli import demo_encoder_specs
 from medflow.flows.nightly import nightly
 from medflow.reasons import MAX_EXAMPLE_KEYS, ReasonCode, tally_add, tally_groups
+from medflow.report import REPORT_ARTIFACT_KEY, build_report, thumbnail
 from medflow.storage.images import DecodedImage, ImageMeta, write_image
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import connect
-from medflow.tasks.report import REPORT_ARTIFACT_KEY, build_report, publish_report, thumbnail
+from medflow.tasks.report import publish_report
 
 PATIENT = DemoPatient(
     name="REPORTTEST^JANE^Q",

@@ -32,6 +32,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from medflow.pacs.dicomweb import SOP_UID, DicomwebError, DicomwebServer, http_error, is_dicomweb
 from medflow.reasons import InputError
 from medflow.storage.layout import OutputRoot, Pseudonymizer
 from medflow.storage.queries import latest_findings
@@ -45,7 +46,6 @@ from medflow.storage.tables import (
     utcnow,
     write_part,
 )
-from medflow.tasks.dicomweb import SOP_UID, DicomwebError, DicomwebServer, http_error, is_dicomweb
 
 __all__ = [
     "ReportKey",
