@@ -595,12 +595,12 @@ def quarantine(
             writer.writeheader()
             writer.writerows(rows)
             return
-        tmp = csv.with_name(f".{csv.name}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        from medflow.storage.atomic import atomic_file
+
+        with atomic_file(csv, "w", newline="") as f:
             writer = csv_mod.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, csv)
         console.print(f"{len(rows)} files written to {csv}")
         return
     by_series: dict[str, list[dict[str, Any]]] = {}

@@ -20,7 +20,14 @@ from typing import IO, Any
 
 from medflow.storage.layout import filesystem, is_local_url, local_path
 
-__all__ = ["atomic_file", "atomic_path", "publish_dir", "save_atomic", "write_atomic"]
+__all__ = [
+    "atomic_file",
+    "atomic_path",
+    "publish_dir",
+    "save_atomic",
+    "swap_dir",
+    "write_atomic",
+]
 
 
 def _temporary_name(path: str) -> str:
@@ -29,10 +36,12 @@ def _temporary_name(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_file(
+    path: str | os.PathLike[str], mode: str = "wb", newline: str | None = None
+) -> Iterator[IO[Any]]:
     """A file to write, opened on a temporary name; on a clean exit it becomes ``path``.
 
-    ``mode``: ``"wb"`` or ``"w"`` (text, UTF-8). ``path`` is a local path or an fsspec URL. The
+    ``mode``: ``"wb"`` or ``"w"`` (text, UTF-8, ``newline`` as for :func:`open`). ``path`` is a local path or an fsspec URL. The
     folder is created when missing. On an exception nothing changes at ``path``.
     """
     if mode not in ("wb", "w"):
@@ -55,7 +64,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     os.makedirs(folder, exist_ok=True)
     tmp = _temporary_name(target)
     try:
-        with open(tmp, mode, encoding=encoding) as f:
+        with open(tmp, mode, encoding=encoding, newline=newline if mode == "w" else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -96,6 +105,19 @@ def save_atomic(path: str | os.PathLike[str], save: Callable[[IO[bytes]], None])
     """Call ``save(file)`` (``torch.save``, ``pq.write_table``, ...) to write ``path`` atomically."""
     with atomic_file(path, "wb") as f:
         save(f)
+
+
+def swap_dir(staging: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Put the fully written local folder ``staging`` at ``final``, replacing what is there:
+    the old folder is renamed aside first, so ``final`` always holds one complete version."""
+    src, dst = os.fspath(staging), os.fspath(final)
+    if os.path.exists(dst):
+        old = f"{src}.old"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
 
 
 def publish_dir(staging: str | os.PathLike[str], final: str | os.PathLike[str]) -> bool:

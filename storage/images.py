@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from medflow.storage.atomic import swap_dir
 from medflow.storage.layout import is_local_url, local_path, storage_options
 
 __all__ = [
@@ -549,15 +550,7 @@ def _rebatch(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 def _publish(staging: str, path: str) -> None:
     if is_local_url(path):
-        src, dst = local_path(staging), local_path(path)
-        if os.path.exists(dst):
-            # move the old one aside first so the swap leaves one complete image at dst
-            old = f"{src}.old"
-            os.replace(dst, old)
-            os.replace(src, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(src, dst)
+        swap_dir(local_path(staging), local_path(path))
         return
     publish_tree(staging, path)
 

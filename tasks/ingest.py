@@ -23,6 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from medflow.reasons import ReasonCode, SourceError, retry_transient, shielded, unexpected
+from medflow.storage.atomic import swap_dir
 from medflow.storage.images import DecodedImage, publish_tree, write_image
 from medflow.storage.layout import OutputRoot, Pseudonymizer
 from medflow.storage.tables import utcnow
@@ -298,11 +299,7 @@ def _replace_dir(src: str, dst: str) -> None:
     if "://" in dst:
         publish_tree(src, dst)  # object stores: root zarr.json last (see storage.images)
         return
-    old = f"{src}.old"
-    if os.path.exists(dst):
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_dir(src, dst)
 
 
 def _fail(row: dict[str, Any], e: BaseException, where: str) -> str:

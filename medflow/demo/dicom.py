@@ -32,6 +32,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from medflow.storage.atomic import atomic_path
+
 __all__ = [
     "AXIAL",
     "COMPRESSED_SYNTAXES",
@@ -304,11 +306,10 @@ def _gdcm_transcode(path: Path, transfer_syntax: UID) -> None:
     writer = gdcm.ImageWriter()
     writer.SetFile(reader.GetFile())
     writer.SetImage(change.GetOutput())
-    tmp = path.with_name(path.name + ".tmp")
-    writer.SetFileName(str(tmp))
-    if not writer.Write():
-        raise ValueError(f"GDCM could not write {tmp}.")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer.SetFileName(tmp)
+        if not writer.Write():
+            raise ValueError(f"GDCM could not write {path}.")
 
 
 def _set_grey_pixels(ds: Dataset, frames: np.ndarray, bits_stored: int, signed: int) -> None:

@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from urllib.parse import urlsplit
 import requests
 
 from medflow.reasons import InputError, PublicError
+from medflow.storage.atomic import atomic_path, write_atomic
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import DICOMWEB_SCHEMA, part_id, read_table, utcnow, write_part
 
@@ -267,16 +267,14 @@ def retrieve_series_files(client: Any, facts: SeriesFacts, dest: str) -> tuple[i
             sop = str(ds.get("SOPInstanceUID", ""))
             if not valid_uid(sop):
                 raise DicomwebError("the DICOMweb server sent an instance without a valid UID")
-            tmp = os.path.join(folder, f".{uuid.uuid4().hex}.part")
+            final = os.path.join(folder, f"{sop}.dcm")
             raw = getattr(ds, "buffer", None)
             if isinstance(raw, io.BytesIO):  # the part as the server sent it: no re-encoding
-                with open(tmp, "wb") as f:
-                    f.write(raw.getbuffer())
+                write_atomic(final, raw.getvalue())
             else:
-                ds.save_as(tmp, enforce_file_format=False)
-            final = os.path.join(folder, f"{sop}.dcm")
-            nbytes += os.path.getsize(tmp)
-            os.replace(tmp, final)
+                with atomic_path(final) as tmp:
+                    ds.save_as(tmp, enforce_file_format=False)
+            nbytes += os.path.getsize(final)
             n += 1
         if n < facts.n_instances:  # a response cut short, or instances removed meanwhile
             raise DicomwebError(
