@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness import load_text, machine_summary
+
 
 def run_demo(src: Path, work: Path) -> tuple[float, float, int]:
     """Wall seconds, peak resident memory (MiB) and exit status of one demo run."""
@@ -66,12 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             print(name, runs[name][-1], flush=True)
-    load = os.getloadavg()
     lines = [
         "# `make demo` wall time (`medflow demo --out DIR`, size small)",
         "",
-        f"Machine: {os.cpu_count()} CPUs, shared; load average at the end {load[0]:.1f}, "
-        f"{load[1]:.1f}, {load[2]:.1f} (1, 5, 15 min). Runs alternate baseline and candidate, "
+        f"Machine: {machine_summary()}, shared; load average at the end {load_text()} "
+        "(1, 5, 15 min). Runs alternate baseline and candidate, "
         "each from nothing (archive, models, Prefect's temporary server).",
         "",
         "| tree | run | seconds | peak RSS MiB | exit |",

@@ -26,16 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness import load_text, machine_summary, utc_now
 
 MIB = 2**20
 REPO = Path(__file__).resolve().parent.parent
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# PACS benchmark: a CT series from Orthanc's DICOMweb endpoint",
         "",
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {platform.node()}; {os.cpu_count()} CPUs; "
-        f"load {os.getloadavg()[0]:.2f} at the end; Orthanc {orthanc_v} with orthanc-dicomweb "
+        f"{utc_now()}; {machine_summary()}; load {load_text()} at the end (1, 5, 15 min); "
+        f"Orthanc {orthanc_v} with orthanc-dicomweb "
         f"{plugin_v}; `python -m benchmarks.pacs --slices {a.slices} --size {a.size} "
         f"--repeat {a.repeat}`.",
         "",

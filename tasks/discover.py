@@ -15,11 +15,11 @@ from typing import Any
 
 import fsspec
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from medflow.reasons import InputError, retry_transient, shielded
+from medflow.reasons import InputError, shielded
 from medflow.storage.layout import OutputRoot
 from medflow.storage.tables import SOURCES_SCHEMA, read_table
+from medflow.tasks.options import task_options
 
 __all__ = [
     "ArchiveFile",
@@ -235,14 +235,7 @@ def diff_sources(
     return d
 
 
-@task(
-    name="discover",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,  # a missing archive fails the same way twice
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(**task_options("discover", retries=2, retry_delays_s=(2, 10)))
 @shielded("discover")
 def discover(archive: str, root: str) -> tuple[Discovery, dict[str, KnownSource]]:
     """List the archive and diff it against the sources already known under ``root``."""

@@ -25,9 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from medflow.reasons import clip_text, retry_transient, shielded
+from medflow.reasons import clip_text, shielded
 from medflow.storage.atomic import write_atomic
 from medflow.storage.layout import OutputRoot
 from medflow.storage.queries import (
@@ -46,6 +45,7 @@ from medflow.storage.tables import (
     utcnow,
     write_part,
 )
+from medflow.tasks.options import task_options
 
 if TYPE_CHECKING:  # the encoders (and torch) load only when an encoder is built
     from medflow.encoders import Acceptance, Declared, Encoder, PromptBank
@@ -559,14 +559,7 @@ def recompute_findings(
     return len(frows)
 
 
-@task(
-    name="encode-batch",
-    retries=1,
-    retry_condition_fn=retry_transient,
-    retry_delay_seconds=[10],
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(**task_options("encode-batch", retries=1, retry_delays_s=(10,)))
 @shielded("encode-batch")
 def encode_batch(
     root: str, spec: EncoderSpec, items: list[EncodeItem], run_id: str

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from medflow.reasons import ReasonCode, SourceError, retry_transient, shielded, unexpected
+from medflow.reasons import ReasonCode, SourceError, shielded, unexpected
 from medflow.storage.atomic import swap_dir
 from medflow.storage.images import DecodedImage, publish_tree, write_image
 from medflow.storage.layout import OutputRoot, Pseudonymizer
 from medflow.storage.tables import utcnow
 from medflow.tasks.discover import Discovery, KnownSource
+from medflow.tasks.options import task_options
 
 if TYPE_CHECKING:
     from medflow.readers.dicom import DicomHeader
@@ -466,28 +466,14 @@ def rejected_outcome(scan: HeaderScan, keys: Pseudonymizer, run_id: str) -> Outc
     )
 
 
-@task(
-    name="scan-dicom-headers",
-    retries=1,
-    retry_condition_fn=retry_transient,
-    retry_delay_seconds=[5],
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(**task_options("scan-dicom-headers", retries=1, retry_delays_s=(5,)))
 @shielded("scan-dicom-headers")
 def scan_headers(archive: str, root: str, relpaths: list[str]) -> list[HeaderScan]:
     """Key a batch of DICOM files by series, from their headers."""
     return scan_header_files(archive, relpaths, OutputRoot(root).pseudonymizer())
 
 
-@task(
-    name="ingest-batch",
-    retries=1,
-    retry_condition_fn=retry_transient,
-    retry_delay_seconds=[5],
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(**task_options("ingest-batch", retries=1, retry_delays_s=(5,)))
 @shielded("ingest-batch")
 def ingest_batch(archive: str, root: str, jobs: list[SeriesJob], run_id: str) -> list[Outcome]:
     """Ingest a batch of series into OME-Zarr images."""

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from medflow.reasons import ReasonCode, clip_text, retry_transient, shielded
+from medflow.reasons import ReasonCode, clip_text, shielded
 from medflow.storage.images import DecodedImage, ImageMeta, open_image, write_image
 from medflow.storage.layout import OutputRoot
 from medflow.storage.queries import denoised_with, raw_projections, sinogram_sources
 from medflow.storage.sinograms import read_sinogram
 from medflow.storage.tables import connect, utcnow
+from medflow.tasks.options import task_options
 
 __all__ = [
     "DenoiseConfig",
@@ -255,14 +255,7 @@ def denoise_series(
     return row
 
 
-@task(
-    name="denoise-batch",
-    retries=1,
-    retry_condition_fn=retry_transient,
-    retry_delay_seconds=[10],
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+@task(**task_options("denoise-batch", retries=1, retry_delays_s=(10,)))
 @shielded("denoise-batch")
 def denoise_batch(
     root: str, items: list[DenoiseItem], cfg: DenoiseConfig, run_id: str

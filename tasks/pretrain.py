@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from medflow.encoders.m3ret import M3RetViT
 from medflow.reasons import shielded
 from medflow.storage.layout import OutputRoot
+from medflow.tasks.options import task_options
 from medflow.training.pretrain import (
     ModelRecord,
     PretrainConfig,
@@ -28,13 +28,8 @@ from medflow.training.pretrain import (
 __all__ = ["register_task", "train_task"]
 
 
-@task(
-    name="m3ret-train",
-    retries=1,
-    retry_delay_seconds=[5],
-    cache_policy=NO_CACHE,
-    persist_result=False,
-)
+# a retry resumes from the run's last checkpoint, whatever stopped it
+@task(**task_options("m3ret-train", retries=1, retry_delays_s=(5,), transient_only=False))
 @shielded("m3ret-train")
 def train_task(root: str, config: PretrainConfig) -> TrainResult:
     """Train to ``config.steps`` (a retry resumes from the run's last checkpoint) and plot."""
@@ -60,7 +55,7 @@ def train_task(root: str, config: PretrainConfig) -> TrainResult:
     return result
 
 
-@task(name="m3ret-register", cache_policy=NO_CACHE, persist_result=False)
+@task(**task_options("m3ret-register"))
 @shielded("m3ret-register")
 def register_task(root: str, config: PretrainConfig, result: TrainResult) -> ModelRecord:
     """Register the run's final checkpoint as a new encoder version."""
