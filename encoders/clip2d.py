@@ -36,11 +36,13 @@ frame embeddings. With ``return_frame_embeddings`` the per-frame embeddings are 
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -365,6 +367,7 @@ def _register_arch_config(
     name = arch or path.stem
     if _REGISTERED_DIR is None:
         _REGISTERED_DIR = Path(tempfile.mkdtemp(prefix="medflow-open-clip-configs-"))
+        atexit.register(shutil.rmtree, _REGISTERED_DIR, ignore_errors=True)
     # open_clip reads architectures from files named after them
     target = _REGISTERED_DIR / f"{name}.json"
     target.write_text(json.dumps(model_cfg), encoding="utf-8")
