@@ -70,8 +70,9 @@ def thaw(obj: Any) -> Any:
     return obj
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read an architecture config JSON file (a file name alone is looked up in ``configs/``)."""
+def load_config(path: str | Path, architecture: str | None = None) -> dict[str, Any]:
+    """Read an architecture config JSON file (a file name alone is looked up in ``configs/``),
+    checked by :func:`check_config` (``architecture``: the family it must name)."""
     p = Path(path)
     if not p.is_absolute() and not p.exists():
         p = CONFIG_DIR / p
@@ -81,7 +82,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         cfg = json.load(f)
     if not isinstance(cfg, dict):
         raise ValueError(f"Expected a JSON object in {p}, got {type(cfg).__name__}.")
-    check_config(cfg, p.name)
+    check_config(cfg, p.name, architecture)
     return cfg
 
 
@@ -127,8 +128,7 @@ def register_encoder(
         if name in _REGISTRY:
             raise ValueError(f"Encoder {name!r} is already registered.")
         cfg_path = Path(config) if Path(config).is_absolute() else CONFIG_DIR / config
-        cfg = load_config(cfg_path)
-        check_config(cfg, cfg_path.name, architecture)
+        cfg = load_config(cfg_path, architecture)
         _REGISTRY[name] = EncoderEntry(
             name=name, builder=builder, config=_freeze(cfg), config_path=cfg_path
         )

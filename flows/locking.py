@@ -14,7 +14,7 @@ from typing import Any, ParamSpec
 
 from medflow.storage.lock import RunLock, run_lock, skipped_result
 
-__all__ = ["exclusive_run"]
+__all__ = ["exclusive_run", "flow_run_id"]
 
 P = ParamSpec("P")
 
@@ -42,7 +42,7 @@ def exclusive_run(
             if unless is not None and bound.arguments.get(unless):
                 return fn(*args, **kwargs)
             root = str(bound.arguments["root"])
-            with run_lock(root, flow, run_id=_flow_run_id()) as lock:
+            with run_lock(root, flow, run_id=flow_run_id()) as lock:
                 if lock.acquired:
                     return fn(*args, **kwargs)
                 _report_skip(flow, lock)
@@ -53,7 +53,8 @@ def exclusive_run(
     return wrap
 
 
-def _flow_run_id() -> str | None:
+def flow_run_id() -> str | None:
+    """The id of the Prefect flow run this code runs in, None outside one."""
     try:
         from prefect.context import FlowRunContext
 

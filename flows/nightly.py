@@ -17,11 +17,10 @@ from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from medflow.flows.locking import exclusive_run
+from medflow.flows.locking import exclusive_run, flow_run_id
 from medflow.pacs.dicomweb import is_dicomweb
 from medflow.pacs.sr import WriteBack
 from medflow.reasons import ReasonCode, shielded, tally_add, tally_groups
@@ -113,11 +112,8 @@ class IngestSummary:
 
 
 def new_run_id() -> str:
-    try:
-        ctx = get_run_context()
-        return str(ctx.flow_run.id)  # type: ignore[union-attr]
-    except Exception:
-        return uuid.uuid4().hex
+    """The flow run's id inside a flow run, else a fresh one."""
+    return flow_run_id() or uuid.uuid4().hex
 
 
 def _clear_staging(root: OutputRoot) -> None:

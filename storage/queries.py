@@ -43,6 +43,12 @@ __all__ = [
     "unscored_embeddings",
 ]
 
+# a finding row ``f`` scored from the embedding row ``e``
+_FINDING_OF_EMBEDDING = (
+    "f.series_key = e.series_key AND f.encoder = e.encoder AND f.version = e.version "
+    "AND f.source_fingerprint = e.source_fingerprint"
+)
+
 
 def ingested_images(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str, str]]:
     """``(series_key, modality or '', axes, zarr_path)`` of every ingested series, by key."""
@@ -133,10 +139,7 @@ def embeddings_without_findings(
             [encoder, version],
         ).fetchall()
     else:
-        same = (
-            "f.series_key = e.series_key AND f.encoder = e.encoder AND f.version = e.version "
-            "AND f.source_fingerprint = e.source_fingerprint"
-        )
+        same = _FINDING_OF_EMBEDDING
         rows = con.execute(
             f"""
             SELECT e.series_key,
@@ -352,11 +355,7 @@ def unscored_embeddings(
     scored = "false"
     params: list[Any] = [encoder, version]
     if "findings" in views:
-        scored = (
-            "EXISTS (SELECT 1 FROM findings f WHERE f.series_key = e.series_key "
-            "AND f.encoder = e.encoder AND f.version = e.version "
-            "AND f.source_fingerprint = e.source_fingerprint AND f.bank_version = ?)"
-        )
+        scored = f"EXISTS (SELECT 1 FROM findings f WHERE {_FINDING_OF_EMBEDDING} AND f.bank_version = ?)"
         params = [bank_version, *params]
     return [
         tuple(r)
