@@ -1,24 +1,34 @@
 """Zero-shot low-dose CT denoising: plain FBP, ZS-N2N and sinogram flicking, side by side.
 
 Simulated low-dose scans (Poisson photon noise at I0 incident photons per ray, 360-degree
-parallel beam) of two slices:
+parallel beam) of real CT slices and one phantom, each at the asked image sizes:
 
-* ``shepp-logan``: ``skimage.data.shepp_logan_phantom`` resized to 129 x 129 (anti-aliased),
-  intensity 1 taken as water (0.0193/mm), pixels 2 mm (a 258 mm field of view);
-* ``ct-small``: pydicom's ``CT_small.dcm`` test slice (128 x 128, 0.66 mm pixels), converted to
-  Hounsfield units with RescaleSlope/Intercept and to attenuation with water at 0.0193/mm.
+* ``ct-small``: pydicom's ``CT_small.dcm`` test slice (128 x 128, 0.66 mm pixels);
+* ``ect``: frame 0 of ``eCT_Supplemental.dcm``, an enhanced CT (512 x 512, 0.39 mm);
+* ``ct-693``: ``693_UNCR.dcm``, a CT slice (512 x 512, 0.48 mm);
+* ``pancreas``: ``explicit_VR-UN.dcm``, an abdominal CT slice (512 x 512, 0.86 mm, JPEG 2000);
+* ``neck``: ``bad_sequence.dcm``, a neck CT slice (512 x 512, 0.29 mm, JPEG lossless);
+* ``shepp-logan``: ``skimage.data.shepp_logan_phantom``, intensity 1 taken as water, 2 mm
+  pixels at 129 x 129.
 
-Each method runs through :func:`medflow.denoise.denoise_sinogram`. Scores are against the FBP
-(ramp) of the noiseless sinogram, which removes the discretisation error every method shares and
-leaves what noise did: PSNR and SSIM (``skimage.metrics``) with the data range of that reference
-(its max minus min, in 1/mm), over the whole square image. "method" columns score the method's
-own output; "returned" scores the image after the no-worse-than-FBP guard. Seconds per slice are
-wall time of the whole call (training, averaged inference, FBP and the guard).
+The four 512-pixel files are pydicom-data's, shipped in ``benchmarks/data/ct/`` (MIT). Pixel
+values go to Hounsfield units by RescaleSlope/Intercept (clipped at -1024), are resized
+(anti-aliased) to each size with the pixel spacing scaled to keep the field of view, and go to
+attenuation with water at 0.0193/mm.
+
+Each method runs through :func:`medflow.denoise.denoise_sinogram`; ``flicking-d2`` is flicking
+with the network it first used (two convolutions of 48 maps), the baseline for its time. Scores
+are against the FBP (ramp) of the noiseless sinogram, which removes the discretisation error
+every method shares and leaves what noise did: PSNR with the data range of that reference (its
+max minus min, 1/mm) over the body (the reference above half of water's attenuation, holes
+filled) and over the whole square, and SSIM (``skimage.metrics``) over the whole square.
+"returned" scores the image after the no-worse-than-FBP guard. Seconds per slice are wall time
+of the whole call (training, averaged inference, FBP and the guard).
 
 Examples::
 
     python -m benchmarks.denoise --quick                           # CPU smoke run, ~1 minute
-    python -m benchmarks.denoise --device cpu --steps 2000 --out benchmarks/results/denoise.md
+    python -m benchmarks.denoise --steps 2000 --out benchmarks/results/denoise.md
     python -m benchmarks.denoise --device cuda --out /tmp/denoise.md
 """
 
@@ -35,14 +45,25 @@ import torch
 from benchmarks.harness import command_line, machine_facts, timed, utc_now, write_report
 from medflow.denoise import (
     WATER_MU_PER_MM,
+    FlickingSettings,
     ParallelBeamGeometry,
     denoise_sinogram,
     hu_to_mu,
     simulate_low_dose,
 )
 
-METHODS = ("fbp", "zsn2n", "flicking")
+METHODS = ("fbp", "zsn2n", "flicking-d2", "flicking")
 DOSES = (1e4, 5e4)
+DATA = Path(__file__).parent / "data" / "ct"
+REAL = {
+    "ct-small": None,
+    "ect": "eCT_Supplemental.dcm",
+    "ct-693": "693_UNCR.dcm",
+    "pancreas": "explicit_VR-UN.dcm",
+    "neck": "bad_sequence.dcm",
+}
+SLICES = ("shepp-logan", *REAL)
+BASELINE_NETWORK = {"depth": 2, "channels": 48}  # flicking's first network (ZS-N2N's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +78,13 @@ class Slice:
 @dataclass(frozen=True, slots=True)
 class Row:
     data: str
+    size: int
     incident_photons: float
     method: str
+    body_psnr_db: float
     psnr_db: float
     ssim: float
-    delta_db: float
-    returned_psnr_db: float
+    returned_body_psnr_db: float
     kept: str
     seconds_per_slice: float
 
@@ -76,37 +98,81 @@ def shepp_logan(size: int) -> Slice:
     return Slice("shepp-logan", mu.astype(np.float32), 2.0 * 129 / size)
 
 
-def ct_small(size: int | None) -> Slice:
+def _dicom_hu(path: Path | str) -> tuple[np.ndarray, float]:
+    """Frame 0 of a CT file in Hounsfield units (clipped at -1024) and its pixel spacing."""
     import pydicom
-    from pydicom.data import get_testdata_file
 
-    path = get_testdata_file("CT_small.dcm")
-    if path is None:
-        raise FileNotFoundError("Expected pydicom's CT_small.dcm test file, found none.")
     ds = pydicom.dcmread(path)
-    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    spacing = float(ds.PixelSpacing[0])
-    if size is not None and size != hu.shape[0]:
-        from skimage.transform import resize
+    pixels = ds.pixel_array
+    if pixels.ndim == 3:
+        pixels = pixels[0]
+    slope, intercept, spacing = ds.get("RescaleSlope"), ds.get("RescaleIntercept"), None
+    if "PixelSpacing" in ds:
+        spacing = ds.PixelSpacing
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:  # enhanced CT: geometry and rescale in the functional groups
+        group = shared[0]
+        if "PixelMeasuresSequence" in group:
+            spacing = group.PixelMeasuresSequence[0].PixelSpacing
+        if "PixelValueTransformationSequence" in group:
+            t = group.PixelValueTransformationSequence[0]
+            slope, intercept = t.RescaleSlope, t.RescaleIntercept
+    if spacing is None:
+        raise ValueError(f"Expected a pixel spacing in {Path(path).name}, found none.")
+    hu = pixels.astype(np.float64) * float(1 if slope is None else slope)
+    hu += float(0 if intercept is None else intercept)
+    return np.clip(hu, -1024.0, None), float(spacing[0])
 
+
+def real_ct(name: str, size: int) -> Slice:
+    from skimage.transform import resize
+
+    file = REAL[name]
+    if file is None:
+        from pydicom.data import get_testdata_file
+
+        found = get_testdata_file("CT_small.dcm")
+        if found is None:
+            raise FileNotFoundError("Expected pydicom's CT_small.dcm test file, found none.")
+        path: Path | str = found
+    else:
+        path = DATA / file
+    hu, spacing = _dicom_hu(path)
+    if size != hu.shape[0]:
         spacing *= hu.shape[0] / size
         hu = resize(hu, (size, size), anti_aliasing=True)
-    return Slice("ct-small", hu_to_mu(hu), spacing)
+    return Slice(name, hu_to_mu(hu).astype(np.float32), spacing)
 
 
-def score(reference: np.ndarray, image: np.ndarray) -> tuple[float, float]:
-    """PSNR (dB) and SSIM of a 2-D ``image`` against ``reference``, data range of the reference."""
+def load_slice(name: str, size: int) -> Slice:
+    return shepp_logan(size) if name == "shepp-logan" else real_ct(name, size)
+
+
+def body_mask(reference: np.ndarray) -> np.ndarray:
+    """Where the reference is above half of water's attenuation, holes filled."""
+    from scipy.ndimage import binary_fill_holes
+
+    return np.asarray(binary_fill_holes(reference > 0.5 * WATER_MU_PER_MM))
+
+
+def score(reference: np.ndarray, image: np.ndarray) -> tuple[float, float, float]:
+    """Body PSNR, whole-image PSNR (dB) and whole-image SSIM of ``image`` against
+    ``reference``, data range of the reference."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     data_range = float(reference.max() - reference.min())
+    mask = body_mask(reference)
+    body_mse = float(np.mean((reference[mask] - image[mask]) ** 2))
+    body = 10.0 * math.log10(data_range**2 / body_mse)
     psnr = peak_signal_noise_ratio(reference, image, data_range=data_range)
     ssim = structural_similarity(reference, image, data_range=data_range)
-    return float(psnr), float(ssim)
+    return body, float(psnr), float(ssim)
 
 
 def run_case(
     slc: Slice,
     dose: float,
+    methods: tuple[str, ...],
     *,
     n_views: int,
     steps: int,
@@ -119,26 +185,27 @@ def run_case(
     scan = simulate_low_dose(slc.mu, geometry, incident_photons=dose, seed=seed)
     reference = scan.clean_fbp()[0]
     rows: list[Row] = []
-    fbp_psnr = math.nan
-    for method in METHODS:
+    for method in methods:
         if device == "cuda":
             torch.cuda.synchronize()
+        settings = None
+        if method == "flicking-d2":
+            settings = FlickingSettings(**BASELINE_NETWORK)
         result = denoise_sinogram(
             scan.noisy_sinogram,
             geometry,
-            method=method,
+            method="flicking" if method == "flicking-d2" else method,
             seed=seed,
             steps=steps,
             n_average=n_average,
             device=device,
+            settings=settings,
             return_unguarded=True,
         )
         if result.unguarded_image is None:
             raise RuntimeError("Expected the unguarded image, got none.")
-        psnr, ssim = score(reference, result.unguarded_image[0])
-        returned, _ = score(reference, result.image[0])
-        if method == "fbp":
-            fbp_psnr = psnr
+        body, psnr, ssim = score(reference, result.unguarded_image[0])
+        returned, _, _ = score(reference, result.image[0])
         guard = result.params["guard"]
         if "kept" in guard:
             ratio = guard["method_mse_estimate"][0] / guard["fbp_mse_estimate"][0]
@@ -148,33 +215,72 @@ def run_case(
         rows.append(
             Row(
                 data=slc.name,
+                size=size,
                 incident_photons=dose,
                 method=method,
+                body_psnr_db=body,
                 psnr_db=psnr,
                 ssim=ssim,
-                delta_db=psnr - fbp_psnr,
-                returned_psnr_db=returned,
+                returned_body_psnr_db=returned,
                 kept=kept,
                 seconds_per_slice=result.seconds / result.image.shape[0],
             )
         )
-        print(f"  {slc.name} I0={dose:.0e} {method}: {psnr:.2f} dB, {result.seconds:.1f} s")
+        print(
+            f"  {slc.name} {size}px I0={dose:.0e} {method}: body {body:.2f} dB, "
+            f"whole {psnr:.2f} dB, {result.seconds:.1f} s",
+            flush=True,
+        )
     return rows
+
+
+def _find(rows: list[Row], r: Row, method: str) -> Row | None:
+    for o in rows:
+        key = (o.data, o.size, o.incident_photons, o.method)
+        if key == (r.data, r.size, r.incident_photons, method):
+            return o
+    return None
 
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| data | I0 | method | PSNR (dB) | SSIM | ΔPSNR vs FBP (dB) | guard (est. MSE / FBP) "
-        "| returned PSNR (dB) | s / slice |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| data | size | I0 | method | body PSNR (dB) | vs FBP | vs ZS-N2N | whole PSNR (dB) "
+        "| SSIM | guard (est. MSE / FBP) | returned body PSNR (dB) | s / slice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        fbp_row, zs = _find(rows, r, "fbp"), _find(rows, r, "zsn2n")
+        vs_fbp = "-" if fbp_row is None else f"{r.body_psnr_db - fbp_row.body_psnr_db:+.2f}"
+        vs_zs = "-" if zs is None else f"{r.body_psnr_db - zs.body_psnr_db:+.2f}"
         lines.append(
-            f"| {r.data} | {r.incident_photons:.0e} | {r.method} | {r.psnr_db:.2f} | "
-            f"{r.ssim:.4f} | {r.delta_db:+.2f} | {r.kept} | {r.returned_psnr_db:.2f} | "
-            f"{r.seconds_per_slice:.1f} |"
+            f"| {r.data} | {r.size} | {r.incident_photons:.0e} | {r.method} | "
+            f"{r.body_psnr_db:.2f} | {vs_fbp} | {vs_zs} | {r.psnr_db:.2f} | {r.ssim:.4f} | "
+            f"{r.kept} | {r.returned_body_psnr_db:.2f} | {r.seconds_per_slice:.1f} |"
         )
     return "\n".join(lines)
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """The goals, case by case: flicking against ZS-N2N and FBP, and its time against
+    flicking-d2's."""
+    out: list[str] = []
+    for r in rows:
+        if r.method != "flicking":
+            continue
+        case = f"{r.data} {r.size}px I0={r.incident_photons:.0e}"
+        zs, fb, d2 = _find(rows, r, "zsn2n"), _find(rows, r, "fbp"), _find(rows, r, "flicking-d2")
+        parts = []
+        if zs is not None:
+            parts.append(f"{r.body_psnr_db - zs.body_psnr_db:+.2f} dB vs ZS-N2N")
+        if fb is not None:
+            parts.append(f"{r.body_psnr_db - fb.body_psnr_db:+.2f} dB vs FBP")
+        if d2 is not None:
+            parts.append(
+                f"{r.body_psnr_db - d2.body_psnr_db:+.2f} dB and "
+                f"{r.seconds_per_slice / d2.seconds_per_slice:.2f}x time vs flicking-d2"
+            )
+        out.append(f"- {case}: " + ", ".join(parts))
+    return out
 
 
 def machine(device: str) -> str:
@@ -189,6 +295,14 @@ def machine(device: str) -> str:
     return text + f"; torch {torch_['version']}, Python {facts['python']}"
 
 
+def _names(value: str, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    names = tuple(v for v in value.split(",") if v)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"Expected {what} among {known}, got {value!r}.")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -197,12 +311,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", type=int, default=360, help="views over 360 degrees")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--slices",
+        type=lambda v: _names(v, SLICES, "slices"),
+        default=SLICES,
+        help="comma-separated, among " + ", ".join(SLICES),
+    )
+    parser.add_argument("--sizes", default="128,256", help="comma-separated image sizes in pixels")
+    parser.add_argument(
+        "--doses", default=",".join(f"{d:g}" for d in DOSES), help="comma-separated I0"
+    )
+    parser.add_argument(
+        "--methods",
+        type=lambda v: _names(v, METHODS, "methods"),
+        default=METHODS,
+        help="comma-separated, among " + ", ".join(METHODS),
+    )
+    parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 65-pixel slices, 180 views, 100 steps, 4 flicked copies",
+        help="smoke run: 64-pixel slices, 180 views, 100 steps, 4 flicked copies",
     )
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write")
     args = parser.parse_args(argv)
@@ -210,28 +340,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda asked for, but CUDA is not available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    size_phantom, size_ct = 129, None
+    sizes = [int(v) for v in args.sizes.split(",") if v]
+    doses = [float(v) for v in args.doses.split(",") if v]
     steps, n_average, n_views = args.steps, args.n_average, args.views
     if args.quick:
-        size_phantom, size_ct, steps, n_average, n_views = 65, 64, 100, 4, 180
-    slices = [shepp_logan(size_phantom), ct_small(size_ct)]
+        sizes, steps, n_average, n_views = [64], 100, 4, 180
     rows: list[Row] = []
     with timed() as clock:
-        for slc in slices:
-            for dose in DOSES:
-                rows.extend(
-                    run_case(
-                        slc,
-                        dose,
-                        n_views=n_views,
-                        steps=steps,
-                        n_average=n_average,
-                        device=args.device,
-                        seed=args.seed,
+        for size in sizes:
+            for name in args.slices:
+                slc = load_slice(name, size)
+                for dose in doses:
+                    rows.extend(
+                        run_case(
+                            slc,
+                            dose,
+                            args.methods,
+                            n_views=n_views,
+                            steps=steps,
+                            n_average=n_average,
+                            device=args.device,
+                            seed=args.seed,
+                        )
                     )
-                )
     total = clock.wall_s
     command = command_line("denoise", argv)
+    flicking = FlickingSettings()
     report = "\n".join(
         [
             f"## Low-dose CT denoising ({utc_now()})",
@@ -240,16 +374,18 @@ def main(argv: list[str] | None = None) -> int:
             f"- machine: {machine(args.device)}; device {args.device}",
             f"- settings: {n_views} views over 360 degrees, parallel beam, detector over the "
             f"diagonal at one bin per pixel; {steps} training steps per network, {n_average} "
-            f"flicked copies averaged; seed {args.seed}; slices "
-            + ", ".join(
-                f"{s.name} {s.mu.shape[0]}px at {s.pixel_spacing_mm:.3g} mm" for s in slices
-            ),
-            "- reference: FBP (ramp) of the noiseless sinogram; PSNR/SSIM data range = its max - "
-            "min (1/mm); guard column: the SURE estimate of the method's image MSE over FBP's "
-            "(< 1 keeps the method, else the slice falls back to FBP)",
+            f"flicked copies averaged; flicking's network {flicking.depth} convolutions of "
+            f"{flicking.channels} maps, flicking-d2's {BASELINE_NETWORK['depth']} of "
+            f"{BASELINE_NETWORK['channels']}; seed {args.seed}",
+            "- reference: FBP (ramp) of the noiseless sinogram; PSNR data range = its max - min "
+            "(1/mm); body: reference above half of water, holes filled; guard column: the SURE "
+            "estimate of the method's image MSE over FBP's (< 1 keeps the method, else the "
+            "slice falls back to FBP)",
             f"- total wall time: {total:.0f} s",
             "",
             table(rows),
+            "",
+            *summary(rows),
             "",
         ]
     )

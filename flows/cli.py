@@ -406,6 +406,7 @@ DEMO_DENOISE: dict[str, Any] = {
     "steps": 60,
     "n_average": 4,
     "channels": 16,
+    "depth": 2,
     "patch_size": 32,
 }
 """The demo's denoising settings: reduced from the defaults so that it takes seconds on a CPU."""
@@ -415,11 +416,11 @@ def _denoise_defaults() -> dict[str, Any]:
     from medflow.denoise import FlickingSettings
 
     d = FlickingSettings().to_dict()
-    return {k: d[k] for k in ("steps", "n_average", "channels", "patch_size")}
+    return {k: d[k] for k in ("steps", "n_average", "channels", "depth", "patch_size")}
 
 
 def _settings_words(d: dict[str, Any]) -> str:
-    keep = ("steps", "n_average", "channels", "patch_size")
+    keep = ("steps", "n_average", "channels", "depth", "patch_size")
     return ", ".join(f"{k.replace('_', ' ')} {d[k]}" for k in keep if k in d)
 
 

@@ -217,7 +217,7 @@ def _thumbnails(
 # denoised low-dose CT: before and after
 
 
-_SHOWN_SETTINGS = ("steps", "n_average", "channels", "patch_size")
+_SHOWN_SETTINGS = ("steps", "n_average", "channels", "depth", "patch_size")
 
 
 @dataclass(frozen=True, slots=True)

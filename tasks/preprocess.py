@@ -30,6 +30,7 @@ from medflow.storage.tables import connect, utcnow
 from medflow.tasks.options import task_options
 
 __all__ = [
+    "FLICKING_REVISION",
     "DenoiseConfig",
     "DenoiseItem",
     "NoRawProjectionsError",
@@ -39,6 +40,10 @@ __all__ = [
     "pending_denoise",
     "require_raw_projections",
 ]
+
+
+FLICKING_REVISION = 2
+"""Bumped when flicking's defaults change what it computes, so that its outputs are redone."""
 
 
 class NoRawProjectionsError(ValueError):
@@ -54,6 +59,7 @@ class DenoiseConfig:
     steps: int | None = None  # training steps (None: the method's default)
     n_average: int | None = None  # flicked inferences averaged (None: default)
     channels: int | None = None  # flicking network width (None: default)
+    depth: int | None = None  # flicking network's 3x3 convolutions (None: default)
     patch_size: int | None = None  # flicking training patch, views x bins (None: default)
     seed: int = 0
     ctdivol_max_mGy: float = 5.0
@@ -69,29 +75,40 @@ class DenoiseConfig:
             raise ValueError(
                 f"Unknown denoise setting(s) {sorted(unknown)}; expected {sorted(known)}."
             )
-        return cls(**dict(d))
+        cfg = cls(**dict(d))
+        cfg.flicking_settings()  # a bad network setting is an error here, before any work
+        return cfg
 
     def flicking_settings(self) -> Any:
-        """Flicking's settings when ``channels`` or ``patch_size`` change its defaults, else
-        None (the method's defaults, with ``steps`` and ``n_average`` applied by the caller)."""
-        if self.method != "flicking" or (self.channels is None and self.patch_size is None):
+        """Flicking's settings when ``channels``, ``depth`` or ``patch_size`` change its
+        defaults, else None (the method's defaults, with ``steps`` and ``n_average`` applied by
+        the caller)."""
+        changes = {
+            k: v
+            for k, v in (
+                ("channels", self.channels),
+                ("depth", self.depth),
+                ("patch_size", self.patch_size),
+            )
+            if v is not None
+        }
+        if self.method != "flicking" or not changes:
             return None
         from medflow.denoise import FlickingSettings
 
-        changes = {
-            k: v
-            for k, v in (("channels", self.channels), ("patch_size", self.patch_size))
-            if v is not None
-        }
         return FlickingSettings(**changes)
 
     def params_hash(self) -> str:
         keep = {k: v for k, v in asdict(self).items() if k not in ("enabled", "series_per_task")}
         keep.pop("device")
         keep.pop("ctdivol_max_mGy")
-        for name in ("channels", "patch_size"):  # newer settings: unset, the hash is as before
+        for name in ("channels", "patch_size", "depth"):  # newer settings: unset, hash as before
             if keep[name] is None:
                 keep.pop(name)
+        if self.method == "flicking":
+            # The default network changed (revision 2: four convolutions of 32 maps): series
+            # denoised by the first one are stale.
+            keep["flicking_revision"] = FLICKING_REVISION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import harness
@@ -117,3 +118,23 @@ def test_markdown_report_on_disk(tmp_path: Path) -> None:
     assert out.read_text(encoding="utf-8") == "replaced\n"
     assert harness.results_path("x") == REPO / "benchmarks" / "results" / "x.md"
     assert harness.command_line("x", ["--quick"]) == "python -m benchmarks.x --quick"
+
+
+@pytest.mark.parametrize("name", ["ct-small", "ect", "ct-693", "pancreas", "neck"])
+def test_denoise_benchmark_reads_every_real_ct_slice(name: str) -> None:
+    from benchmarks import denoise
+    from medflow.denoise import mu_to_hu
+
+    slc = denoise.load_slice(name, 64)
+    assert slc.mu.shape == (64, 64) and slc.mu.dtype.name == "float32"
+    hu = mu_to_hu(slc.mu)
+    assert hu.min() >= -1025 and 50 < hu.max() < 3000  # air outside, tissue or bone inside
+    body = denoise.body_mask(slc.mu)
+    assert 0.05 < body.mean() < 1.0
+    # Resizing keeps the field of view.
+    native = denoise.load_slice(name, 128)
+    assert abs(native.pixel_spacing_mm * 128 - slc.pixel_spacing_mm * 64) < 1e-6
+    body_psnr, _, _ = denoise.score(slc.mu, slc.mu + 1e-4)
+    assert body_psnr == pytest.approx(
+        10 * np.log10(float(slc.mu.max() - slc.mu.min()) ** 2 / 1e-8), abs=1e-3
+    )

@@ -21,6 +21,7 @@ from medflow.denoise import (
     WATER_MU_PER_MM,
     DenoiseResult,
     FlickingSettings,
+    NoiseNet,
     NotRawProjectionsError,
     ParallelBeamGeometry,
     check_raw_projections,
@@ -38,6 +39,7 @@ from medflow.denoise import (
     simulate_low_dose,
     swap_mask,
 )
+from medflow.denoise.networks import receptive_field
 
 
 def phantom(size: int) -> np.ndarray:
@@ -389,3 +391,48 @@ def test_entry_point_validates_its_input(low_dose: tuple) -> None:
         denoise_sinogram(bad, geo, method="fbp")
     with pytest.raises(TypeError, match="Expected FlickingSettings for method 'flicking'"):
         denoise_sinogram(scan.noisy_sinogram, geo, settings=object())  # type: ignore[arg-type]
+
+
+# --- the network -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_network_reads_only_its_receptive_field(depth: int) -> None:
+    torch.manual_seed(0)
+    net = NoiseNet(8, depth=depth, circular_rows=True)
+    assert net.margin == depth and receptive_field(depth) == 2 * depth + 1
+    x = torch.randn(1, 1, 40, 30, requires_grad=True)
+    net(x)[0, 0, 20, 15].backward()
+    assert x.grad is not None
+    rows, cols = torch.nonzero(x.grad[0, 0], as_tuple=True)
+    assert (int(rows.min()), int(rows.max())) == (20 - depth, 20 + depth)
+    assert (int(cols.min()), int(cols.max())) == (15 - depth, 15 + depth)
+
+
+def test_network_on_a_patch_with_its_margin_matches_the_whole_sinogram() -> None:
+    torch.manual_seed(0)
+    net = NoiseNet(8, depth=4, circular_rows=True)
+    x = torch.randn(1, 1, 36, 30)
+    whole = net(x)
+    # Rows wrap around (views of a full turn), here across the first view.
+    rows = torch.arange(-4, 14) % 36
+    patch = net(x[:, :, rows][..., 0:18], pad=False)
+    torch.testing.assert_close(patch, whole[:, :, 0:10, 4:14])
+
+
+def test_network_depth_and_views_are_checked() -> None:
+    with pytest.raises(ValueError, match="depth >= 2"):
+        FlickingSettings(depth=1)
+    with pytest.raises(ValueError, match="depth >= 2"):
+        NoiseNet(8, depth=1)
+    assert FlickingSettings().depth == 4 and FlickingSettings().channels == 32
+    geo = ParallelBeamGeometry.for_image(17, 1.0, n_views=18)
+    scan = simulate_low_dose(phantom(17) * WATER_MU_PER_MM, geo, incident_photons=1e4, seed=0)
+    # 18 views: a depth-4 network (field 9) would come within reach of conjugate rays.
+    with pytest.raises(ValueError, match=r"more than 19 views .* depth 4, got 18"):
+        denoise_sinogram(scan.noisy_sinogram, geo, method="flicking", steps=1, device="cpu")
+    shallow = FlickingSettings(depth=2, steps=1, n_average=2, patch_size=8)
+    result = denoise_sinogram(
+        scan.noisy_sinogram, geo, method="flicking", settings=shallow, device="cpu"
+    )
+    assert result.params["settings"]["depth"] == 2

@@ -132,3 +132,24 @@ def test_denoising_is_deterministic_for_a_seed(run: tuple[Path, dict], tmp_path:
     second = denoise_series(out, item, cfg, "b")
     b = open_image(str(root / second["zarr_path"])).read(0)
     np.testing.assert_array_equal(a, b)
+
+
+def test_flicking_network_settings_are_checked_and_change_the_hash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import medflow.tasks.preprocess as preprocess
+
+    with pytest.raises(ValueError, match="depth >= 2"):
+        DenoiseConfig.from_dict({"depth": 1})
+    shallow = DenoiseConfig.from_dict({"depth": 2, "channels": 48})
+    settings = shallow.flicking_settings()
+    assert (settings.depth, settings.channels) == (2, 48)
+    assert DenoiseConfig().flicking_settings() is None  # the defaults
+    assert shallow.params_hash() != DenoiseConfig().params_hash()
+    # A new revision of flicking's defaults makes what the old one denoised stale; the other
+    # methods keep their hashes.
+    flicking, zsn2n = DenoiseConfig(), DenoiseConfig(method="zsn2n")
+    before = flicking.params_hash(), zsn2n.params_hash()
+    monkeypatch.setattr(preprocess, "FLICKING_REVISION", preprocess.FLICKING_REVISION + 1)
+    assert flicking.params_hash() != before[0]
+    assert zsn2n.params_hash() == before[1]

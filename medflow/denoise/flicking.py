@@ -7,8 +7,15 @@ Noise2Noise loss ``|a - n(a) - b|^2 + |b - n(b) - a|^2`` (``n`` the predicted no
 denoised sinogram is the average of the network output over ``n_average`` flicked copies.
 
 Training runs on random patches, cut with a margin of the network's receptive field so that a
-patch's output is exactly what the network computes there on the whole sinogram (the view axis
-wraps around, the detector reads zero beyond its ends).
+patch's output is exactly what the network computes there on the whole sinogram, except within
+the margin of the detector's ends (the view axis wraps around; beyond the detector the input
+reads zero).
+
+The network is four 3x3 convolutions of 32 feature maps (receptive field 9 x 9): on real CT
+slices it denoised better than the two-convolution, 48-map network of Zero-Shot Noise2Noise
+that flicking first used (``depth=2, channels=48``), for about 1.3 times the training time
+(``benchmarks/denoise.py``). Deeper networks (six convolutions and more) did not learn within
+the default training steps.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from medflow.denoise.geometry import (
     parse_positive_float,
     parse_positive_int,
 )
-from medflow.denoise.networks import RECEPTIVE_FIELD, NoiseNet, training_step
+from medflow.denoise.networks import NoiseNet, receptive_field, training_step
 
 __all__ = [
     "FlickingSettings",
@@ -41,8 +48,6 @@ __all__ = [
     "denoise_flicked",
     "train_flicking",
 ]
-
-_MARGIN = RECEPTIVE_FIELD // 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,23 +58,25 @@ class FlickingSettings:
     ``patches_per_step`` random ``patch_size`` x ``patch_size`` patches (views x bins, clipped to
     the sinogram) of freshly flicked pairs, a share ``swap_share`` of the conjugate pairs swapped;
     ``n_average`` flicked copies averaged at inference, ``inference_batch`` copies per network
-    call; ``channels`` feature maps in the network.
+    call; ``depth`` 3x3 convolutions of ``channels`` feature maps in the network.
     """
 
     steps: int = 2000
     n_average: int = 32
     learning_rate: float = 1e-3
-    channels: int = 48
+    channels: int = 32
     swap_share: float = 0.5
     patch_size: int = 64
     patches_per_step: int = 8
     inference_batch: int = 8
+    depth: int = 4
 
     def __post_init__(self) -> None:
         for name in (
             "steps",
             "n_average",
             "channels",
+            "depth",
             "patch_size",
             "patches_per_step",
             "inference_batch",
@@ -82,6 +89,8 @@ class FlickingSettings:
         if share >= 1.0:
             raise ValueError(f"Expected swap_share in (0, 1), got {self.swap_share} instead.")
         object.__setattr__(self, "swap_share", share)
+        if self.depth < 2:
+            raise ValueError(f"Expected depth >= 2, got {self.depth} instead.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,20 +117,22 @@ def _cut_patches(
     stacks: tuple[torch.Tensor, ...],
     size_views: int,
     size_bins: int,
+    margin: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, ...]:
     """One random patch per slice, the same place in every stack of ``stacks`` (each
-    ``(patches, views, bins)``), with the receptive-field margin: ``(patches, 1, v + 4, b + 4)``."""
+    ``(patches, views, bins)``), with ``margin`` more on every side:
+    ``(patches, 1, v + 2 margin, b + 2 margin)``."""
     n, n_views, n_bins = stacks[0].shape
     dev = stacks[0].device
     v0 = torch.randint(n_views, (n, 1), generator=generator)
     b0 = torch.randint(n_bins - size_bins + 1, (n, 1), generator=generator)
     # Views wrap around a full turn; bins index the zero-padded detector.
-    rows = (v0 - _MARGIN + torch.arange(size_views + 2 * _MARGIN)) % n_views
-    cols = b0 + torch.arange(size_bins + 2 * _MARGIN)
+    rows = (v0 - margin + torch.arange(size_views + 2 * margin)) % n_views
+    cols = b0 + torch.arange(size_bins + 2 * margin)
     sl = torch.arange(n)[:, None, None].to(dev)
     rows, cols = rows[:, :, None].to(dev), cols[:, None, :].to(dev)
-    return tuple(F.pad(s, (_MARGIN, _MARGIN))[sl, rows, cols][:, None] for s in stacks)
+    return tuple(F.pad(s, (margin, margin))[sl, rows, cols][:, None] for s in stacks)
 
 
 def train_flicking(
@@ -139,22 +150,26 @@ def train_flicking(
     ``progress``, when given, is called every 100 steps with the step and its loss.
     """
     geo = parse_full_scan(geometry)
-    if geo.n_views // 2 <= RECEPTIVE_FIELD:
+    field = receptive_field(settings.depth)
+    if geo.n_views // 2 <= field:
         # Else the network could see a ray's conjugate, the very value it is trained to predict.
         raise ValueError(
-            f"Expected more than {2 * RECEPTIVE_FIELD + 1} views for flicking, got "
-            f"{geo.n_views} instead."
+            f"Expected more than {2 * field + 1} views for flicking with a network of depth "
+            f"{settings.depth}, got {geo.n_views} instead."
         )
     dev = sinogram.device
     scale = input_scale(sinogram)
     x = sinogram / scale
     n_slices, n_views, n_bins = x.shape
     size_v, size_b = min(settings.patch_size, n_views), min(settings.patch_size, n_bins)
-    net = NoiseNet(settings.channels, circular_rows=True, generator=generator).to(dev)
+    net = NoiseNet(
+        settings.channels, depth=settings.depth, circular_rows=True, generator=generator
+    ).to(dev)
+    margin = net.margin
     opt = torch.optim.Adam(net.parameters(), lr=settings.learning_rate)
     # Halving the rate for the second half beat cosine annealing on simulated scans (+0.4 dB).
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, settings.steps // 2), gamma=0.5)
-    inner = (slice(None), slice(None), slice(_MARGIN, -_MARGIN), slice(_MARGIN, -_MARGIN))
+    inner = (slice(None), slice(None), slice(margin, -margin), slice(margin, -margin))
     tail = max(1, settings.steps // 10)
     recent: list[float] = []
     for step in range(settings.steps):
@@ -162,7 +177,7 @@ def train_flicking(
             torch.randint(n_slices, (settings.patches_per_step,), generator=generator).to(dev)
         ]
         pair = flicked_pair(chosen, geo, swap_share=settings.swap_share, generator=generator)
-        a, b = _cut_patches(pair, size_v, size_b, generator)
+        a, b = _cut_patches(pair, size_v, size_b, margin, generator)
         out_a = a[inner] - net(a, pad=False)
         out_b = b[inner] - net(b, pad=False)
         loss = 0.5 * (F.mse_loss(out_a, b[inner]) + F.mse_loss(out_b, a[inner]))

@@ -1,9 +1,12 @@
-"""The lightweight denoising network of Zero-Shot Noise2Noise, for images and for sinograms.
+"""The small denoising network of Zero-Shot Noise2Noise, for images and for sinograms.
 
-Three convolutions (3x3, 3x3, 1x1) with leaky ReLUs in between predict the noise; the denoised
-signal is the input minus that prediction. The receptive field is 5 x 5, far smaller than the
-half-turn of views that separates a ray from its conjugate, which is what keeps a sinogram
-network from seeing the other measurement of the line it is asked to predict.
+``depth`` 3x3 convolutions with leaky ReLUs after each, then a 1x1 convolution, predict the
+noise; the denoised signal is the input minus that prediction. Depth 2 with 48 feature maps is
+the network of Zero-Shot Noise2Noise (receptive field 5 x 5); sinogram flicking uses a deeper,
+narrower one (see :mod:`medflow.denoise.flicking`). The receptive field, ``2 * depth + 1``
+across, stays far smaller than the half-turn of views that separates a ray from its conjugate,
+which is what keeps a sinogram network from seeing the other measurement of the line it is
+asked to predict.
 """
 
 from __future__ import annotations
@@ -17,39 +20,52 @@ from torch import nn
 
 from medflow.denoise.geometry import parse_positive_int
 
-__all__ = ["RECEPTIVE_FIELD", "NoiseNet", "training_step"]
+__all__ = ["NoiseNet", "receptive_field", "training_step"]
 
-RECEPTIVE_FIELD = 5  # pixels (or views and bins) across, from the two 3x3 convolutions
 _NEGATIVE_SLOPE = 0.2
+
+
+def receptive_field(depth: int) -> int:
+    """Pixels (or views and bins) across that one output of a ``depth``-convolution network
+    reads."""
+    return 2 * parse_positive_int("depth", depth) + 1
 
 
 class NoiseNet(nn.Module):
     """Predicts the noise of a one-channel input ``(batch, 1, rows, cols)``; same-size output.
 
-    ``circular_rows`` pads the rows (the view axis of a 360-degree sinogram, which wraps around)
-    circularly instead of with zeros.
+    ``depth`` 3x3 convolutions of ``channels`` feature maps (at least 2). ``circular_rows`` pads
+    the rows (the view axis of a 360-degree sinogram, which wraps around) circularly instead of
+    with zeros.
     """
 
     def __init__(
         self,
         channels: int = 48,
         *,
+        depth: int = 2,
         circular_rows: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         width = parse_positive_int("channels", channels)
+        n = parse_positive_int("depth", depth)
+        if n < 2:
+            raise ValueError(f"Expected depth >= 2, got {depth} instead.")
         self.circular_rows = bool(circular_rows)
-        self.conv1 = nn.Conv2d(1, width, 3)
-        self.conv2 = nn.Conv2d(width, width, 3)
-        self.conv3 = nn.Conv2d(width, 1, 1)
+        self.depth = n
+        self.margin = n  # each 3x3 convolution reads one pixel beyond its output on every side
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(1, width, 3)] + [nn.Conv2d(width, width, 3) for _ in range(n - 1)]
+        )
+        self.head = nn.Conv2d(width, 1, 1)
         if generator is not None:
             self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Re-draw the weights (PyTorch's default Conv2d init) from ``generator``, so training
         starts from the same point for the same seed without touching the global RNG."""
-        for conv in (self.conv1, self.conv2, self.conv3):
+        for conv in (*self.convs, self.head):
             nn.init.kaiming_uniform_(conv.weight, a=5**0.5, generator=generator)
             fan_in = conv.weight.shape[1] * conv.weight.shape[2] * conv.weight.shape[3]
             bound = 1.0 / fan_in**0.5
@@ -64,11 +80,12 @@ class NoiseNet(nn.Module):
         return F.pad(x, (1, 1, 1, 1))
 
     def forward(self, x: torch.Tensor, *, pad: bool = True) -> torch.Tensor:
-        """The predicted noise; with ``pad=False`` the output is smaller by the receptive-field
-        margin (2) on every side and needs no padding, as for patches cut with that margin."""
-        h = F.leaky_relu(self.conv1(self._pad(x) if pad else x), _NEGATIVE_SLOPE)
-        h = F.leaky_relu(self.conv2(self._pad(h) if pad else h), _NEGATIVE_SLOPE)
-        return self.conv3(h)
+        """The predicted noise; with ``pad=False`` the output is smaller by ``margin`` (the
+        depth) on every side and needs no padding, as for patches cut with that margin."""
+        h = x
+        for conv in self.convs:
+            h = F.leaky_relu(conv(self._pad(h) if pad else h), _NEGATIVE_SLOPE)
+        return self.head(h)
 
     def denoise(self, x: torch.Tensor) -> torch.Tensor:
         """The input minus its predicted noise."""
