@@ -12,7 +12,7 @@ parallel beam) of real CT slices and one phantom, each at the asked image sizes:
   pixels at 129 x 129.
 
 The four 512-pixel files are pydicom-data's, shipped in ``benchmarks/data/ct/`` (MIT). Pixel
-values go to Hounsfield units by RescaleSlope/Intercept (clipped at -1024), are resized
+values are read by medflow's DICOM reader (Hounsfield units, clipped at -1024), resized
 (anti-aliased) to each size with the pixel spacing scaled to keep the field of view, and go to
 attenuation with water at 0.0193/mm.
 
@@ -55,12 +55,13 @@ from medflow.denoise import (
 METHODS = ("fbp", "zsn2n", "flicking-d2", "flicking")
 DOSES = (1e4, 5e4)
 DATA = Path(__file__).parent / "data" / "ct"
-REAL = {
-    "ct-small": None,
-    "ect": "eCT_Supplemental.dcm",
-    "ct-693": "693_UNCR.dcm",
-    "pancreas": "explicit_VR-UN.dcm",
-    "neck": "bad_sequence.dcm",
+REAL: dict[str, tuple[str | None, int]] = {
+    # name: file in DATA (None: pydicom's CT_small.dcm), slice index in the reader's z order
+    "ct-small": (None, 0),
+    "ect": ("eCT_Supplemental.dcm", 1),  # frame 0 of the file: the reader sorts by position
+    "ct-693": ("693_UNCR.dcm", 0),
+    "pancreas": ("explicit_VR-UN.dcm", 0),
+    "neck": ("bad_sequence.dcm", 0),
 }
 SLICES = ("shepp-logan", *REAL)
 BASELINE_NETWORK = {"depth": 2, "channels": 48}  # flicking's first network (ZS-N2N's)
@@ -98,46 +99,29 @@ def shepp_logan(size: int) -> Slice:
     return Slice("shepp-logan", mu.astype(np.float32), 2.0 * 129 / size)
 
 
-def _dicom_hu(path: Path | str) -> tuple[np.ndarray, float]:
-    """Frame 0 of a CT file in Hounsfield units (clipped at -1024) and its pixel spacing."""
-    import pydicom
-
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
-    if pixels.ndim == 3:
-        pixels = pixels[0]
-    slope, intercept, spacing = ds.get("RescaleSlope"), ds.get("RescaleIntercept"), None
-    if "PixelSpacing" in ds:
-        spacing = ds.PixelSpacing
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:  # enhanced CT: geometry and rescale in the functional groups
-        group = shared[0]
-        if "PixelMeasuresSequence" in group:
-            spacing = group.PixelMeasuresSequence[0].PixelSpacing
-        if "PixelValueTransformationSequence" in group:
-            t = group.PixelValueTransformationSequence[0]
-            slope, intercept = t.RescaleSlope, t.RescaleIntercept
-    if spacing is None:
-        raise ValueError(f"Expected a pixel spacing in {Path(path).name}, found none.")
-    hu = pixels.astype(np.float64) * float(1 if slope is None else slope)
-    hu += float(0 if intercept is None else intercept)
-    return np.clip(hu, -1024.0, None), float(spacing[0])
-
-
 def real_ct(name: str, size: int) -> Slice:
+    """A real CT slice read by medflow's own DICOM reader (Hounsfield units, clipped at -1024),
+    resized to ``size`` pixels with the field of view kept."""
     from skimage.transform import resize
 
-    file = REAL[name]
+    from medflow.readers.dicom import read_dicom_series
+
+    file, index = REAL[name]
     if file is None:
         from pydicom.data import get_testdata_file
 
         found = get_testdata_file("CT_small.dcm")
         if found is None:
             raise FileNotFoundError("Expected pydicom's CT_small.dcm test file, found none.")
-        path: Path | str = found
+        path = str(found)
     else:
-        path = DATA / file
-    hu, spacing = _dicom_hu(path)
+        path = str(DATA / file)
+    image = read_dicom_series([path])
+    if image.pixels is None:
+        raise RuntimeError(f"Expected {Path(path).name} decoded whole, got slabs.")
+    pixels = image.pixels if image.pixels.ndim == 2 else image.pixels[index]
+    hu = np.clip(pixels.astype(np.float64), -1024.0, None)
+    spacing = image.meta.spacing[-1]
     if size != hu.shape[0]:
         spacing *= hu.shape[0] / size
         hu = resize(hu, (size, size), anti_aliasing=True)

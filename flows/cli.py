@@ -414,14 +414,16 @@ DEMO_DENOISE: dict[str, Any] = {
 
 def _denoise_defaults() -> dict[str, Any]:
     from medflow.denoise import FlickingSettings
+    from medflow.report import SHOWN_DENOISE_SETTINGS
 
     d = FlickingSettings().to_dict()
-    return {k: d[k] for k in ("steps", "n_average", "channels", "depth", "patch_size")}
+    return {k: d[k] for k in SHOWN_DENOISE_SETTINGS}
 
 
 def _settings_words(d: dict[str, Any]) -> str:
-    keep = ("steps", "n_average", "channels", "depth", "patch_size")
-    return ", ".join(f"{k.replace('_', ' ')} {d[k]}" for k in keep if k in d)
+    from medflow.report import SHOWN_DENOISE_SETTINGS
+
+    return ", ".join(f"{k.replace('_', ' ')} {d[k]}" for k in SHOWN_DENOISE_SETTINGS if k in d)
 
 
 def demo_encoder_specs(models_dir: Path, *, m3ret: bool = False) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ from medflow.storage.tables import connect, utcnow
 __all__ = [
     "DEFAULT_CT_WINDOW",
     "REPORT_ARTIFACT_KEY",
+    "SHOWN_DENOISE_SETTINGS",
     "DenoisedPair",
     "RunReport",
     "StageRow",
@@ -217,7 +218,8 @@ def _thumbnails(
 # denoised low-dose CT: before and after
 
 
-_SHOWN_SETTINGS = ("steps", "n_average", "channels", "depth", "patch_size")
+SHOWN_DENOISE_SETTINGS = ("steps", "n_average", "channels", "depth", "patch_size")
+"""The denoising settings shown beside a denoised image (and by the demo), in this order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +274,7 @@ def _denoised_pairs(
             method = str(prov.get("method", "?"))
             chosen = dict((prov.get("params") or {}).get("settings") or {})
             defaults = _method_defaults(method)
-            shown = {k: chosen[k] for k in _SHOWN_SETTINGS if k in chosen}
+            shown = {k: chosen[k] for k in SHOWN_DENOISE_SETTINGS if k in chosen}
             shown["seed"] = prov.get("seed")
             differ = {k: defaults[k] for k in shown if k in defaults and defaults[k] != shown[k]}
             per_slice = list(prov.get("slice_methods") or [])

@@ -45,6 +45,8 @@ __all__ = [
 FLICKING_REVISION = 2
 """Bumped when flicking's defaults change what it computes, so that its outputs are redone."""
 
+_NETWORK_SETTINGS = ("channels", "depth", "patch_size")  # flicking's, None: its default
+
 
 class NoRawProjectionsError(ValueError):
     """A series asked to be denoised by flicking has no raw projection data."""
@@ -83,15 +85,7 @@ class DenoiseConfig:
         """Flicking's settings when ``channels``, ``depth`` or ``patch_size`` change its
         defaults, else None (the method's defaults, with ``steps`` and ``n_average`` applied by
         the caller)."""
-        changes = {
-            k: v
-            for k, v in (
-                ("channels", self.channels),
-                ("depth", self.depth),
-                ("patch_size", self.patch_size),
-            )
-            if v is not None
-        }
+        changes = {k: getattr(self, k) for k in _NETWORK_SETTINGS if getattr(self, k) is not None}
         if self.method != "flicking" or not changes:
             return None
         from medflow.denoise import FlickingSettings
@@ -102,7 +96,7 @@ class DenoiseConfig:
         keep = {k: v for k, v in asdict(self).items() if k not in ("enabled", "series_per_task")}
         keep.pop("device")
         keep.pop("ctdivol_max_mGy")
-        for name in ("channels", "patch_size", "depth"):  # newer settings: unset, hash as before
+        for name in _NETWORK_SETTINGS:  # newer settings: unset, the hash is as before
             if keep[name] is None:
                 keep.pop(name)
         if self.method == "flicking":

@@ -40,7 +40,7 @@ from medflow.denoise.geometry import (
     parse_positive_float,
     parse_positive_int,
 )
-from medflow.denoise.networks import NoiseNet, receptive_field, training_step
+from medflow.denoise.networks import NoiseNet, parse_depth, receptive_field, training_step
 
 __all__ = [
     "FlickingSettings",
@@ -76,7 +76,6 @@ class FlickingSettings:
             "steps",
             "n_average",
             "channels",
-            "depth",
             "patch_size",
             "patches_per_step",
             "inference_batch",
@@ -89,8 +88,7 @@ class FlickingSettings:
         if share >= 1.0:
             raise ValueError(f"Expected swap_share in (0, 1), got {self.swap_share} instead.")
         object.__setattr__(self, "swap_share", share)
-        if self.depth < 2:
-            raise ValueError(f"Expected depth >= 2, got {self.depth} instead.")
+        object.__setattr__(self, "depth", parse_depth(self.depth))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

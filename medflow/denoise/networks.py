@@ -20,15 +20,23 @@ from torch import nn
 
 from medflow.denoise.geometry import parse_positive_int
 
-__all__ = ["NoiseNet", "receptive_field", "training_step"]
+__all__ = ["NoiseNet", "parse_depth", "receptive_field", "training_step"]
 
 _NEGATIVE_SLOPE = 0.2
+
+
+def parse_depth(value: Any) -> int:
+    """Validate a network depth: an int of at least 2 (3x3 convolutions)."""
+    depth = parse_positive_int("depth", value)
+    if depth < 2:
+        raise ValueError(f"Expected depth >= 2, got {value} instead.")
+    return depth
 
 
 def receptive_field(depth: int) -> int:
     """Pixels (or views and bins) across that one output of a ``depth``-convolution network
     reads."""
-    return 2 * parse_positive_int("depth", depth) + 1
+    return 2 * parse_depth(depth) + 1
 
 
 class NoiseNet(nn.Module):
@@ -49,18 +57,19 @@ class NoiseNet(nn.Module):
     ) -> None:
         super().__init__()
         width = parse_positive_int("channels", channels)
-        n = parse_positive_int("depth", depth)
-        if n < 2:
-            raise ValueError(f"Expected depth >= 2, got {depth} instead.")
+        n = parse_depth(depth)
         self.circular_rows = bool(circular_rows)
-        self.depth = n
-        self.margin = n  # each 3x3 convolution reads one pixel beyond its output on every side
         self.convs = nn.ModuleList(
             [nn.Conv2d(1, width, 3)] + [nn.Conv2d(width, width, 3) for _ in range(n - 1)]
         )
         self.head = nn.Conv2d(width, 1, 1)
         if generator is not None:
             self.reset_parameters(generator)
+
+    @property
+    def margin(self) -> int:
+        """Pixels an output reads beyond itself on every side: one per 3x3 convolution."""
+        return len(self.convs)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Re-draw the weights (PyTorch's default Conv2d init) from ``generator``, so training
