@@ -218,7 +218,7 @@ def _thumbnails(
 # denoised low-dose CT: before and after
 
 
-SHOWN_DENOISE_SETTINGS = ("steps", "n_average", "channels", "depth", "patch_size")
+SHOWN_DENOISE_SETTINGS = ("steps", "n_average", "channels", "depth", "patch_size", "domain")
 """The denoising settings shown beside a denoised image (and by the demo), in this order."""
 
 

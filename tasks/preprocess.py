@@ -42,10 +42,10 @@ __all__ = [
 ]
 
 
-FLICKING_REVISION = 2
+FLICKING_REVISION = 3
 """Bumped when flicking's defaults change what it computes, so that its outputs are redone."""
 
-_NETWORK_SETTINGS = ("channels", "depth", "patch_size")  # flicking's, None: its default
+_NETWORK_SETTINGS = ("channels", "depth", "patch_size", "domain")  # flicking's, None: default
 
 
 class NoRawProjectionsError(ValueError):
@@ -62,7 +62,8 @@ class DenoiseConfig:
     n_average: int | None = None  # flicked inferences averaged (None: default)
     channels: int | None = None  # flicking network width (None: default)
     depth: int | None = None  # flicking network's 3x3 convolutions (None: default)
-    patch_size: int | None = None  # flicking training patch, views x bins (None: default)
+    patch_size: int | None = None  # flicking training patch (None: default)
+    domain: str | None = None  # flicking network's domain: image | sinogram (None: default)
     seed: int = 0
     ctdivol_max_mGy: float = 5.0
     series_per_task: int = 1
@@ -82,8 +83,8 @@ class DenoiseConfig:
         return cfg
 
     def flicking_settings(self) -> Any:
-        """Flicking's settings when ``channels``, ``depth`` or ``patch_size`` change its
-        defaults, else None (the method's defaults, with ``steps`` and ``n_average`` applied by
+        """Flicking's settings when ``channels``, ``depth``, ``patch_size`` or ``domain`` change
+        its defaults, else None (the method's defaults, with ``steps`` and ``n_average`` applied by
         the caller)."""
         changes = {k: getattr(self, k) for k in _NETWORK_SETTINGS if getattr(self, k) is not None}
         if self.method != "flicking" or not changes:
@@ -100,8 +101,8 @@ class DenoiseConfig:
             if keep[name] is None:
                 keep.pop(name)
         if self.method == "flicking":
-            # The default network changed (revision 2: four convolutions of 32 maps): series
-            # denoised by the first one are stale.
+            # Bumped when the defaults change what flicking computes (2: four convolutions of
+            # 32 maps; 3: the network trained on half-turn images): older outputs are stale.
             keep["flicking_revision"] = FLICKING_REVISION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

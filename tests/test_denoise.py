@@ -30,7 +30,9 @@ from medflow.denoise import (
     denoise_sinogram,
     estimate_noise_std,
     fbp,
+    flick,
     flicked_pair,
+    half_turn_images,
     hu_to_mu,
     mu_to_hu,
     pair_downsample,
@@ -299,19 +301,41 @@ def psnr(reference: np.ndarray, image: np.ndarray) -> float:
     )
 
 
-def test_flicking_beats_fbp_on_a_low_dose_slice(low_dose: tuple) -> None:
-    geo, scan = low_dose
+@pytest.fixture(scope="module")
+def lower_dose() -> tuple[ParallelBeamGeometry, object]:
+    """A 64-pixel phantom slice at I0 = 2e3, 128 views over 360 degrees (4 mm pixels): an image
+    network needs a little more image than ``low_dose`` to learn from in a test's few steps."""
+    size = 64
+    geometry = ParallelBeamGeometry.for_image(size, 258.0 / size, n_views=128)
+    scan = simulate_low_dose(
+        phantom(size) * WATER_MU_PER_MM, geometry, incident_photons=2e3, seed=0
+    )
+    return geometry, scan
+
+
+@pytest.mark.parametrize("domain", ["image", "sinogram"])
+def test_flicking_beats_fbp_on_a_low_dose_slice(
+    low_dose: tuple, lower_dose: tuple, domain: str
+) -> None:
+    geo, scan = lower_dose if domain == "image" else low_dose
     reference = scan.clean_fbp()
     plain = denoise_sinogram(scan.noisy_sinogram, geo, method="fbp", device="cpu")
-    settings = FlickingSettings(steps=200, n_average=8, patch_size=32, patches_per_step=4)
+    settings = FlickingSettings(
+        steps=200, n_average=8, patch_size=32, patches_per_step=4, domain=domain
+    )
     result = denoise_sinogram(
         scan.noisy_sinogram, geo, method="flicking", settings=settings, device="cpu"
     )
     assert isinstance(result, DenoiseResult)
-    assert result.image.shape == (1, 41, 41) and result.image.dtype == np.float32
-    assert result.sinogram is not None and result.sinogram.shape == scan.noisy_sinogram.shape
+    size = geo.image_size
+    assert result.image.shape == (1, size, size) and result.image.dtype == np.float32
+    if domain == "sinogram":
+        assert result.sinogram is not None
+        assert result.sinogram.shape == scan.noisy_sinogram.shape
+    else:  # the network denoises images: no denoised sinogram to return
+        assert result.sinogram is None
     gain = psnr(reference, result.image) - psnr(reference, plain.image)
-    assert gain > 0.3, f"flicking gained {gain:.2f} dB over FBP"
+    assert gain > 0.3, f"flicking ({domain}) gained {gain:.2f} dB over FBP"
     assert result.slice_methods == ("flicking",)
     guard = result.params["guard"]
     assert guard["kept"] == [True]
@@ -322,14 +346,18 @@ def test_flicking_beats_fbp_on_a_low_dose_slice(low_dose: tuple) -> None:
     true_mse = float(np.mean((result.image - reference) ** 2))
     assert 0.8 < guard["method_mse_estimate"][0] / true_mse < 1.25
     assert result.params["settings"]["steps"] == 200
+    assert result.params["settings"]["domain"] == domain
     assert ParallelBeamGeometry.from_dict(result.params["geometry"]) == geo
     np.testing.assert_allclose(result.to_hu(), mu_to_hu(result.image), rtol=1e-6)
 
 
-def test_guard_falls_back_to_fbp_when_the_network_makes_things_worse(low_dose: tuple) -> None:
+@pytest.mark.parametrize("domain", ["image", "sinogram"])
+def test_guard_falls_back_to_fbp_when_the_network_makes_things_worse(
+    low_dose: tuple, domain: str
+) -> None:
     geo, scan = low_dose
     # One step leaves the network near its random start: its output is far worse than FBP.
-    settings = FlickingSettings(steps=1, n_average=2)
+    settings = FlickingSettings(steps=1, n_average=2, train_pairs=2, domain=domain)
     result = denoise_sinogram(
         scan.noisy_sinogram,
         geo,
@@ -344,8 +372,40 @@ def test_guard_falls_back_to_fbp_when_the_network_makes_things_worse(low_dose: t
     assert psnr(reference, result.unguarded_image) < psnr(reference, plain.image)
     assert result.slice_methods == ("fbp",)
     np.testing.assert_array_equal(result.image, plain.image)
-    # The sinogram returned is the one the image was reconstructed from: the input.
-    np.testing.assert_array_equal(result.sinogram, scan.noisy_sinogram)
+    if domain == "sinogram":
+        # The sinogram returned is the one the image was reconstructed from: the input.
+        np.testing.assert_array_equal(result.sinogram, scan.noisy_sinogram)
+    else:
+        assert result.sinogram is None
+
+
+def test_half_turns_of_a_flicked_copy_have_independent_noise() -> None:
+    size = 48
+    geo = ParallelBeamGeometry.for_image(size, 250.0 / size, n_views=120)
+    scan = simulate_low_dose(phantom(size) * WATER_MU_PER_MM, geo, incident_photons=2e3, seed=3)
+    g = torch.Generator().manual_seed(0)
+    swap = swap_mask(pair_mask(1, geo, generator=g))
+    noisy = flick(torch.from_numpy(scan.noisy_sinogram).double(), swap)
+    clean = torch.from_numpy(scan.clean_sinogram).double()
+    first, second = half_turn_images(noisy, geo)
+    clean_first, clean_second = half_turn_images(clean, geo)
+    # The same content: without noise both half-turns give the full turn's FBP.
+    full = fbp(clean, geo)
+    inside = torch.from_numpy(inside_circle(size, margin=2))
+    peak = float(full.abs().max())
+    for image in (clean_first, clean_second):
+        assert float((image - full)[0][inside].abs().max()) < 0.02 * peak
+    # Independent noise: each half-turn holds one measurement of every line, the other one the
+    # other measurement.
+    noise_1 = (first - clean_first)[0][inside].flatten()
+    noise_2 = (second - clean_second)[0][inside].flatten()
+    assert abs(float(torch.corrcoef(torch.stack((noise_1, noise_2)))[0, 1])) < 0.1
+    # Whereas the full turns of two complementary copies hold the same measurements, moved: their
+    # noises are nearly the same.
+    other = flick(torch.from_numpy(scan.noisy_sinogram).double(), ~swap)
+    noise_a = (fbp(noisy, geo) - full)[0][inside].flatten()
+    noise_b = (fbp(other, geo) - full)[0][inside].flatten()
+    assert float(torch.corrcoef(torch.stack((noise_a, noise_b)))[0, 1]) > 0.8
 
 
 def test_same_seed_same_image_on_cpu(low_dose: tuple) -> None:
@@ -420,19 +480,33 @@ def test_network_on_a_patch_with_its_margin_matches_the_whole_sinogram() -> None
     torch.testing.assert_close(patch, whole[:, :, 0:10, 4:14])
 
 
-def test_network_depth_and_views_are_checked() -> None:
+def test_network_depth_domain_and_views_are_checked() -> None:
     with pytest.raises(ValueError, match="depth >= 2"):
         FlickingSettings(depth=1)
     with pytest.raises(ValueError, match="depth >= 2"):
         NoiseNet(8, depth=1)
-    assert FlickingSettings().depth == 4 and FlickingSettings().channels == 32
+    with pytest.raises(ValueError, match=r"Expected domain in \('image', 'sinogram'\), got 'k'"):
+        FlickingSettings(domain="k")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Expected train_pairs > 0, got 0"):
+        FlickingSettings(train_pairs=0)
+    defaults = FlickingSettings()
+    assert (defaults.depth, defaults.channels, defaults.domain) == (4, 32, "image")
     geo = ParallelBeamGeometry.for_image(17, 1.0, n_views=18)
     scan = simulate_low_dose(phantom(17) * WATER_MU_PER_MM, geo, incident_photons=1e4, seed=0)
-    # 18 views: a depth-4 network (field 9) would come within reach of conjugate rays.
+    # 18 views: a depth-4 sinogram network (field 9) would come within reach of conjugate rays.
+    on_sinogram = FlickingSettings(domain="sinogram", steps=1, n_average=2)
     with pytest.raises(ValueError, match=r"more than 19 views .* depth 4, got 18"):
-        denoise_sinogram(scan.noisy_sinogram, geo, method="flicking", steps=1, device="cpu")
-    shallow = FlickingSettings(depth=2, steps=1, n_average=2, patch_size=8)
+        denoise_sinogram(
+            scan.noisy_sinogram, geo, method="flicking", settings=on_sinogram, device="cpu"
+        )
+    shallow = FlickingSettings(domain="sinogram", depth=2, steps=1, n_average=2, patch_size=8)
     result = denoise_sinogram(
         scan.noisy_sinogram, geo, method="flicking", settings=shallow, device="cpu"
     )
     assert result.params["settings"]["depth"] == 2
+    # An image network never sees a sinogram: any depth goes.
+    on_images = FlickingSettings(steps=1, n_average=2, train_pairs=2, patch_size=8)
+    result = denoise_sinogram(
+        scan.noisy_sinogram, geo, method="flicking", settings=on_images, device="cpu"
+    )
+    assert result.params["settings"]["depth"] == 4

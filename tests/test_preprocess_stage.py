@@ -145,6 +145,11 @@ def test_flicking_network_settings_are_checked_and_change_the_hash(
     settings = shallow.flicking_settings()
     assert (settings.depth, settings.channels) == (2, 48)
     assert DenoiseConfig().flicking_settings() is None  # the defaults
+    with pytest.raises(ValueError, match=r"Expected domain in \('image', 'sinogram'\)"):
+        DenoiseConfig.from_dict({"domain": "fourier"})
+    on_sinogram = DenoiseConfig.from_dict({"domain": "sinogram"})
+    assert on_sinogram.flicking_settings().domain == "sinogram"
+    assert on_sinogram.params_hash() != DenoiseConfig().params_hash()
     assert shallow.params_hash() != DenoiseConfig().params_hash()
     # A new revision of flicking's defaults makes what the old one denoised stale; the other
     # methods keep their hashes.

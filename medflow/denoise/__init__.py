@@ -18,7 +18,14 @@ from medflow.denoise.conjugate import (
     pair_mask,
     swap_mask,
 )
-from medflow.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
+from medflow.denoise.flicking import (
+    DOMAINS,
+    FlickingSettings,
+    denoise_flicked,
+    half_turn_images,
+    reconstruct_flicked,
+    train_flicking,
+)
 from medflow.denoise.geometry import ParallelBeamGeometry
 from medflow.denoise.guard import GuardEstimate, estimate_noise_std, guard_estimate
 from medflow.denoise.lowdose import (
@@ -33,6 +40,7 @@ from medflow.denoise.projector import back_project, fbp, filter_sinogram, radon,
 from medflow.denoise.zsn2n import ZSN2NSettings, denoise_zsn2n, pair_downsample, train_zsn2n
 
 __all__ = [
+    "DOMAINS",
     "METHODS",
     "WATER_MU_PER_MM",
     "DenoiseResult",
@@ -57,12 +65,14 @@ __all__ = [
     "flick",
     "flicked_pair",
     "guard_estimate",
+    "half_turn_images",
     "hu_to_mu",
     "mu_to_hu",
     "pair_downsample",
     "pair_mask",
     "radon",
     "ramp_filter",
+    "reconstruct_flicked",
     "simulate_low_dose",
     "swap_mask",
     "train_flicking",

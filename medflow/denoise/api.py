@@ -2,7 +2,9 @@
 
 Methods:
 
-* ``"flicking"``: sinogram flicking (:mod:`medflow.denoise.flicking`), then FBP. Needs raw
+* ``"flicking"``: sinogram flicking (:mod:`medflow.denoise.flicking`): a network trained on
+  the FBP images of the two half-turns of flicked copies of the scan (or, with
+  ``domain="sinogram"``, on the flicked sinograms, then FBP). Needs raw
   360-degree projections and refuses re-projected input with
   :class:`~medflow.denoise.conjugate.NotRawProjectionsError`.
 * ``"zsn2n"``: FBP, then Zero-Shot Noise2Noise on the slices (:mod:`medflow.denoise.zsn2n`).
@@ -32,7 +34,12 @@ from medflow.denoise.conjugate import (
     check_raw_projections,
     conjugate_relative_difference,
 )
-from medflow.denoise.flicking import FlickingSettings, denoise_flicked, train_flicking
+from medflow.denoise.flicking import (
+    FlickingSettings,
+    denoise_flicked,
+    reconstruct_flicked,
+    train_flicking,
+)
 from medflow.denoise.geometry import ParallelBeamGeometry
 from medflow.denoise.guard import GuardEstimate, guard_estimate
 from medflow.denoise.lowdose import WATER_MU_PER_MM, mu_to_hu
@@ -60,8 +67,8 @@ class DenoiseResult:
 
     ``image``: ``(slices, size, size)`` float32, linear attenuation in 1/mm. ``slice_methods``:
     per slice, the method whose output ``image`` holds (the one asked for, or ``"fbp"`` where the
-    guard fell back). ``sinogram``: for ``"flicking"``, the line integrals ``image`` is the FBP
-    of (denoised, or the input where the guard fell back), else None.
+    guard fell back). ``sinogram``: for ``"flicking"`` in the sinogram domain, the line integrals
+    ``image`` is the FBP of (denoised, or the input where the guard fell back), else None.
     ``unguarded_image``: the method's output before the guard, only when asked for. ``params``:
     everything needed to reproduce the run (JSON-serialisable). ``seconds``: wall time.
     """
@@ -134,17 +141,12 @@ def _settings(
             f"Expected {expected.__name__} for method {method!r}, got "
             f"{type(base).__name__} instead."
         )
-    changes: dict[str, int] = {}
     if steps is not None:
-        changes["steps"] = steps
-    # n_average means flicked copies: the image-domain baseline has nothing to average.
-    if n_average is not None and method == "flicking":
-        changes["n_average"] = n_average
-    if not changes:
-        return base
-    if isinstance(base, FlickingSettings):
-        return dataclasses.replace(base, **changes)
-    return dataclasses.replace(base, **changes)
+        base = dataclasses.replace(base, steps=steps)
+    # n_average means flicked copies: ZS-N2N has nothing to average.
+    if n_average is not None and isinstance(base, FlickingSettings):
+        base = dataclasses.replace(base, n_average=n_average)
+    return base
 
 
 def _fixed_generator(generator: torch.Generator) -> Callable[[], torch.Generator]:
@@ -217,18 +219,22 @@ def denoise_sinogram(
     reconstruct: Callable[[torch.Tensor], torch.Tensor] | None = None
     if isinstance(chosen, FlickingSettings):
         fl_settings = chosen
-        trained = train_flicking(y, geometry, fl_settings, generator=generator, progress=progress)
+        trained = train_flicking(
+            y, geometry, fl_settings, generator=generator, progress=progress, filter_name=filt
+        )
         params["final_loss"] = trained.final_loss
         masks = _fixed_generator(generator)
 
-        def denoise(s: torch.Tensor) -> torch.Tensor:
-            return denoise_flicked(s, geometry, trained, fl_settings, generator=masks())
-
         def reconstruct_flicking(s: torch.Tensor) -> torch.Tensor:
-            return fbp(denoise(s), geometry, filter_name=filt)
+            return reconstruct_flicked(
+                s, geometry, trained, fl_settings, generator=masks(), filter_name=filt
+            )
 
-        denoised_sino = denoise(y)
-        image = fbp(denoised_sino, geometry, filter_name=filt)
+        if trained.domain == "sinogram":
+            denoised_sino = denoise_flicked(y, geometry, trained, fl_settings, generator=masks())
+            image = fbp(denoised_sino, geometry, filter_name=filt)
+        else:
+            image = reconstruct_flicking(y)
         reconstruct = reconstruct_flicking
     elif isinstance(chosen, ZSN2NSettings):
         trained_z = train_zsn2n(fbp_image, chosen, generator=generator, progress=progress)

@@ -169,28 +169,24 @@ def back_project(filtered: torch.Tensor, geometry: ParallelBeamGeometry) -> torc
     x = coords[None, :].expand(size, size).reshape(-1)
     y = (-coords)[:, None].expand(size, size).reshape(-1)
     theta = torch.as_tensor(geometry.angles_rad(), device=dev)
-    # (views * bins, slices): one gather fetches a pixel's detector values for every slice.
-    table = filtered.permute(1, 2, 0).reshape(n_views * n_bins, n_slices)
-    out = torch.zeros(size * size, n_slices, device=dev, dtype=dt)
-    chunk = _views_per_chunk(size * size * max(n_slices, 1) * 2, n_views)
+    # Every view is a one-row image whose channels are the slices: grid_sample interpolates
+    # along the detector only, the slices in one pass.
+    views = filtered.permute(1, 0, 2)[:, :, None, :]
+    out = torch.zeros(n_slices, size * size, device=dev, dtype=dt)
+    chunk = _views_per_chunk(size * size * (max(n_slices, 1) + 2), n_views)
     for v0 in range(0, n_views, chunk):
         th = theta[v0 : v0 + chunk]
         u = (x[None, :] * torch.cos(th)[:, None] + y[None, :] * torch.sin(th)[:, None]) / (
             geometry.bin_spacing_mm
         ) + (n_bins - 1) / 2
-        lo = torch.floor(u)
-        w = (u - lo).to(dt)
-        lo_i = lo.long()
-        inside_lo = (lo_i >= 0) & (lo_i <= n_bins - 1)
-        inside_hi = (lo_i >= -1) & (lo_i <= n_bins - 2)
-        base = (torch.arange(th.shape[0], device=dev) + v0)[:, None] * n_bins
-        idx_lo = (base + lo_i.clamp(0, n_bins - 1)).reshape(-1)
-        idx_hi = (base + (lo_i + 1).clamp(0, n_bins - 1)).reshape(-1)
-        w_lo = ((1 - w) * inside_lo).reshape(-1, 1)
-        w_hi = (w * inside_hi).reshape(-1, 1)
-        vals = table[idx_lo] * w_lo + table[idx_hi] * w_hi
-        out += vals.reshape(th.shape[0], size * size, n_slices).sum(dim=0)
-    return out.T.reshape(n_slices, size, size)
+        # Bin j sits at 2 j / (n_bins - 1) - 1 of grid_sample's [-1, 1] (corners aligned).
+        across = (2 * u / max(n_bins - 1, 1) - 1).to(dt)
+        grid = torch.stack((across, torch.zeros_like(across)), dim=-1)[:, None]
+        sampled = F.grid_sample(
+            views[v0 : v0 + chunk], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
+        out += sampled[:, :, 0].sum(dim=0)
+    return out.reshape(n_slices, size, size)
 
 
 def fbp(
