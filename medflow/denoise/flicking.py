@@ -215,11 +215,25 @@ def _symmetric_loss(net: NoiseNet, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     return 0.5 * (F.mse_loss(out_a, b[inner]) + F.mse_loss(out_b, a[inner]))
 
 
-def _optimiser(net: NoiseNet, settings: FlickingSettings) -> tuple[torch.optim.Adam, Any]:
+def _fit(
+    net: NoiseNet,
+    settings: FlickingSettings,
+    draw: Callable[[], tuple[torch.Tensor, ...]],
+    progress: Callable[[int, float], None] | None,
+) -> float:
+    """Train ``net`` for ``settings.steps`` Adam steps on the patch pairs ``draw`` deals; the
+    mean loss over the last 10% of steps."""
     opt = torch.optim.Adam(net.parameters(), lr=settings.learning_rate)
     # Halving the rate for the second half beat cosine annealing on simulated scans (+0.4 dB).
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, settings.steps // 2), gamma=0.5)
-    return opt, sched
+    tail = max(1, settings.steps // 10)
+    recent: list[float] = []
+    for step in range(settings.steps):
+        a, b = draw()
+        loss = _symmetric_loss(net, a, b)
+        training_step(opt, sched, loss, step, settings.steps - tail, recent, progress)
+    net.eval()
+    return math.fsum(recent) / len(recent)
 
 
 def train_flicking(
@@ -256,21 +270,16 @@ def train_flicking(
     net = NoiseNet(
         settings.channels, depth=settings.depth, circular_rows=True, generator=generator
     ).to(dev)
-    opt, sched = _optimiser(net, settings)
-    tail = max(1, settings.steps // 10)
-    recent: list[float] = []
-    for step in range(settings.steps):
+
+    def draw() -> tuple[torch.Tensor, ...]:
         chosen = x[
             torch.randint(n_slices, (settings.patches_per_step,), generator=generator).to(dev)
         ]
         pair = flicked_pair(chosen, geo, swap_share=settings.swap_share, generator=generator)
-        a, b = _cut_patches(pair, size_v, size_b, net.margin, generator, wrap_rows=True)
-        loss = _symmetric_loss(net, a, b)
-        training_step(opt, sched, loss, step, settings.steps - tail, recent, progress)
-    net.eval()
-    return TrainedFlicking(
-        network=net, scale=scale, final_loss=math.fsum(recent) / len(recent), domain="sinogram"
-    )
+        return _cut_patches(pair, size_v, size_b, net.margin, generator, wrap_rows=True)
+
+    final_loss = _fit(net, settings, draw, progress)
+    return TrainedFlicking(network=net, scale=scale, final_loss=final_loss, domain="sinogram")
 
 
 def _train_on_images(
@@ -303,10 +312,8 @@ def _train_on_images(
     size = geometry.image_size
     patch = min(settings.patch_size, size)
     net = NoiseNet(settings.channels, depth=settings.depth, generator=generator).to(dev)
-    opt, sched = _optimiser(net, settings)
-    tail = max(1, settings.steps // 10)
-    recent: list[float] = []
-    for step in range(settings.steps):
+
+    def draw() -> tuple[torch.Tensor, ...]:
         pick = torch.randint(
             settings.train_pairs, (settings.patches_per_step,), generator=generator
         )
@@ -321,14 +328,10 @@ def _train_on_images(
         quarter = int(torch.randint(4, (1,), generator=generator))
         mirror = bool(torch.rand(1, generator=generator) < 0.5)
         pa, pb = torch.rot90(pa, quarter, (2, 3)), torch.rot90(pb, quarter, (2, 3))
-        if mirror:
-            pa, pb = pa.flip(-1), pb.flip(-1)
-        loss = _symmetric_loss(net, pa, pb)
-        training_step(opt, sched, loss, step, settings.steps - tail, recent, progress)
-    net.eval()
-    return TrainedFlicking(
-        network=net, scale=scale, final_loss=math.fsum(recent) / len(recent), domain="image"
-    )
+        return (pa.flip(-1), pb.flip(-1)) if mirror else (pa, pb)
+
+    final_loss = _fit(net, settings, draw, progress)
+    return TrainedFlicking(network=net, scale=scale, final_loss=final_loss, domain="image")
 
 
 def denoise_flicked(
