@@ -40,6 +40,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ SLICES = ("shepp-logan", *REAL)
 # Flicking's first form: ZS-N2N's network on the sinogram, the baseline for flicking's time.
 BASELINE_NETWORK = {"depth": 2, "channels": 48, "domain": "sinogram", "patch_size": 64}
 # Flicking variants run by name: the settings that differ from the defaults.
-VARIANTS: dict[str, dict[str, object]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "flicking-d2": BASELINE_NETWORK,
     # The defaults before the image domain: four convolutions of 32 maps on the sinogram.
     "flicking-sino": {"domain": "sinogram", "patch_size": 64},
@@ -184,7 +185,7 @@ def run_case(
             torch.cuda.synchronize()
         settings = None
         if method in VARIANTS:
-            settings = FlickingSettings(**VARIANTS[method])  # type: ignore[arg-type]
+            settings = FlickingSettings(**VARIANTS[method])
         result = denoise_sinogram(
             scan.noisy_sinogram,
             geometry,

@@ -141,7 +141,7 @@ class TrainedFlicking:
     network: NoiseNet
     scale: float
     final_loss: float
-    domain: Domain = "sinogram"
+    domain: Domain
 
 
 def input_scale(sinogram: torch.Tensor) -> float:
