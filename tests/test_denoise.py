@@ -41,6 +41,7 @@ from medflow.denoise import (
     simulate_low_dose,
     swap_mask,
 )
+from medflow.denoise.flicking import orient, unorient
 from medflow.denoise.networks import receptive_field
 
 
@@ -406,6 +407,62 @@ def test_half_turns_of_a_flicked_copy_have_independent_noise() -> None:
     noise_a = (fbp(noisy, geo) - full)[0][inside].flatten()
     noise_b = (fbp(other, geo) - full)[0][inside].flatten()
     assert float(torch.corrcoef(torch.stack((noise_a, noise_b)))[0, 1]) > 0.8
+
+
+def test_orientations_are_eight_distinct_and_undone() -> None:
+    image = torch.arange(30.0).reshape(1, 5, 6)[:, :, :5]  # no symmetry
+    seen = [orient(image, k) for k in range(8)]
+    assert len({tuple(v.flatten().tolist()) for v in seen}) == 8
+    for k, v in enumerate(seen):
+        assert torch.equal(unorient(v, k), image)
+
+
+def test_oriented_inference_turns_every_image_back() -> None:
+    from medflow.denoise.flicking import _denoise_image, _denoise_oriented
+
+    images = torch.randn(10, 12, 12, generator=torch.Generator().manual_seed(1))
+    silent = NoiseNet(8, depth=3)
+    for param in silent.parameters():
+        torch.nn.init.zeros_(param)
+    # A network predicting no noise returns every image as it came, in place.
+    assert torch.equal(_denoise_oriented(silent, images, 3), images)
+    net = NoiseNet(8, depth=3, generator=torch.Generator().manual_seed(2))
+    out = _denoise_oriented(net, images, 3)
+    for i in range(10):
+        expected = unorient(_denoise_image(net, orient(images[i : i + 1], 3 + i)), 3 + i)
+        torch.testing.assert_close(out[i : i + 1], expected)
+    # A network is not equivariant to turns: the orientations change what it computes.
+    assert not torch.allclose(out[1:], _denoise_image(net, images)[1:], atol=1e-4)
+
+
+def test_weights_are_averaged_over_the_second_half_of_training() -> None:
+    from medflow.denoise.flicking import _fit
+
+    settings = FlickingSettings(steps=6)
+    data = torch.randn(6, 2, 4, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+
+    def run(average: bool) -> tuple[NoiseNet, list[list[torch.Tensor]]]:
+        net = NoiseNet(8, depth=2, generator=torch.Generator().manual_seed(5))
+        seen: list[list[torch.Tensor]] = []
+        calls = iter(range(6))
+
+        def draw() -> tuple[torch.Tensor, ...]:
+            seen.append([p.detach().clone() for p in net.parameters()])
+            i = next(calls)
+            return data[i, 0], data[i, 1]
+
+        _fit(net, settings, draw, None, average_weights=average)
+        return net, seen
+
+    plain, seen = run(False)
+    averaged, _ = run(True)
+    # After steps 3, 4 and 5 (0-based): the weights the fourth and fifth draws saw after the
+    # third and fourth steps, and the plain run's final ones.
+    last = [list(plain.parameters())[j].detach() for j in range(len(seen[0]))]
+    for j, weight in enumerate(averaged.parameters()):
+        expected = (seen[4][j] + seen[5][j] + last[j]) / 3
+        torch.testing.assert_close(weight.detach(), expected)
+        assert not torch.allclose(weight.detach(), last[j])
 
 
 def test_same_seed_same_image_on_cpu(low_dose: tuple) -> None:
