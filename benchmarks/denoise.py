@@ -371,9 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             f"diagonal at one bin per pixel; {steps} training steps per network, {n_average} "
             f"flicked copies averaged; flicking: {flicking.depth} convolutions of "
             f"{flicking.channels} maps in the {flicking.domain} domain on "
-            f"{flicking.train_pairs} pairs of half-turn images, its weights averaged over the "
-            "second half of the steps, each averaged image seen in another of eight "
-            "orientations; flicking-sino: the same network "
+            f"{flicking.train_pairs} pairs of half-turn images, each averaged image seen in "
+            "another of eight orientations; flicking-sino: the same network "
             f"on the sinogram; flicking-d2 (the first form): {BASELINE_NETWORK['depth']} "
             f"convolutions of {BASELINE_NETWORK['channels']} maps on the sinogram; seed "
             f"{args.seed}",

@@ -102,8 +102,8 @@ class DenoiseConfig:
                 keep.pop(name)
         if self.method == "flicking":
             # Bumped when the defaults change what flicking computes (2: four convolutions of
-            # 32 maps; 3: the network trained on half-turn images; 4: its weights averaged and
-            # its inference over eight orientations): older outputs are stale.
+            # 32 maps; 3: the network trained on half-turn images; 4: its inference over eight
+            # orientations): older outputs are stale.
             keep["flicking_revision"] = FLICKING_REVISION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -435,36 +435,6 @@ def test_oriented_inference_turns_every_image_back() -> None:
     assert not torch.allclose(out[1:], _denoise_image(net, images)[1:], atol=1e-4)
 
 
-def test_weights_are_averaged_over_the_second_half_of_training() -> None:
-    from medflow.denoise.flicking import _fit
-
-    settings = FlickingSettings(steps=6)
-    data = torch.randn(6, 2, 4, 1, 12, 12, generator=torch.Generator().manual_seed(0))
-
-    def run(average: bool) -> tuple[NoiseNet, list[list[torch.Tensor]]]:
-        net = NoiseNet(8, depth=2, generator=torch.Generator().manual_seed(5))
-        seen: list[list[torch.Tensor]] = []
-        calls = iter(range(6))
-
-        def draw() -> tuple[torch.Tensor, ...]:
-            seen.append([p.detach().clone() for p in net.parameters()])
-            i = next(calls)
-            return data[i, 0], data[i, 1]
-
-        _fit(net, settings, draw, None, average_weights=average)
-        return net, seen
-
-    plain, seen = run(False)
-    averaged, _ = run(True)
-    # After steps 3, 4 and 5 (0-based): the weights the fourth and fifth draws saw after the
-    # third and fourth steps, and the plain run's final ones.
-    last = [list(plain.parameters())[j].detach() for j in range(len(seen[0]))]
-    for j, weight in enumerate(averaged.parameters()):
-        expected = (seen[4][j] + seen[5][j] + last[j]) / 3
-        torch.testing.assert_close(weight.detach(), expected)
-        assert not torch.allclose(weight.detach(), last[j])
-
-
 def test_same_seed_same_image_on_cpu(low_dose: tuple) -> None:
     geo, scan = low_dose
     settings = FlickingSettings(steps=5, n_average=2, patch_size=16, patches_per_step=2)

@@ -11,12 +11,11 @@ noise), in one of two domains (``FlickingSettings.domain``):
   is a complete parallel-beam scan holding one of the two measurements of every line, and the
   other half-turn holds the other one, so their two FBP images show the same slice with
   independent noise. The network (on image patches, turned and mirrored at random) maps one to
-  the other, and ends with its weights averaged over the second half of its training; the
-  denoised slice is the network output averaged over both half-turns of ``n_average`` flicked
-  copies, each image seen in another of the eight turned and mirrored orientations. An image
-  network sees a structure summed over all views, which a sinogram network does not: on five
-  real CT slices it beat the same network on the sinogram by 0.9 to 6.3 dB (128 pixels,
-  I0 = 1e4 and 5e4; ``benchmarks/denoise.py``).
+  the other; the denoised slice is the network output averaged over both half-turns of
+  ``n_average`` flicked copies, each image seen in another of the eight turned and mirrored
+  orientations. An image network sees a structure summed over all views, which a sinogram
+  network does not: on five real CT slices it beat the same network on the sinogram by 0.9 to
+  6.3 dB (128 pixels, I0 = 1e4 and 5e4; ``benchmarks/denoise.py``).
 * ``"sinogram"`` (the method as first published, and better on smooth phantoms): the network
   denoises the sinogram itself, trained on pairs of flicked copies with complementary swap
   masks (their noises are independent ray by ray); the denoised
@@ -40,7 +39,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 
 from medflow.denoise.conjugate import (
     conjugate,
@@ -225,29 +223,18 @@ def _fit(
     settings: FlickingSettings,
     draw: Callable[[], tuple[torch.Tensor, ...]],
     progress: Callable[[int, float], None] | None,
-    *,
-    average_weights: bool = False,
 ) -> float:
     """Train ``net`` for ``settings.steps`` Adam steps on the patch pairs ``draw`` deals; the
-    mean loss over the last 10% of steps. With ``average_weights`` the network ends with its
-    weights averaged over the second half of the steps (stochastic weight averaging)."""
+    mean loss over the last 10% of steps."""
     opt = torch.optim.Adam(net.parameters(), lr=settings.learning_rate)
     # Halving the rate for the second half beat cosine annealing on simulated scans (+0.4 dB).
-    half = max(1, settings.steps // 2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=half, gamma=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, settings.steps // 2), gamma=0.5)
     tail = max(1, settings.steps // 10)
     recent: list[float] = []
-    mean = AveragedModel(net) if average_weights else None
     for step in range(settings.steps):
         a, b = draw()
         loss = _symmetric_loss(net, a, b)
         training_step(opt, sched, loss, step, settings.steps - tail, recent, progress)
-        if mean is not None and step >= settings.steps - half:
-            mean.update_parameters(net)
-    if mean is not None:
-        with torch.no_grad():
-            for weight, averaged in zip(net.parameters(), mean.module.parameters(), strict=True):
-                weight.copy_(averaged)
     net.eval()
     return math.fsum(recent) / len(recent)
 
@@ -346,10 +333,7 @@ def _train_on_images(
         pa, pb = torch.rot90(pa, quarter, (2, 3)), torch.rot90(pb, quarter, (2, 3))
         return (pa.flip(-1), pb.flip(-1)) if mirror else (pa, pb)
 
-    # One scan's pairs all share its noise: a network that keeps learning starts to keep that
-    # noise too. Averaging the weights of the second half smooths that out (+0.1 dB at the
-    # default steps on a brain slice).
-    final_loss = _fit(net, settings, draw, progress, average_weights=True)
+    final_loss = _fit(net, settings, draw, progress)
     return TrainedFlicking(network=net, scale=scale, final_loss=final_loss, domain="image")
 
 
