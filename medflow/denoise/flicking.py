@@ -330,8 +330,8 @@ def _train_on_images(
         # Anatomy and FBP noise have no preferred orientation in the slice: turn and mirror.
         quarter = int(torch.randint(4, (1,), generator=generator))
         mirror = bool(torch.rand(1, generator=generator) < 0.5)
-        pa, pb = torch.rot90(pa, quarter, (2, 3)), torch.rot90(pb, quarter, (2, 3))
-        return (pa.flip(-1), pb.flip(-1)) if mirror else (pa, pb)
+        k = quarter + 4 * mirror
+        return orient(pa, k), orient(pb, k)
 
     final_loss = _fit(net, settings, draw, progress)
     return TrainedFlicking(network=net, scale=scale, final_loss=final_loss, domain="image")
