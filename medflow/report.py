@@ -231,7 +231,7 @@ class DenoisedPair:
     method: str
     settings: dict[str, Any]  # the method's shown settings and the seed
     defaults: dict[str, Any]  # the method's defaults where the settings differ from them
-    slices_kept: int  # slices that hold the method's output (the guard kept them)
+    slices_kept: int  # slices that hold the method's output (alone or blended by the guard)
     n_slices: int
     noisy_png: bytes | None = None
     denoised_png: bytes | None = None
@@ -695,8 +695,9 @@ def _pairs_html(pairs: Sequence[DenoisedPair], summary: Mapping[str, Any]) -> li
     out.append(
         '<p class="note">Low-dose series denoised from their raw projections in this run: the '
         "middle slice of the noisy reconstruction and of the denoised image, side by side, in "
-        "the same soft-tissue window. Slices where the denoised image would be worse than "
-        "plain filtered back-projection keep the latter (the guard).</p>"
+        "the same soft-tissue window. Per slice the guard returns the blend of the denoised "
+        "image and plain filtered back-projection that its error estimate prefers: plain "
+        "filtered back-projection where the denoiser would not help.</p>"
     )
     out.append('<div class="grid">')
     for p in pairs:

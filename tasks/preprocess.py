@@ -31,6 +31,7 @@ from medflow.tasks.options import task_options
 
 __all__ = [
     "FLICKING_REVISION",
+    "GUARD_REVISION",
     "DenoiseConfig",
     "DenoiseItem",
     "NoRawProjectionsError",
@@ -42,8 +43,12 @@ __all__ = [
 ]
 
 
-FLICKING_REVISION = 4
+FLICKING_REVISION = 5
 """Bumped when flicking's defaults change what it computes, so that its outputs are redone."""
+
+GUARD_REVISION = 2
+"""Bumped when the no-worse-than-FBP guard changes what a denoiser returns (2: the blend with FBP
+it chooses per slice), so that the outputs of every denoiser are redone."""
 
 _NETWORK_SETTINGS = ("channels", "depth", "patch_size", "domain")  # flicking's, None: default
 
@@ -103,8 +108,10 @@ class DenoiseConfig:
         if self.method == "flicking":
             # Bumped when the defaults change what flicking computes (2: four convolutions of
             # 32 maps; 3: the network trained on half-turn images; 4: its inference over eight
-            # orientations): older outputs are stale.
+            # orientations; 5: five convolutions on the half-turn images): older outputs are stale.
             keep["flicking_revision"] = FLICKING_REVISION
+        if self.method != "fbp":
+            keep["guard_revision"] = GUARD_REVISION
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

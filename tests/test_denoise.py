@@ -32,6 +32,7 @@ from medflow.denoise import (
     fbp,
     flick,
     flicked_pair,
+    guard_estimate,
     half_turn_images,
     hu_to_mu,
     mu_to_hu,
@@ -325,7 +326,12 @@ def test_flicking_beats_fbp_on_a_low_dose_slice(
         steps=200, n_average=8, patch_size=32, patches_per_step=4, domain=domain
     )
     result = denoise_sinogram(
-        scan.noisy_sinogram, geo, method="flicking", settings=settings, device="cpu"
+        scan.noisy_sinogram,
+        geo,
+        method="flicking",
+        settings=settings,
+        device="cpu",
+        return_unguarded=True,
     )
     assert isinstance(result, DenoiseResult)
     size = geo.image_size
@@ -341,15 +347,64 @@ def test_flicking_beats_fbp_on_a_low_dose_slice(
     guard = result.params["guard"]
     assert guard["kept"] == [True]
     assert guard["method_mse_estimate"][0] < guard["fbp_mse_estimate"][0]
-    # The guard's estimates are close to the true errors.
+    share = guard["fbp_share"][0]
+    assert 0.0 <= share < 1.0
+    assert guard["blend_mse_estimate"][0] <= guard["method_mse_estimate"][0]
+    # The guard's estimates are close to the true errors: of FBP, of the network's image and of
+    # the blend returned.
     true_fbp_mse = float(np.mean((plain.image - reference) ** 2))
     assert 0.8 < guard["fbp_mse_estimate"][0] / true_fbp_mse < 1.25
-    true_mse = float(np.mean((result.image - reference) ** 2))
+    assert result.unguarded_image is not None
+    true_mse = float(np.mean((result.unguarded_image - reference) ** 2))
     assert 0.8 < guard["method_mse_estimate"][0] / true_mse < 1.25
+    true_blend_mse = float(np.mean((result.image - reference) ** 2))
+    assert 0.8 < guard["blend_mse_estimate"][0] / true_blend_mse < 1.25
+    blended = (1 - share) * result.unguarded_image.astype(np.float64) + share * plain.image
+    np.testing.assert_allclose(result.image, blended, rtol=1e-5, atol=1e-7)
     assert result.params["settings"]["steps"] == 200
     assert result.params["settings"]["domain"] == domain
     assert ParallelBeamGeometry.from_dict(result.params["geometry"]) == geo
     np.testing.assert_allclose(result.to_hu(), mu_to_hu(result.image), rtol=1e-6)
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.5])
+def test_guard_blend_share_matches_the_best_one_for_a_linear_smoother(
+    low_dose: tuple, strength: float
+) -> None:
+    """For a linear reconstruction (FBP, then a Gaussian blur) SURE is unbiased: the share of FBP
+    the guard picks is close to the one the clean image says is best, and its blend beats both."""
+    from scipy.ndimage import gaussian_filter
+
+    geo, scan = low_dose
+    y = torch.from_numpy(scan.noisy_sinogram).double()
+    reference = scan.clean_fbp()[0].astype(np.float64)
+
+    def smooth(s: torch.Tensor) -> torch.Tensor:
+        image = fbp(s, geo).numpy()
+        return torch.from_numpy(gaussian_filter(image, sigma=(0, strength, strength)))
+
+    method = smooth(y)
+    estimate = guard_estimate(
+        smooth,
+        y,
+        geo,
+        reconstruction=method,
+        generator=torch.Generator().manual_seed(3),
+        probes=8,
+    )
+    g, a = method[0].numpy(), fbp(y, geo)[0].numpy()
+    # The best share for this noise draw, from the clean image: least squares along a - g.
+    oracle = float(np.sum((a - g) * (reference - g)) / np.sum((a - g) ** 2))
+    share = float(estimate.fbp_share[0])
+    assert abs(share - float(np.clip(oracle, 0, 1))) < 0.1, (share, oracle)
+    blend = (1 - share) * g + share * a
+
+    def mse(image: np.ndarray) -> float:
+        return float(np.mean((image - reference) ** 2))
+
+    assert mse(blend) < min(mse(g), mse(a))
+    assert 0.8 < estimate.blend_mse[0] / mse(blend) < 1.25
+    assert estimate.keep.tolist() == [share < 1]
 
 
 @pytest.mark.parametrize("domain", ["image", "sinogram"])
@@ -517,7 +572,10 @@ def test_network_depth_domain_and_views_are_checked() -> None:
     with pytest.raises(ValueError, match="Expected train_pairs > 0, got 0"):
         FlickingSettings(train_pairs=0)
     defaults = FlickingSettings()
-    assert (defaults.depth, defaults.channels, defaults.domain) == (4, 32, "image")
+    assert (defaults.depth, defaults.channels, defaults.domain) == (5, 32, "image")
+    # On the sinogram the default network is one convolution shallower.
+    assert FlickingSettings(domain="sinogram").depth == 4
+    assert FlickingSettings(domain="sinogram", depth=3).depth == 3
     geo = ParallelBeamGeometry.for_image(17, 1.0, n_views=18)
     scan = simulate_low_dose(phantom(17) * WATER_MU_PER_MM, geo, incident_photons=1e4, seed=0)
     # 18 views: a depth-4 sinogram network (field 9) would come within reach of conjugate rays.
@@ -536,4 +594,4 @@ def test_network_depth_domain_and_views_are_checked() -> None:
     result = denoise_sinogram(
         scan.noisy_sinogram, geo, method="flicking", settings=on_images, device="cpu"
     )
-    assert result.params["settings"]["depth"] == 4
+    assert result.params["settings"]["depth"] == 5

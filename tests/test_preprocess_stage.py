@@ -158,3 +158,10 @@ def test_flicking_network_settings_are_checked_and_change_the_hash(
     monkeypatch.setattr(preprocess, "FLICKING_REVISION", preprocess.FLICKING_REVISION + 1)
     assert flicking.params_hash() != before[0]
     assert zsn2n.params_hash() == before[1]
+    # A new revision of the guard makes every denoiser's outputs stale, not plain FBP's.
+    fbp_only = DenoiseConfig(method="fbp")
+    before = flicking.params_hash(), zsn2n.params_hash(), fbp_only.params_hash()
+    monkeypatch.setattr(preprocess, "GUARD_REVISION", preprocess.GUARD_REVISION + 1)
+    after = flicking.params_hash(), zsn2n.params_hash(), fbp_only.params_hash()
+    assert after[0] != before[0] and after[1] != before[1]
+    assert after[2] == before[2]

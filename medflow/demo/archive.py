@@ -1021,7 +1021,6 @@ def _write_raw_projections(b: _Builder, patient: DemoPatient) -> DemoEntry:
     """
     import torch
 
-    from medflow.storage.sinograms import Sinogram, write_sinogram
     from medflow.denoise import (
         WATER_MU_PER_MM,
         ParallelBeamGeometry,
@@ -1030,6 +1029,7 @@ def _write_raw_projections(b: _Builder, patient: DemoPatient) -> DemoEntry:
         simulate_low_dose,
     )
     from medflow.denoise.projector import fbp
+    from medflow.storage.sinograms import Sinogram, write_sinogram
 
     label = b.next_label()
     n = b.px(64, 2)

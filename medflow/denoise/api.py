@@ -12,10 +12,11 @@ Methods:
 
 Images are returned as linear attenuation in 1/mm (``DenoiseResult.to_hu`` converts).
 
-Never worse than the input: a denoiser's slice is kept only where the SURE estimate of its image
-error is below that of plain FBP (:mod:`medflow.denoise.guard`); elsewhere the slice is the FBP of
-the input, and the result says so per slice. The guard needs a raw 360-degree scan (it measures
-the noise from conjugate rays); where it cannot run, the result records why.
+Never worse than the input: per slice, the returned image is the blend of the denoiser's image
+with plain FBP that the SURE estimate of the image error prefers (:mod:`medflow.denoise.guard`):
+the denoiser's image as it is, a share of FBP's detail put back, or plain FBP where the denoiser
+does not help; the result records the share per slice. The guard needs a raw 360-degree scan
+(it measures the noise from conjugate rays); where it cannot run, the result records why.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ class DenoiseResult:
     """A reconstructed stack and how it was made.
 
     ``image``: ``(slices, size, size)`` float32, linear attenuation in 1/mm. ``slice_methods``:
-    per slice, the method whose output ``image`` holds (the one asked for, or ``"fbp"`` where the
-    guard fell back). ``sinogram``: for ``"flicking"`` in the sinogram domain, the line integrals
-    ``image`` is the FBP of (denoised, or the input where the guard fell back), else None.
+    per slice, the method whose output ``image`` holds (the one asked for, possibly blended by the
+    guard with a share of FBP, or ``"fbp"`` where the guard fell back to FBP entirely).
+    ``sinogram``: for ``"flicking"`` in the sinogram domain, the line integrals ``image`` is the
+    FBP of (denoised and blended the same way with the input), else None.
     ``unguarded_image``: the method's output before the guard, only when asked for. ``params``:
     everything needed to reproduce the run (JSON-serialisable). ``seconds``: wall time.
     """
@@ -254,11 +256,12 @@ def denoise_sinogram(
             reconstruct, y, geometry, image, sino_np, seed_i, filt, min_relative_difference
         )
         params["guard"] = estimate.to_dict() if estimate is not None else {"skipped": why_not}
-        if estimate is not None and not estimate.keep.all():
-            keep = torch.from_numpy(estimate.keep).to(dev)
-            image = torch.where(keep[:, None, None], image, fbp_image)
+        if estimate is not None and estimate.fbp_share.any():
+            share = torch.from_numpy(estimate.fbp_share).to(dev)[:, None, None]
+            image = _blend(image, fbp_image, share)
             if denoised_sino is not None:
-                denoised_sino = torch.where(keep[:, None, None], denoised_sino, y)
+                # FBP is linear: the blended image stays the FBP of the blended line integrals.
+                denoised_sino = _blend(denoised_sino, y, share)
             slice_methods = tuple(name if k else "fbp" for k in estimate.keep)
     else:
         params["guard"] = {"skipped": "not asked for" if reconstruct is not None else "plain FBP"}
@@ -272,6 +275,13 @@ def denoise_sinogram(
         sinogram=None if denoised_sino is None else denoised_sino.cpu().numpy(),
         unguarded_image=unguarded.to(torch.float32).cpu().numpy() if return_unguarded else None,
     )
+
+
+def _blend(method: torch.Tensor, fbp_side: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """``(1 - share) method + share fbp_side`` in the method's dtype; exactly ``fbp_side`` where
+    the share is 1."""
+    mixed = (1 - share) * method.double() + share * fbp_side.double()
+    return torch.where(share >= 1, fbp_side.to(method.dtype), mixed.to(method.dtype))
 
 
 def _run_guard(
