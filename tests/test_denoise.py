@@ -315,6 +315,20 @@ def lower_dose() -> tuple[ParallelBeamGeometry, object]:
     return geometry, scan
 
 
+def flicking_with_network_image(
+    scan: object, geo: ParallelBeamGeometry, settings: FlickingSettings
+) -> DenoiseResult:
+    """Flicking on the CPU, with the network's image before the guard returned as well."""
+    return denoise_sinogram(
+        scan.noisy_sinogram,  # type: ignore[attr-defined]
+        geo,
+        method="flicking",
+        settings=settings,
+        device="cpu",
+        return_unguarded=True,
+    )
+
+
 @pytest.mark.parametrize("domain", ["image", "sinogram"])
 def test_flicking_beats_fbp_on_a_low_dose_slice(
     low_dose: tuple, lower_dose: tuple, domain: str
@@ -325,14 +339,7 @@ def test_flicking_beats_fbp_on_a_low_dose_slice(
     settings = FlickingSettings(
         steps=200, n_average=8, patch_size=32, patches_per_step=4, domain=domain
     )
-    result = denoise_sinogram(
-        scan.noisy_sinogram,
-        geo,
-        method="flicking",
-        settings=settings,
-        device="cpu",
-        return_unguarded=True,
-    )
+    result = flicking_with_network_image(scan, geo, settings)
     assert isinstance(result, DenoiseResult)
     size = geo.image_size
     assert result.image.shape == (1, size, size) and result.image.dtype == np.float32
@@ -414,14 +421,7 @@ def test_guard_falls_back_to_fbp_when_the_network_makes_things_worse(
     geo, scan = low_dose
     # One step leaves the network near its random start: its output is far worse than FBP.
     settings = FlickingSettings(steps=1, n_average=2, train_pairs=2, domain=domain)
-    result = denoise_sinogram(
-        scan.noisy_sinogram,
-        geo,
-        method="flicking",
-        settings=settings,
-        device="cpu",
-        return_unguarded=True,
-    )
+    result = flicking_with_network_image(scan, geo, settings)
     plain = denoise_sinogram(scan.noisy_sinogram, geo, method="fbp", device="cpu")
     reference = scan.clean_fbp()
     assert result.unguarded_image is not None
